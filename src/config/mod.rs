@@ -1,0 +1,1 @@
+//! Configuration: TOML + environment, validated into typed values.

@@ -1,0 +1,13 @@
+//! callgate gates contact-centre calls behind an eID check: callers verify with BankID before they
+//! reach an agent. See ARCHITECTURE.md for the map of modules, data flow and invariants.
+
+pub mod config;
+pub mod dialog;
+pub mod idp;
+pub mod outcome;
+pub mod pbx;
+pub mod pnr;
+pub mod policy;
+pub mod prompts;
+pub mod secret;
+pub mod verify;
