@@ -1,6 +1,8 @@
 //! callgate gates contact-centre calls behind an eID check: callers verify with BankID before they
 //! reach an agent. See ARCHITECTURE.md for the map of modules, data flow and invariants.
 
+pub mod audit;
+pub mod calls;
 pub mod config;
 pub mod dialog;
 pub mod idp;
@@ -10,4 +12,5 @@ pub mod pnr;
 pub mod policy;
 pub mod prompts;
 pub mod secret;
+pub mod telemetry;
 pub mod verify;

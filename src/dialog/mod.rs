@@ -64,6 +64,9 @@ pub enum Input {
     Timer(Timer),
     /// The caller hung up, or the channel is gone / left our control.
     Hangup,
+    /// We lost control of the call for this reason (another instance took the PBX application over):
+    /// end without touching the call.
+    Detached(Reason),
     /// End the gate now for this reason (shutdown, restart) and route the call.
     Interrupt(Reason),
     /// Events may have been lost (PBX reconnect): resume from a safe point.
@@ -246,7 +249,8 @@ impl Call {
             Input::Dtmf(d) => self.on_digit(d, now),
             Input::PlaybackEnded(id) => self.on_playback_ended(id, now),
             Input::Timer(t) => self.on_timer(t, now),
-            Input::Hangup => self.on_hangup(now),
+            Input::Hangup => self.on_gone(Reason::CallerHungUp, now),
+            Input::Detached(reason) => self.on_gone(reason, now),
             Input::Interrupt(reason) => self.on_interrupt(reason, now),
             Input::Resync => self.on_resync(now),
             Input::Idp(i) => self.on_idp(i, now),
@@ -366,7 +370,7 @@ impl Call {
         }
     }
 
-    fn on_hangup(&mut self, now: Instant) {
+    fn on_gone(&mut self, reason: Reason, now: Instant) {
         if self.phase == Phase::Ended {
             return;
         }
@@ -374,8 +378,8 @@ impl Call {
         self.playing = None;
         self.moh = false;
         if self.outcome.is_none() {
-            self.cancel_session(Reason::CallerHungUp, now);
-            self.outcome = Some((Outcome::NotVerified(Reason::CallerHungUp), None));
+            self.cancel_session(reason, now);
+            self.outcome = Some((Outcome::NotVerified(reason), None));
         }
         self.phase = Phase::Concluding;
         self.finish();

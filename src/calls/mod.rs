@@ -1,0 +1,119 @@
+//! Calls in progress: one task per call (the only place where the sans-IO core meets I/O), the registry
+//! of call handles, and abuse limits on identity-provider orders.
+//!
+//! Invariants: a call's mutable state lives only inside its task; the registry holds handles (inbox,
+//! snapshot receiver, cancellation token) and never a lock across an await. Adapters reach a call only
+//! through its bounded inbox.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use crate::outcome::Outcome;
+use crate::policy::Route;
+use crate::prompts::Language;
+use crate::verify::Stage;
+
+pub mod limits;
+pub mod registry;
+pub mod task;
+
+pub use registry::Registry;
+
+/// A boxed future for object-safe adapter traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Something that happened to a call, routed to its task by the PBX adapter or the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallEvent {
+    Dtmf(char),
+    /// A playback of ours ended (done, stopped or failed); the id is the PBX playback id we chose.
+    PlaybackEnded(String),
+    /// The caller hung up or the channel left our control.
+    Hangup,
+    /// Events may have been lost (PBX reconnect): resume from a safe point.
+    Resync,
+    /// Another instance owns the PBX application now: end without touching the call.
+    Detach,
+    /// A newer order of ours for the same person replaces this call's order.
+    Superseded,
+}
+
+/// Why a PBX request failed, as far as the call is concerned.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The channel is gone or no longer ours (ARI 404/409).
+    #[error("channel gone")]
+    Gone,
+    #[error("pbx request failed: {0}")]
+    Failed(String),
+}
+
+/// Where a concluded call went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Continued at this dialplan location.
+    Route(Route),
+    /// No usable route existed: continued at the next priority after `Stasis()` (the dialplan's safety net).
+    NextPriority,
+    /// The channel was gone.
+    Gone,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Route(r) => write!(f, "{r}"),
+            Destination::NextPriority => f.write_str("next priority"),
+            Destination::Gone => f.write_str("-"),
+        }
+    }
+}
+
+/// Per-call PBX operations, implemented by each PBX adapter for one channel.
+pub trait CallControl: Send + Sync + 'static {
+    fn answer(&self) -> BoxFuture<'_, Result<(), ControlError>>;
+    /// Play `media` in order as one playback with our own `playback_id`.
+    fn play<'a>(
+        &'a self,
+        playback_id: &'a str,
+        media: &'a [String],
+        lang: Language,
+    ) -> BoxFuture<'a, Result<(), ControlError>>;
+    fn stop_playback<'a>(&'a self, playback_id: &'a str)
+        -> BoxFuture<'a, Result<(), ControlError>>;
+    fn start_moh<'a>(&'a self, class: &'a str) -> BoxFuture<'a, Result<(), ControlError>>;
+    fn stop_moh(&self) -> BoxFuture<'_, Result<(), ControlError>>;
+    /// Sets the call metadata (inheritable), clears the dialplan's safety-net timeout, checks that the
+    /// route exists (else `fallback`, else the next priority) and continues the call there.
+    fn conclude<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+        route: &'a Route,
+        fallback: &'a Route,
+    ) -> BoxFuture<'a, Result<Destination, ControlError>>;
+}
+
+/// A read-only view of a call for the API, the demo and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub call_id: String,
+    pub queue: String,
+    pub reference: String,
+    pub stage: Option<Stage>,
+    pub outcome: Option<Outcome>,
+    pub started_at: SystemTime,
+}
+
+/// How a call ended, as reported by its task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub call_id: String,
+    pub queue: String,
+    pub reference: String,
+    pub outcome: Outcome,
+    /// Every stage the verification passed through, in order.
+    pub stages: Vec<Stage>,
+    pub destination: Destination,
+    pub duration: Duration,
+}

@@ -1,0 +1,282 @@
+//! Logging setup and the Prometheus metrics registry.
+//!
+//! Invariant: metric labels come only from bounded sets (queue, provider, status, reason, stage,
+//! operation); never a call id, a channel id or a number.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::outcome::Outcome;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global tracing subscriber (`RUST_LOG` filters; default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Steps of the verification funnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FunnelStep {
+    Started,
+    AppOpened,
+    CallConfirmed,
+    Declined,
+    Expired,
+    Verified,
+}
+
+impl FunnelStep {
+    fn code(self) -> &'static str {
+        match self {
+            FunnelStep::Started => "started",
+            FunnelStep::AppOpened => "app_opened",
+            FunnelStep::CallConfirmed => "call_confirmed",
+            FunnelStep::Declined => "declined",
+            FunnelStep::Expired => "expired",
+            FunnelStep::Verified => "verified",
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+const BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];
+
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counters: BTreeMap<(&'static str, Labels), u64>,
+    gauges: BTreeMap<(&'static str, Labels), f64>,
+    histograms: BTreeMap<(&'static str, Labels), Histogram>,
+}
+
+/// All metrics of one process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+const HELP: [(&str, &str, &str); 6] = [
+    (
+        "callgate_calls_total",
+        "counter",
+        "Gated calls by queue and outcome.",
+    ),
+    (
+        "callgate_verifications_total",
+        "counter",
+        "Identity checks by provider and outcome.",
+    ),
+    (
+        "callgate_funnel_total",
+        "counter",
+        "Identity checks reaching each step: started, app_opened, call_confirmed, declined, expired, verified.",
+    ),
+    (
+        "callgate_provider_request_seconds",
+        "histogram",
+        "Identity-provider request latency by provider and operation.",
+    ),
+    (
+        "callgate_pbx_connected",
+        "gauge",
+        "1 while the PBX event stream is connected.",
+    ),
+    ("callgate_calls_active", "gauge", "Calls in the gate now."),
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut guard = match self.inner.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    fn inc(&self, name: &'static str, labels: Labels) {
+        self.with(|i| *i.counters.entry((name, labels)).or_default() += 1);
+    }
+
+    pub fn call_ended(&self, queue: &str, outcome: Outcome) {
+        self.inc(
+            "callgate_calls_total",
+            vec![
+                ("queue", queue.to_owned()),
+                ("status", outcome.status().code().to_owned()),
+                (
+                    "reason",
+                    outcome.reason().map(|r| r.code()).unwrap_or("").to_owned(),
+                ),
+            ],
+        );
+    }
+
+    pub fn verification_ended(&self, idp: &str, outcome: Outcome) {
+        self.inc(
+            "callgate_verifications_total",
+            vec![
+                ("idp", idp.to_owned()),
+                ("status", outcome.status().code().to_owned()),
+                (
+                    "reason",
+                    outcome.reason().map(|r| r.code()).unwrap_or("").to_owned(),
+                ),
+            ],
+        );
+    }
+
+    pub fn funnel(&self, idp: &str, step: FunnelStep) {
+        self.inc(
+            "callgate_funnel_total",
+            vec![("idp", idp.to_owned()), ("step", step.code().to_owned())],
+        );
+    }
+
+    pub fn provider_latency(&self, idp: &str, op: &'static str, took: Duration) {
+        let secs = took.as_secs_f64();
+        self.with(|i| {
+            let h = i
+                .histograms
+                .entry((
+                    "callgate_provider_request_seconds",
+                    vec![("idp", idp.to_owned()), ("op", op.to_owned())],
+                ))
+                .or_default();
+            for (n, b) in BUCKETS.iter().enumerate() {
+                if secs <= *b {
+                    h.counts[n] += 1;
+                }
+            }
+            h.count += 1;
+            h.sum += secs;
+        });
+    }
+
+    pub fn set_gauge(&self, name: &'static str, value: f64) {
+        self.with(|i| {
+            i.gauges.insert((name, Vec::new()), value);
+        });
+    }
+
+    pub fn set_pbx_connected(&self, up: bool) {
+        self.set_gauge("callgate_pbx_connected", if up { 1.0 } else { 0.0 });
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        self.with(|i| {
+            let mut out = String::new();
+            for (name, kind, help) in HELP {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+                for ((n, labels), v) in &i.counters {
+                    if *n == name {
+                        let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
+                    }
+                }
+                for ((n, labels), v) in &i.gauges {
+                    if *n == name {
+                        let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
+                    }
+                }
+                for ((n, labels), h) in &i.histograms {
+                    if *n == name {
+                        for (k, b) in BUCKETS.iter().enumerate() {
+                            let le = format!("{b}");
+                            let _ = writeln!(
+                                out,
+                                "{name}_bucket{} {}",
+                                fmt_labels(labels, Some(&le)),
+                                h.counts[k]
+                            );
+                        }
+                        let _ = writeln!(
+                            out,
+                            "{name}_bucket{} {}",
+                            fmt_labels(labels, Some("+Inf")),
+                            h.count
+                        );
+                        let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(labels, None), h.sum);
+                        let _ =
+                            writeln!(out, "{name}_count{} {}", fmt_labels(labels, None), h.count);
+                    }
+                }
+            }
+            out
+        })
+    }
+}
+
+fn fmt_labels(labels: &Labels, le: Option<&str>) -> String {
+    let mut parts: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    if let Some(le) = le {
+        parts.push(format!("le=\"{le}\""));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outcome::Reason;
+
+    #[test]
+    fn renders_counters_gauges_and_histograms() {
+        let m = Metrics::new();
+        m.call_ended("support", Outcome::NotVerified(Reason::DeclinedCall));
+        m.funnel("bankid", FunnelStep::Started);
+        m.provider_latency("bankid", "collect", Duration::from_millis(120));
+        m.set_pbx_connected(true);
+        let text = m.render();
+        assert!(text.contains(
+            "callgate_calls_total{queue=\"support\",status=\"failed\",reason=\"declined_call\"} 1"
+        ));
+        assert!(text.contains("callgate_funnel_total{idp=\"bankid\",step=\"started\"} 1"));
+        assert!(text.contains(
+            "callgate_provider_request_seconds_bucket{idp=\"bankid\",op=\"collect\",le=\"0.25\"} 1"
+        ));
+        assert!(text.contains(
+            "callgate_provider_request_seconds_bucket{idp=\"bankid\",op=\"collect\",le=\"0.1\"} 0"
+        ));
+        assert!(text.contains("callgate_pbx_connected 1"));
+    }
+}
