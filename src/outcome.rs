@@ -417,7 +417,7 @@ mod tests {
         );
         assert_eq!(vars[0].1, "verified");
         assert_eq!(vars[1].1, "");
-        assert_eq!(vars[4].1, "2026-11-18T08:53:20Z");
+        assert_eq!(vars[4].1, "2026-11-18T11:06:40Z");
     }
 
     #[test]

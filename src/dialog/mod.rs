@@ -159,6 +159,8 @@ pub struct Call {
     gone: bool,
     /// The outcome prompt to play once nothing else plays.
     announcement: Option<PromptId>,
+    /// The last entry ended at the maximum length; a '#' right after it is part of it.
+    swallow_hash: bool,
     out: VecDeque<Command>,
 }
 
@@ -206,6 +208,7 @@ impl Call {
             outcome: None,
             gone: false,
             announcement: None,
+            swallow_hash: false,
             out: VecDeque::new(),
         };
         call.arm(Timer::Deadline, now + call.policy.gate_deadline);
@@ -260,6 +263,10 @@ impl Call {
     // ---- inputs ----
 
     fn on_digit(&mut self, d: char, now: Instant) {
+        // Entry ended at the maximum length: the '#' typed out of habit right after belongs to it.
+        if std::mem::take(&mut self.swallow_hash) && d == '#' {
+            return;
+        }
         match self.phase {
             Phase::Prompting | Phase::Collecting => {
                 if !matches!(d, '0'..='9' | '*' | '#') {
@@ -283,6 +290,7 @@ impl Call {
                         self.disarm(Timer::FirstDigit);
                         if self.digits.len() >= self.digits.max {
                             self.submit(now);
+                            self.swallow_hash = true;
                         } else {
                             self.arm(Timer::InterDigit, now + self.policy.inter_digit_timeout);
                         }
