@@ -1,6 +1,21 @@
 //! Asterisk ARI: wire types, REST client and the events websocket.
+//!
+//! `wire` decodes what Asterisk sends (leniently), `rest::Client` issues commands and maps status codes
+//! to meaningful errors, `events::spawn` keeps the events websocket alive. Nothing here decides routing.
 
 use std::time::Duration;
+
+pub mod events;
+pub mod rest;
+mod tls;
+pub mod wire;
+
+pub use events::{ConnState, Incoming};
+pub use rest::{Client, Error, Originate};
+pub use wire::Event;
+
+#[cfg(test)]
+mod tests;
 
 use crate::secret::Secret;
 

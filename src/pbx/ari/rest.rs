@@ -1,0 +1,513 @@
+//! ARI REST client: the channel, playback, bridge and application calls callgate makes.
+//!
+//! Invariant: every request has a hard deadline (`Settings::request_timeout`); every answer maps to a
+//! `Result` without panicking, whatever the body; errors never carry URLs, query values or bodies
+//! other than Asterisk's short `message`, so they are safe to log.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+
+use super::wire::{Application, Bridge, Channel, ErrorBody, Playback, Variable};
+use super::Settings;
+use crate::secret::Secret;
+
+/// Longest `message` kept from an error body.
+const MAX_MESSAGE: usize = 200;
+
+/// What went wrong with an ARI request. Says which side failed and whether retrying can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// 404 on a channel (hung up / destroyed), or 400 on `addChannel`/`removeChannel` (unknown
+    /// channel id). The call is over: do not retry.
+    #[error("channel is gone")]
+    ChannelGone,
+    /// 409: the channel (or bridge) exists but is not in a Stasis application, e.g. after `continue`.
+    /// Only `DELETE /channels/{id}` still works. Also used for 422 on `addChannel` (channel not in
+    /// Stasis).
+    #[error("channel is not in the Stasis application")]
+    NotInStasis,
+    /// 412: channel in a state that refuses the operation (`Down`, `Ringing`, …); wait for `Up`.
+    #[error("channel is in an invalid state")]
+    NotUp,
+    /// 404 on something that is not a channel (bridge, application, playback).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 422: semantically impossible request (configuration or programming error).
+    #[error("unprocessable: {0}")]
+    Unprocessable(String),
+    /// 400: bad or missing parameter.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 5xx or any other unexpected status.
+    #[error("server error {status}: {msg}")]
+    Server { status: u16, msg: String },
+    /// 401/403: bad credentials or a read-only user.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// No complete answer within the request timeout; the request may or may not have taken effect.
+    #[error("request timed out")]
+    Timeout,
+    /// Connection-level failure (refused, reset, TLS).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// A success status with a body that does not decode.
+    #[error("decode: {0}")]
+    Decode(String),
+    /// The client could not be built (bad URL, TLS setup).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The channel is no longer ours to drive (hung up, or left Stasis).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, Error::ChannelGone | Error::NotInStasis)
+    }
+
+    /// Asterisk could not be reached or did not answer in time; a retry may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Timeout | Error::Transport(_))
+    }
+}
+
+/// What a request addresses; decides what a 404 means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Channel,
+    Other,
+}
+
+/// Parameters of `POST /channels/{channelId}` (originate into the application).
+#[derive(Clone, Default)]
+pub struct Originate {
+    /// e.g. `Local/agent@acc-agents/n`.
+    pub endpoint: String,
+    /// Id of the new channel (the `;1` half for Local channels).
+    pub channel_id: String,
+    /// Id of the `;2` half of a Local channel.
+    pub other_channel_id: Option<String>,
+    /// `appArgs`: arrive as `StasisStart.args`.
+    pub app_args: Vec<String>,
+    /// `callerId`, e.g. `Name <number>`.
+    pub caller_id: Option<String>,
+    /// Id of the channel this one is created on behalf of.
+    pub originator: Option<String>,
+    /// Dial timeout in seconds (`-1` = none).
+    pub timeout_secs: Option<i64>,
+    /// Channel variables (use the `__` prefix to make them inheritable).
+    pub variables: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Originate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Originate")
+            .field("endpoint", &self.endpoint)
+            .field("channel_id", &self.channel_id)
+            .field("other_channel_id", &self.other_channel_id)
+            .field("variables", &self.variables.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// ARI REST client. Cheap to clone (shares the connection pool).
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    app: String,
+    username: String,
+    password: Secret,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    body: bytes::Bytes,
+}
+
+impl Answer {
+    fn message(&self) -> String {
+        let mut msg = serde_json::from_slice::<ErrorBody>(&self.body)
+            .map(|b| b.message)
+            .unwrap_or_default();
+        if msg.len() > MAX_MESSAGE {
+            let mut cut = MAX_MESSAGE;
+            while !msg.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            msg.truncate(cut);
+        }
+        msg
+    }
+
+    fn error(&self, target: Target) -> Error {
+        let msg = self.message();
+        match self.status.as_u16() {
+            400 => Error::BadRequest(msg),
+            401 | 403 => Error::Unauthorized,
+            404 if target == Target::Channel => Error::ChannelGone,
+            404 => Error::NotFound(msg),
+            409 => Error::NotInStasis,
+            412 => Error::NotUp,
+            422 => Error::Unprocessable(msg),
+            status => Error::Server { status, msg },
+        }
+    }
+
+    fn empty(self, target: Target) -> Result<(), Error> {
+        if self.status.is_success() {
+            Ok(())
+        } else {
+            Err(self.error(target))
+        }
+    }
+
+    fn json<T: DeserializeOwned>(self, target: Target) -> Result<T, Error> {
+        if !self.status.is_success() {
+            return Err(self.error(target));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| Error::Decode(e.to_string()))
+    }
+}
+
+impl Client {
+    /// Builds a client for `settings.url` + `/ari`.
+    pub fn new(settings: &Settings) -> Result<Client, Error> {
+        let mut base = Url::parse(&settings.url).map_err(|e| Error::Config(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::Config("url must be http or https".into()));
+        }
+        base.path_segments_mut()
+            .map_err(|_| Error::Config("url cannot be a base".into()))?
+            .pop_if_empty()
+            .push("ari");
+        let tls = super::tls::client_config().map_err(|e| Error::Config(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout)
+            .build()
+            .map_err(|e| Error::Config(e.without_url().to_string()))?;
+        Ok(Client {
+            http,
+            base,
+            app: settings.app.clone(),
+            username: settings.username.clone(),
+            password: settings.password.clone(),
+            timeout: settings.request_timeout,
+        })
+    }
+
+    /// The application name requests are made for.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<Answer, Error> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|_| Error::Config("url cannot be a base".into()))?
+            .extend(path);
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .basic_auth(&self.username, Some(self.password.expose()));
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>(Answer { status, body })
+        };
+        let answer = match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(Error::Timeout),
+            Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout),
+            Ok(Err(e)) => Err(Error::Transport(e.without_url().to_string())),
+            Ok(Ok(answer)) => Ok(answer),
+        };
+        match &answer {
+            Ok(a) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
+                status = a.status.as_u16(), "ari request"),
+            Err(e) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
+                error = %e, "ari request failed"),
+        }
+        answer
+    }
+
+    /// `POST /channels/{ch}/answer`.
+    pub async fn answer(&self, ch: &str) -> Result<(), Error> {
+        self.send(Method::POST, &["channels", ch, "answer"], &[], None)
+            .await?
+            .empty(Target::Channel)
+    }
+
+    /// `POST /channels/{ch}/play/{playback_id}?media=…&lang=…`. Playbacks on one channel queue.
+    pub async fn play(
+        &self,
+        ch: &str,
+        playback_id: &str,
+        media: &str,
+        lang: Option<&str>,
+    ) -> Result<Playback, Error> {
+        let mut query = vec![("media", media)];
+        if let Some(lang) = lang {
+            query.push(("lang", lang));
+        }
+        self.send(Method::POST, &["channels", ch, "play", playback_id], &query, None)
+            .await?
+            .json(Target::Channel)
+    }
+
+    /// `DELETE /playbacks/{pb}`. A playback that is already gone (404) counts as stopped.
+    pub async fn stop_playback(&self, pb: &str) -> Result<(), Error> {
+        let answer = self
+            .send(Method::DELETE, &["playbacks", pb], &[], None)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        answer.empty(Target::Other)
+    }
+
+    /// `POST /channels/{ch}/moh?mohClass=…`.
+    pub async fn start_moh(&self, ch: &str, class: Option<&str>) -> Result<(), Error> {
+        let query: Vec<(&str, &str)> = class.map(|c| ("mohClass", c)).into_iter().collect();
+        self.send(Method::POST, &["channels", ch, "moh"], &query, None)
+            .await?
+            .empty(Target::Channel)
+    }
+
+    /// `DELETE /channels/{ch}/moh`.
+    pub async fn stop_moh(&self, ch: &str) -> Result<(), Error> {
+        self.send(Method::DELETE, &["channels", ch, "moh"], &[], None)
+            .await?
+            .empty(Target::Channel)
+    }
+
+    /// `POST /channels/{ch}/variable?variable=…&value=…` (prefix `__` to make it inheritable).
+    pub async fn set_variable(&self, ch: &str, name: &str, value: &str) -> Result<(), Error> {
+        self.send(
+            Method::POST,
+            &["channels", ch, "variable"],
+            &[("variable", name), ("value", value)],
+            None,
+        )
+        .await?
+        .empty(Target::Channel)
+    }
+
+    /// `GET /channels/{ch}/variable?variable=…` (also dialplan functions such as
+    /// `DIALPLAN_EXISTS(ctx,ext,1)`). An unset variable is `Ok(None)`; a missing channel is
+    /// [`Error::ChannelGone`] (both are 404; the message tells them apart).
+    pub async fn get_variable(&self, ch: &str, name: &str) -> Result<Option<String>, Error> {
+        let answer = self
+            .send(
+                Method::GET,
+                &["channels", ch, "variable"],
+                &[("variable", name)],
+                None,
+            )
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND
+            && answer.message().contains("variable was not found")
+        {
+            return Ok(None);
+        }
+        answer
+            .json::<Variable>(Target::Channel)
+            .map(|v| Some(v.value))
+    }
+
+    /// `POST /channels/{ch}/continue`: leave Stasis for `context,extension,priority`. Asynchronous:
+    /// `StasisEnd` follows. The target is not validated by Asterisk.
+    pub async fn continue_in_dialplan(
+        &self,
+        ch: &str,
+        context: &str,
+        extension: &str,
+        priority: u32,
+    ) -> Result<(), Error> {
+        let priority = priority.to_string();
+        self.send(
+            Method::POST,
+            &["channels", ch, "continue"],
+            &[
+                ("context", context),
+                ("extension", extension),
+                ("priority", &priority),
+            ],
+            None,
+        )
+        .await?
+        .empty(Target::Channel)
+    }
+
+    /// `DELETE /channels/{ch}?reason=…`. A channel that is already gone (404) counts as hung up.
+    pub async fn hangup(&self, ch: &str, reason: Option<&str>) -> Result<(), Error> {
+        let query: Vec<(&str, &str)> = reason.map(|r| ("reason", r)).into_iter().collect();
+        let answer = self
+            .send(Method::DELETE, &["channels", ch], &query, None)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        answer.empty(Target::Channel)
+    }
+
+    /// `GET /channels/{ch}`; `None` when it does not exist.
+    pub async fn get_channel(&self, ch: &str) -> Result<Option<Channel>, Error> {
+        let answer = self.send(Method::GET, &["channels", ch], &[], None).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        answer.json(Target::Channel).map(Some)
+    }
+
+    /// `GET /channels`: every channel in Asterisk, not only the application's.
+    pub async fn list_channels(&self) -> Result<Vec<Channel>, Error> {
+        self.send(Method::GET, &["channels"], &[], None)
+            .await?
+            .json(Target::Other)
+    }
+
+    /// `GET /applications/{app}`; `None` when the application does not exist.
+    pub async fn get_application(&self, app: &str) -> Result<Option<Application>, Error> {
+        let answer = self
+            .send(Method::GET, &["applications", app], &[], None)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        answer.json(Target::Other).map(Some)
+    }
+
+    /// `GET /asterisk/ping`: Asterisk is up and the credentials work.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.send(Method::GET, &["asterisk", "ping"], &[], None)
+            .await?
+            .empty(Target::Other)
+    }
+
+    /// `POST /bridges/{id}?type=…&name={id}`; `types` e.g. `["mixing", "dtmf_events"]`.
+    pub async fn create_bridge(&self, id: &str, types: &[&str]) -> Result<Bridge, Error> {
+        let types = types.join(",");
+        self.send(
+            Method::POST,
+            &["bridges", id],
+            &[("type", &types), ("name", id)],
+            None,
+        )
+        .await?
+        .json(Target::Other)
+    }
+
+    /// `POST /bridges/{bridge}/addChannel`. Unknown channel (400) → [`Error::ChannelGone`]; channel
+    /// not in Stasis (422) → [`Error::NotInStasis`]; unknown bridge → [`Error::NotFound`].
+    pub async fn add_channel(
+        &self,
+        bridge: &str,
+        ch: &str,
+        absorb_dtmf: bool,
+        mute: bool,
+    ) -> Result<(), Error> {
+        let mut query = vec![("channel", ch)];
+        if absorb_dtmf {
+            query.push(("absorbDTMF", "true"));
+        }
+        if mute {
+            query.push(("mute", "true"));
+        }
+        let answer = self
+            .send(Method::POST, &["bridges", bridge, "addChannel"], &query, None)
+            .await?;
+        match answer.status.as_u16() {
+            400 => Err(Error::ChannelGone),
+            422 => Err(Error::NotInStasis),
+            _ => answer.empty(Target::Other),
+        }
+    }
+
+    /// `POST /bridges/{bridge}/removeChannel`. Unknown channel (400) → [`Error::ChannelGone`];
+    /// channel not in this bridge → [`Error::Unprocessable`].
+    pub async fn remove_channel(&self, bridge: &str, ch: &str) -> Result<(), Error> {
+        let answer = self
+            .send(
+                Method::POST,
+                &["bridges", bridge, "removeChannel"],
+                &[("channel", ch)],
+                None,
+            )
+            .await?;
+        if answer.status == StatusCode::BAD_REQUEST {
+            return Err(Error::ChannelGone);
+        }
+        answer.empty(Target::Other)
+    }
+
+    /// `DELETE /bridges/{bridge}`. Idempotent: 404 (gone) and 409 (teardown in progress) are `Ok`.
+    pub async fn destroy_bridge(&self, bridge: &str) -> Result<(), Error> {
+        let answer = self
+            .send(Method::DELETE, &["bridges", bridge], &[], None)
+            .await?;
+        if matches!(answer.status.as_u16(), 404 | 409) {
+            return Ok(());
+        }
+        answer.empty(Target::Other)
+    }
+
+    /// `POST /channels/{channel_id}?endpoint=…&app=<our app>&appArgs=…`: a new channel that enters
+    /// our application when answered. 409 (id exists) → [`Error::NotInStasis`] is not meaningful
+    /// here, so it is reported as [`Error::BadRequest`].
+    pub async fn originate(&self, o: &Originate) -> Result<Channel, Error> {
+        let app_args = o.app_args.join(",");
+        let timeout = o.timeout_secs.map(|t| t.to_string());
+        let mut query = vec![("endpoint", o.endpoint.as_str()), ("app", self.app.as_str())];
+        if !app_args.is_empty() {
+            query.push(("appArgs", &app_args));
+        }
+        if let Some(other) = &o.other_channel_id {
+            query.push(("otherChannelId", other));
+        }
+        if let Some(caller_id) = &o.caller_id {
+            query.push(("callerId", caller_id));
+        }
+        if let Some(originator) = &o.originator {
+            query.push(("originator", originator));
+        }
+        if let Some(timeout) = &timeout {
+            query.push(("timeout", timeout));
+        }
+        let body = (!o.variables.is_empty()).then(|| serde_json::json!({ "variables": o.variables }));
+        let answer = self
+            .send(Method::POST, &["channels", &o.channel_id], &query, body)
+            .await?;
+        if answer.status == StatusCode::CONFLICT {
+            return Err(Error::BadRequest(answer.message()));
+        }
+        answer.json(Target::Other)
+    }
+}
