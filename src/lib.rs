@@ -1,6 +1,7 @@
 //! callgate gates contact-centre calls behind an eID check: callers verify with BankID before they
 //! reach an agent. See ARCHITECTURE.md for the map of modules, data flow and invariants.
 
+pub mod api;
 pub mod audit;
 pub mod calls;
 pub mod config;

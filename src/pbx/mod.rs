@@ -2,4 +2,5 @@
 //! and core commands into requests; they never decide routing.
 
 pub mod ari;
+pub mod asterisk;
 pub mod sim;

@@ -1,0 +1,443 @@
+//! The Asterisk adapter: routes ARI events to call tasks, implements `calls::CallControl` over the ARI
+//! REST client, reconciles after every (re)connect, and routes calls it will not gate (skipped,
+//! draining, our own restart) straight on.
+//!
+//! Invariants: the router never waits on a REST call for one call while events for others queue up
+//! (per-call work runs in the call's task or a spawned task); every channel that enters our Stasis app
+//! is either gated by a call task or routed on (it is never left in Stasis); after a gap, local state is
+//! reconciled with `GET /applications/{app}` before it is trusted.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::ari::events::Incoming;
+use super::ari::rest::{Client, Error};
+use super::ari::wire::{Channel, Event};
+use crate::api::ops::Readiness;
+use crate::audit;
+use crate::calls::task::{self, Deps, Setup};
+use crate::calls::{BoxFuture, CallControl, CallEvent, ControlError, Destination, Report};
+use crate::config::Config;
+use crate::outcome::{self, Outcome, Reason, Record};
+use crate::policy::{QueuePolicy, Route};
+use crate::prompts::Language;
+
+/// `CallControl` for one ARI channel.
+pub struct AriControl {
+    client: Client,
+    channel: String,
+    /// Where the channel sits in the dialplan (the `Stasis()` priority), for "continue at the next
+    /// priority" when no route can be used.
+    stasis_at: Option<(String, String, u32)>,
+}
+
+impl AriControl {
+    pub fn new(client: Client, channel: &Channel) -> AriControl {
+        let d = &channel.dialplan;
+        let stasis_at = (!d.context.is_empty())
+            .then(|| (d.context.clone(), d.exten.clone(), d.priority.max(1) as u32));
+        AriControl {
+            client,
+            channel: channel.id.clone(),
+            stasis_at,
+        }
+    }
+
+    async fn route_exists(&self, route: &Route) -> Result<bool, ControlError> {
+        let expr = format!(
+            "DIALPLAN_EXISTS({},{},{})",
+            route.context, route.extension, route.priority
+        );
+        match self.client.get_variable(&self.channel, &expr).await {
+            Ok(v) => Ok(v.as_deref() == Some("1")),
+            Err(e) if e.is_gone() => Err(ControlError::Gone),
+            // If the check itself fails, trust the validated config rather than strand the caller.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the route; using it");
+                Ok(true)
+            }
+        }
+    }
+}
+
+fn map(e: Error) -> ControlError {
+    if e.is_gone() {
+        ControlError::Gone
+    } else {
+        ControlError::Failed(e.to_string())
+    }
+}
+
+impl CallControl for AriControl {
+    fn answer(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move { self.client.answer(&self.channel).await.map_err(map) })
+    }
+
+    fn play<'a>(
+        &'a self,
+        playback_id: &'a str,
+        media: &'a [String],
+        lang: Language,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            self.client
+                .play(
+                    &self.channel,
+                    playback_id,
+                    &media.join(","),
+                    Some(lang.code()),
+                )
+                .await
+                .map(|_| ())
+                .map_err(map)
+        })
+    }
+
+    fn stop_playback<'a>(&'a self, playback_id: &'a str) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            match self.client.stop_playback(playback_id).await {
+                Ok(()) => Ok(()),
+                // A playback that cannot be stopped ends by itself; its end event still comes.
+                Err(Error::Server { .. }) => Ok(()),
+                Err(e) => Err(map(e)),
+            }
+        })
+    }
+
+    fn start_moh<'a>(&'a self, class: &'a str) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let class = (!class.is_empty()).then_some(class);
+            self.client
+                .start_moh(&self.channel, class)
+                .await
+                .map_err(map)
+        })
+    }
+
+    fn stop_moh(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move { self.client.stop_moh(&self.channel).await.map_err(map) })
+    }
+
+    fn conclude<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+        route: &'a Route,
+        fallback: &'a Route,
+    ) -> BoxFuture<'a, Result<Destination, ControlError>> {
+        Box::pin(async move {
+            self.set_metadata(vars).await?;
+            let target = if self.route_exists(route).await? {
+                Some(route)
+            } else {
+                tracing::error!(route = %route, "route does not exist in the dialplan; using the unavailable route");
+                if self.route_exists(fallback).await? {
+                    Some(fallback)
+                } else {
+                    tracing::error!(route = %fallback, "unavailable route does not exist either; continuing after Stasis()");
+                    None
+                }
+            };
+            self.go(target).await
+        })
+    }
+}
+
+/// Routes ARI traffic for one Stasis application.
+pub struct Adapter {
+    pub client: Client,
+    pub app: String,
+    pub deps: Arc<Deps>,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub readiness: Arc<Readiness>,
+    pub tracker: TaskTracker,
+    /// Parent of every call's token; cancelling it interrupts the calls in the gate.
+    pub calls: CancellationToken,
+}
+
+impl Adapter {
+    /// Consumes events until `shutdown` or until the events task ends.
+    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Incoming>, shutdown: CancellationToken) {
+        loop {
+            let incoming = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                i = rx.recv() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            match incoming {
+                Incoming::Connected => {
+                    tracing::info!("ari connected; reconciling");
+                    self.readiness.pbx_connected.store(true, Ordering::SeqCst);
+                    self.deps.metrics.set_pbx_connected(true);
+                    let me = Arc::clone(&self);
+                    self.tracker.spawn(async move { me.reconcile().await });
+                }
+                Incoming::Disconnected => {
+                    tracing::warn!("ari disconnected");
+                    self.readiness.pbx_connected.store(false, Ordering::SeqCst);
+                    self.deps.metrics.set_pbx_connected(false);
+                }
+                Incoming::Event(event) => self.route(event).await,
+            }
+        }
+    }
+
+    async fn route(self: &Arc<Self>, event: Event) {
+        let registry = &self.deps.registry;
+        match event {
+            Event::StasisStart(s) => self.stasis_start(s.args, s.channel),
+            Event::ChannelDtmfReceived(d) => {
+                if let Some(digit) = d.digit.chars().next().filter(|_| d.digit.len() == 1) {
+                    registry.send(&d.channel.id, CallEvent::Dtmf(digit)).await;
+                }
+            }
+            Event::PlaybackFinished(p) => {
+                if let Some(ch) = p.playback.target_channel() {
+                    registry
+                        .send(ch, CallEvent::PlaybackEnded(p.playback.id.clone()))
+                        .await;
+                }
+            }
+            Event::ChannelHangupRequest(e) => {
+                registry.send(&e.channel.id, CallEvent::Hangup).await;
+            }
+            Event::StasisEnd(e) => {
+                registry.send(&e.channel.id, CallEvent::Hangup).await;
+            }
+            Event::ChannelDestroyed(e) => {
+                registry.send(&e.channel.id, CallEvent::Hangup).await;
+            }
+            Event::ApplicationReplaced(_) => {
+                tracing::error!(app = %self.app, "another instance took the ari application over; no longer acting on calls");
+                self.readiness.replaced.store(true, Ordering::SeqCst);
+                for id in registry.ids() {
+                    registry.send(&id, CallEvent::Detach).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn stasis_start(self: &Arc<Self>, args: Vec<String>, channel: Channel) {
+        let config = Arc::clone(&self.config.borrow());
+        let kind = args.first().map(String::as_str).unwrap_or("");
+        let queue = args.get(1).cloned().unwrap_or_default();
+        if kind != "inbound" {
+            tracing::warn!(channel = %channel.id, args = kind, "unexpected Stasis arguments; continuing in the dialplan");
+            self.route_untracked(channel, None, Outcome::NotVerified(Reason::NotGated));
+            return;
+        }
+        let Some(policy) = config.policy_for(&queue) else {
+            tracing::warn!(channel = %channel.id, queue = %queue, "unknown queue and no [defaults]; continuing in the dialplan");
+            self.route_untracked(channel, None, Outcome::NotVerified(Reason::UnknownQueue));
+            return;
+        };
+        if self.readiness.draining.load(Ordering::SeqCst) {
+            self.route_untracked(channel, Some(policy), Outcome::NotVerified(Reason::Draining));
+            return;
+        }
+        if !policy.mode.gates_before_agent() {
+            self.route_untracked(channel, Some(policy), Outcome::NotVerified(Reason::NotGated));
+            return;
+        }
+        let control = Arc::new(AriControl::new(self.client.clone(), &channel));
+        let setup = Setup {
+            call_id: channel.id.clone(),
+            policy,
+            info: task::call_info(&channel.language, task::today()),
+            caller_line: channel.caller.number.clone(),
+        };
+        if !task::spawn(
+            Arc::clone(&self.deps),
+            setup,
+            control,
+            &self.tracker,
+            &self.calls,
+        ) {
+            tracing::warn!(channel = %channel.id, "duplicate StasisStart ignored");
+        }
+    }
+
+    /// Sets the metadata for an outcome decided without a dialogue and sends the call on.
+    fn route_untracked(
+        self: &Arc<Self>,
+        channel: Channel,
+        policy: Option<Arc<QueuePolicy>>,
+        outcome: Outcome,
+    ) {
+        let me = Arc::clone(self);
+        self.tracker.spawn(async move {
+            let control = AriControl::new(me.client.clone(), &channel);
+            let record = Record {
+                reference: uuid::Uuid::new_v4().to_string(),
+                method: String::new(),
+                outcome,
+                at: task_wall_clock(),
+                identity: None,
+            };
+            let queue = policy.as_ref().map(|p| p.name.0.clone()).unwrap_or_default();
+            let vars = outcome::render(
+                &record,
+                &crate::outcome::Disclosure::status_only(),
+                &me.deps.key,
+            );
+            let result = match &policy {
+                Some(p) => {
+                    control
+                        .conclude(&vars, p.route_for(outcome), &p.routes.unavailable)
+                        .await
+                }
+                // No route known: continue right after Stasis(); the dialplan decides.
+                None => control.conclude_next(&vars).await,
+            };
+            let destination = result.unwrap_or(Destination::Gone);
+            tracing::info!(channel = %channel.id, queue = %queue, status = %outcome.status(),
+                reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination,
+                "call passed on without a check");
+            me.deps.metrics.call_ended(&queue, outcome);
+            if let Some(a) = &me.deps.audit {
+                a.record(audit::Entry {
+                    at: outcome::rfc3339(record.at),
+                    reference: record.reference.clone(),
+                    call_id: channel.id.clone(),
+                    queue: queue.clone(),
+                    status: outcome.status().code(),
+                    reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+                    method: String::new(),
+                    person: String::new(),
+                    evidence: String::new(),
+                    stages: Vec::new(),
+                    destination: destination.to_string(),
+                    duration_ms: 0,
+                })
+                .await;
+            }
+            let _ = me.deps.reports.send(Report {
+                call_id: channel.id.clone(),
+                queue,
+                reference: record.reference,
+                outcome,
+                stages: Vec::new(),
+                destination,
+                duration: Duration::ZERO,
+            });
+        });
+    }
+
+    /// After a (re)connect: calls whose channels vanished end, surviving calls resync, and channels in
+    /// our app that no task owns (we restarted) are routed on as `interrupted`.
+    async fn reconcile(self: Arc<Self>) {
+        let registry = &self.deps.registry;
+        let listed = match self.client.get_application(&self.app).await {
+            Ok(Some(app)) => app.channel_ids,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::error!(error = %e, "reconcile: cannot read the application; calls resync without it");
+                for id in registry.ids() {
+                    registry.send(&id, CallEvent::Resync).await;
+                }
+                return;
+            }
+        };
+        for id in registry.ids() {
+            let alive = listed.contains(&id)
+                && matches!(self.client.get_channel(&id).await, Ok(Some(_)));
+            let event = if alive {
+                CallEvent::Resync
+            } else {
+                CallEvent::Hangup
+            };
+            registry.send(&id, event).await;
+        }
+        for id in listed {
+            if registry.contains(&id) {
+                continue;
+            }
+            let Ok(Some(channel)) = self.client.get_channel(&id).await else {
+                continue;
+            };
+            let mut parts = channel.dialplan.app_data.split(',');
+            let (app, kind, queue) = (parts.next(), parts.next(), parts.next());
+            if channel.dialplan.app_name != "Stasis"
+                || app != Some(self.app.as_str())
+                || kind != Some("inbound")
+            {
+                continue;
+            }
+            let policy = queue.and_then(|q| self.config.borrow().policy_for(q));
+            tracing::warn!(channel = %id, "channel in the gate without a task (restart); routing it as interrupted");
+            self.route_untracked(channel, policy, Outcome::NotVerified(Reason::Restart));
+        }
+    }
+}
+
+impl AriControl {
+    /// Sets the call metadata (inheritable, so the agent's channel created through the queue carries
+    /// it) and clears the dialplan's safety-net timeout: we decided in time.
+    async fn set_metadata(&self, vars: &[(&'static str, String)]) -> Result<(), ControlError> {
+        for (name, value) in vars {
+            self.client
+                .set_variable(&self.channel, &format!("__{name}"), value)
+                .await
+                .map_err(map)?;
+        }
+        if let Err(e) = self
+            .client
+            .set_variable(&self.channel, "TIMEOUT(absolute)", "0")
+            .await
+        {
+            if e.is_gone() {
+                return Err(ControlError::Gone);
+            }
+            tracing::warn!(error = %e, "could not clear the safety-net timeout");
+        }
+        Ok(())
+    }
+
+    /// Continues at `target`, or at the next priority after `Stasis()` when there is none.
+    async fn go(&self, target: Option<&Route>) -> Result<Destination, ControlError> {
+        match (target, &self.stasis_at) {
+            (Some(r), _) => {
+                self.client
+                    .continue_in_dialplan(&self.channel, &r.context, &r.extension, r.priority)
+                    .await
+                    .map_err(map)?;
+                Ok(Destination::Route(r.clone()))
+            }
+            (None, Some((ctx, ext, pri))) => {
+                self.client
+                    .continue_in_dialplan(&self.channel, ctx, ext, pri + 1)
+                    .await
+                    .map_err(map)?;
+                Ok(Destination::NextPriority)
+            }
+            (None, None) => {
+                self.client
+                    .hangup(&self.channel, Some("normal"))
+                    .await
+                    .map_err(map)?;
+                Ok(Destination::Gone)
+            }
+        }
+    }
+
+    /// Sets the metadata and continues at the next priority after `Stasis()`.
+    async fn conclude_next(
+        &self,
+        vars: &[(&'static str, String)],
+    ) -> Result<Destination, ControlError> {
+        self.set_metadata(vars).await?;
+        self.go(None).await
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // wall-clock time of an outcome decided by the adapter
+fn task_wall_clock() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
