@@ -4,7 +4,7 @@
 //! Invariant: a value inherited from `[defaults]` is checked (and reported) once, at its `defaults.*`
 //! path; checks that involve several keys are reported at the queue's own path.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use ::config::{Map, Value};
@@ -88,6 +88,8 @@ pub struct Spec {
     prompts: PromptOverrides,
     routes: BTreeMap<&'static str, Route>,
     routes_by_reason: BTreeMap<Reason, Route>,
+    /// Keys written with a bad value (already reported), so they are not also reported as missing.
+    reported: BTreeSet<&'static str>,
 }
 
 impl Spec {
@@ -101,6 +103,8 @@ impl Spec {
         routes.extend(self.routes);
         let mut routes_by_reason = b.routes_by_reason;
         routes_by_reason.extend(self.routes_by_reason);
+        let mut reported = b.reported;
+        reported.extend(self.reported);
         Spec {
             mode: self.mode.or(b.mode),
             idp: self.idp.or(b.idp),
@@ -122,6 +126,7 @@ impl Spec {
             prompts,
             routes,
             routes_by_reason,
+            reported,
         }
     }
 }
@@ -199,12 +204,21 @@ pub fn parse(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Spec {
                 }
             }
             "routes" => {
-                if let Some(rt) = ctx.table(&p, v) {
+                let Some(rt) = ctx.table(&p, v) else {
+                    s.reported.extend(ROUTE_KEYS);
+                    continue;
+                };
+                {
                     ctx.known_keys(&p, rt, &ROUTE_KEYS);
                     for k in ROUTE_KEYS {
                         if let Some(rv) = rt.get(k) {
-                            if let Some(route) = ctx.parsed(&join(&p, k), rv, Route::parse) {
-                                s.routes.insert(k, route);
+                            match ctx.parsed(&join(&p, k), rv, Route::parse) {
+                                Some(route) => {
+                                    s.routes.insert(k, route);
+                                }
+                                None => {
+                                    s.reported.insert(k);
+                                }
                             }
                         }
                     }
@@ -410,7 +424,7 @@ pub fn finish(
         required.push("agent");
     }
     for key in required {
-        if !routes.contains_key(key) {
+        if !routes.contains_key(key) && !s.reported.contains(key) {
             let why = if key == "agent" {
                 format!("required{where_} in mode {}", mode.code())
             } else {

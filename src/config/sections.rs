@@ -117,6 +117,7 @@ pub fn pbx(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Pbx {
         }
     }
     let at = t.get("ari").and_then(|v| ctx.table("pbx.ari", v));
+    let mut password_reported = false;
     if let Some(at) = at {
         ctx.known_keys("pbx.ari", at, &ARI_KEYS);
         if let Some(v) = at.get("url") {
@@ -135,8 +136,9 @@ pub fn pbx(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Pbx {
             }
         }
         if let Some(v) = at.get("password") {
-            if let Some(x) = ctx.text("pbx.ari.password", v) {
-                a.password = Secret::new(x);
+            match ctx.text("pbx.ari.password", v) {
+                Some(x) => a.password = Secret::new(x),
+                None => password_reported = true,
             }
         }
         for (key, field) in [
@@ -152,7 +154,7 @@ pub fn pbx(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Pbx {
             }
         }
     }
-    if a.password.is_empty() {
+    if a.password.is_empty() && !password_reported {
         ctx.issue(
             "pbx.ari.password",
             "required (e.g. password = \"${ARI_PASSWORD}\")",
@@ -231,10 +233,15 @@ fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankI
     let mut s = BankIdSettings::default();
     let mut ok = true;
     let url_path = join(path, "url");
+    // With a bad url it is unknown which identity rules apply: those checks are skipped.
+    let mut url_known = true;
     if let Some(v) = t.get("url") {
         match ctx.parsed(&url_path, v, bankid_url) {
             Some(u) => s.url = u,
-            None => ok = false,
+            None => {
+                ok = false;
+                url_known = false;
+            }
         }
     }
     let https = s.url.starts_with("https://");
@@ -249,9 +256,11 @@ fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankI
             }
         }
     }
+    // Over plain http the file keys are rejected below, so their files are not looked for.
+    let check_files = https || !url_known;
     let mut file = |ctx: &mut Ctx<'_>, key: &str| -> Option<PathBuf> {
         let p = join(path, key);
-        let v = t.get(key)?;
+        let v = t.get(key).filter(|_| check_files)?;
         let text = ctx.text(&p, v)?;
         match existing_file(Path::new(&text)) {
             Ok(()) => Some(PathBuf::from(text)),
@@ -276,7 +285,7 @@ fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankI
     let has = |k: &str| t.contains_key(k);
     let written_p12 = has("client_p12");
     let written_pem = has("client_cert") || has("client_key");
-    if https {
+    if url_known && https {
         if written_p12 && written_pem {
             ctx.issue(
                 join(path, "client_p12"),
@@ -311,7 +320,7 @@ fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankI
             );
             ok = false;
         }
-    } else {
+    } else if url_known {
         for k in [
             "client_p12",
             "client_p12_password",
