@@ -1,1 +1,380 @@
-//! Configuration: TOML + environment, validated into typed values.
+//! Configuration: TOML plus environment overrides, checked against the schema and validated into typed
+//! values ([`Config`]), and the `check-config` report.
+//!
+//! Invariant: loading either yields a fully valid [`Config`] or *every* problem found, each as an
+//! [`Issue`] with the dotted path of the offending key. Nothing here reads the process environment except
+//! [`load_file`] / [`check_config`]; secrets only ever live in [`Secret`].
+//!
+//! # Loading
+//! 1. The raw value tree: the TOML text, then overrides from variables named `CALLGATE__SECTION__KEY`
+//!    (`__` separates levels: `CALLGATE__SERVER__LISTEN`, `CALLGATE__QUEUES__SUPPORT__MAX_ORDERS`).
+//!    Override names are lowercased by the `config` crate, so **queue and provider names must be
+//!    lowercase** (letters, digits, `-`, `_`; no `__`): a mixed-case name would be unreachable by an
+//!    override and is reported. Override values are strings; numbers, booleans and durations are read
+//!    from text, and a list is written comma-separated (`CALLGATE__QUEUES__SUPPORT__LANGUAGES=sv,en`).
+//! 2. Every key is checked against the schema (all unknown keys are reported, with a hint when a known
+//!    key is close), then each value is converted and validated, collecting every issue.
+//!
+//! String values (any value that is text, including numbers given as text) may reference environment
+//! variables: `${VAR}` (an error naming the key and the variable when `VAR` is unset), `${VAR:-fallback}`
+//! (the literal fallback when `VAR` is unset or empty) and `$$` for a literal `$`. Values land in
+//! [`Secret`] where they are secrets (`server.pseudonym_key`, `pbx.ari.password`,
+//! `idp.*.client_p12_password`).
+//!
+//! # Keys and defaults
+//! | key | default | rule |
+//! |---|---|---|
+//! | `server.listen` | `127.0.0.1:8080` | socket address |
+//! | `server.ops_listen` | `127.0.0.1:9090` | socket address |
+//! | `server.data_dir` | `/var/lib/callgate` | absolute path (not checked to exist; created at startup) |
+//! | `server.shutdown_grace` | `30s` | duration, zero allowed |
+//! | `server.pseudonym_key` | empty | secret, at least 16 bytes when set; required only when some queue (or `[defaults]`) discloses `pseudonym` |
+//! | `pbx.kind` | `ari` | only `ari` |
+//! | `pbx.ari.url` | `http://127.0.0.1:8088` | http(s), scheme/host/port only (`/ari` is added) |
+//! | `pbx.ari.app` | `callgate` | non-empty, no spaces |
+//! | `pbx.ari.username` | `callgate` | non-empty, no spaces or `:` |
+//! | `pbx.ari.password` | — | secret, **required** |
+//! | `pbx.ari.request_timeout` | `3s` | duration > 0 |
+//! | `pbx.ari.ping_interval` | `5s` | duration > 0 |
+//! | `pbx.ari.reconnect_min` / `reconnect_max` | `200ms` / `10s` | durations > 0, min ≤ max |
+//! | `idp.<name>.kind` | — | **required**: `bankid` or `simulator` |
+//! | `idp.<name>.url` (bankid) | `https://appapi2.test.bankid.com/rp/v6.0/` | https, or http on 127.0.0.1/localhost only; a missing trailing `/` is added |
+//! | `idp.<name>.client_p12` + `client_p12_password` | — | https: exactly one identity, this or… |
+//! | `idp.<name>.client_cert` + `client_key` | — | …this PEM pair (both) |
+//! | `idp.<name>.server_ca` | — | required with https; every file key must name an existing file; http allows no file keys |
+//! | `idp.<name>.request_timeout` / `connect_timeout` | `5s` / `3s` | durations > 0 |
+//! | `idp.<name>.step` (simulator) | `1s` | duration, zero allowed |
+//! | `limits.max_concurrent_orders` | `200` | 1..=1000000 |
+//! | `limits.max_starts_per_number_per_hour` | `6` | 1..=10000 |
+//! | `limits.max_starts_per_line_per_hour` | `10` | 1..=10000 |
+//!
+//! Queue keys (`[queues.<name>]` and `[defaults]`), defaults as in [`QueuePolicy::with_defaults`]:
+//!
+//! | key | default | rule |
+//! |---|---|---|
+//! | `mode` | `before_agent` | `off`, `before_agent`, `during_call`, `both` |
+//! | `idp` | the only provider, if exactly one is configured | must name a provider under `[idp]`; required otherwise (not for `off`) |
+//! | `languages` | `["sv", "en"]` | non-empty list of `sv`, `en`, `nb`, no repeats; first is the default |
+//! | `max_entry_attempts` | `3` | 1..=10 |
+//! | `max_orders` | `2` | 1..=5 |
+//! | `first_digit_timeout` | `8s` | duration > 0 |
+//! | `inter_digit_timeout` | `5s` | duration > 0 |
+//! | `verify_timeout` | `120s` | duration > 0 |
+//! | `gate_deadline` | `300s` | duration > `verify_timeout + first_digit_timeout` |
+//! | `accept` | `["se_personnummer", "se_samordningsnummer"]` | non-empty list of [`Kind`](crate::pnr::Kind) codes |
+//! | `accept_10_digits` | `false` | needs a Swedish kind in `accept` |
+//! | `user_visible_text` | none | at most 1000 characters; `""` = none |
+//! | `pin_code` | `false` | |
+//! | `progress_prompts` | `true` | |
+//! | `announce_outcome` | `true` | |
+//! | `moh_class` | `""` (channel default) | |
+//! | `disclose` | `[]` (status only) | list of `name`, `pseudonym`, `masked_number`, `number` |
+//! | `prompts.<prompt id>` | catalogue media | `"<media>"` for every language, or a table `<lang> = "<media>"`; media is an ARI URI (`sound:`, `recording:`, …) |
+//! | `routes.verified` / `failed` / `unavailable` | — | **required**, `context,extension,priority` |
+//! | `routes.skipped` / `interrupted` / `no_agent` | `unavailable` | route |
+//! | `routes.after_agent` | hang up | route |
+//! | `routes.agent` | — | route; required in modes `during_call` and `both` |
+//! | `routes_by_reason.<reason code>` | none | route; keys are [`Reason`](crate::outcome::Reason) codes |
+//!
+//! # `[defaults]`
+//! When present, `[defaults]` must itself be a complete queue (its three required routes included). It
+//! is (a) the policy for queues the dialplan names but the file does not ([`Config::policy_for`]) and
+//! (b) the base of every configured queue: a key a queue does not set is taken from `[defaults]`, and
+//! the tables `prompts`, `routes` and `routes_by_reason` merge entry by entry (the queue's entry wins).
+//! A bad value in `[defaults]` is reported once, at its `defaults.*` path.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::idp::BankIdSettings;
+use crate::outcome::Field;
+use crate::pbx::ari;
+use crate::policy::{QueueName, QueuePolicy};
+use crate::secret::Secret;
+
+pub mod duration;
+mod queue;
+mod sections;
+mod source;
+mod walk;
+
+#[cfg(test)]
+mod tests;
+
+pub use source::{interpolate, ENV_PREFIX, ENV_SEPARATOR};
+
+/// Exit code of `check-config` (and of startup) when the configuration has problems (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+/// Default `step` of a simulator provider.
+pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
+const TOP_KEYS: [&str; 6] = ["server", "pbx", "idp", "queues", "defaults", "limits"];
+const NAME_RULE: &str =
+    "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
+
+/// One problem in the configuration: the dotted path of the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Issue {
+    /// e.g. `queues.support.routes.failed`; empty for problems with the file as a whole.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: Server,
+    pub pbx: Pbx,
+    pub idps: BTreeMap<String, Idp>,
+    pub queues: BTreeMap<String, Arc<QueuePolicy>>,
+    /// The complete `[defaults]` policy (named `defaults`), if the file has one.
+    pub defaults: Option<Arc<QueuePolicy>>,
+    pub limits: Limits,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub ops_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    /// HMAC key for caller pseudonyms. May be empty unless a queue discloses `pseudonym`.
+    pub pseudonym_key: Secret,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)),
+            ops_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+            data_dir: PathBuf::from("/var/lib/callgate"),
+            shutdown_grace: Duration::from_secs(30),
+            pseudonym_key: Secret::default(),
+        }
+    }
+}
+
+/// `[pbx]`: which PBX adapter to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pbx {
+    Ari(ari::Settings),
+}
+
+/// `[idp.<name>]`: an identity provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idp {
+    BankId(BankIdSettings),
+    /// In-process simulator; `step` is the delay between its simulated order states.
+    Simulator {
+        step: Duration,
+    },
+}
+
+/// `[limits]`: global bounds on identity orders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_concurrent_orders: usize,
+    pub max_starts_per_number_per_hour: u32,
+    pub max_starts_per_line_per_hour: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_concurrent_orders: 200,
+            max_starts_per_number_per_hour: 6,
+            max_starts_per_line_per_hour: 10,
+        }
+    }
+}
+
+impl Config {
+    /// The policy for a queue the dialplan names: the configured queue (exact, case-sensitive name), else
+    /// `[defaults]` under that name, else `None` (the call is not gated by callgate's policy).
+    pub fn policy_for(&self, queue: &str) -> Option<Arc<QueuePolicy>> {
+        if let Some(p) = self.queues.get(queue) {
+            return Some(Arc::clone(p));
+        }
+        self.defaults.as_ref().map(|d| {
+            let mut p = QueuePolicy::clone(d);
+            p.name = QueueName(queue.to_owned());
+            Arc::new(p)
+        })
+    }
+}
+
+/// Loads a configuration from TOML text, override variables `env` (only `CALLGATE__…` names are used)
+/// and a lookup for `${VAR}` references.
+pub fn load(
+    toml_text: &str,
+    env: &HashMap<String, String>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Issue>> {
+    let tree = source::raw_tree(toml_text, env).map_err(|message| {
+        vec![Issue {
+            path: String::new(),
+            message,
+        }]
+    })?;
+    let mut ctx = walk::Ctx::new(lookup);
+    ctx.known_keys("", &tree, &TOP_KEYS);
+    let section =
+        |ctx: &mut walk::Ctx<'_>, key: &str| tree.get(key).and_then(|v| ctx.table(key, v));
+
+    let server_t = section(&mut ctx, "server");
+    let server = sections::server(&mut ctx, server_t);
+    let pbx_t = section(&mut ctx, "pbx");
+    let pbx = sections::pbx(&mut ctx, pbx_t);
+    let idp_t = section(&mut ctx, "idp");
+    let idps = sections::idps(&mut ctx, idp_t);
+    let limits_t = section(&mut ctx, "limits");
+    let limits = sections::limits(&mut ctx, limits_t);
+
+    let defaults_spec =
+        section(&mut ctx, "defaults").map(|t| queue::parse(&mut ctx, "defaults", t));
+    let defaults = defaults_spec.clone().and_then(|spec| {
+        queue::finish(&mut ctx, "defaults", "defaults", spec, &idps, false).map(Arc::new)
+    });
+    let base = defaults_spec.unwrap_or_default();
+
+    let mut queues = BTreeMap::new();
+    if let Some(qt) = section(&mut ctx, "queues") {
+        for name in walk::sorted_keys(qt) {
+            let path = walk::join("queues", name);
+            if !valid_name(name) {
+                ctx.issue(&path, format!("queue names {NAME_RULE}"));
+                continue;
+            }
+            let Some(t) = ctx.table(&path, &qt[name]) else {
+                continue;
+            };
+            let spec = queue::parse(&mut ctx, &path, t).over(&base);
+            let inherits = tree.contains_key("defaults");
+            if let Some(p) = queue::finish(&mut ctx, &path, name, spec, &idps, inherits) {
+                queues.insert(name.clone(), Arc::new(p));
+            }
+        }
+    }
+
+    if server.pseudonym_key.is_empty() {
+        let disclosing: Vec<&str> = queues
+            .iter()
+            .chain(defaults.as_ref().map(|d| (&d.name.0, d)))
+            .filter(|(_, p)| p.disclose.allows(Field::Pseudonym))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        if !disclosing.is_empty() {
+            ctx.issue(
+                "server.pseudonym_key",
+                format!(
+                    "required because {} disclose \"pseudonym\"",
+                    disclosing.join(", ")
+                ),
+            );
+        }
+    }
+
+    let mut issues = ctx.issues;
+    let mut seen = std::collections::HashSet::new();
+    issues.retain(|i| seen.insert(i.clone()));
+    if issues.is_empty() {
+        Ok(Config {
+            server,
+            pbx,
+            idps,
+            queues,
+            defaults,
+            limits,
+        })
+    } else {
+        Err(issues)
+    }
+}
+
+/// Loads a file, with overrides and `${VAR}` values from the process environment.
+pub fn load_file(path: &Path) -> Result<Config, Vec<Issue>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![Issue {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }]
+    })?;
+    let env: HashMap<String, String> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .collect();
+    load(&text, &env, &|name| std::env::var(name).ok())
+}
+
+/// `callgate check-config FILE`: the report to print and the exit code (0, or [`EXIT_CONFIG`] with one
+/// issue per line).
+pub fn check_config(path: &Path) -> (String, i32) {
+    match load_file(path) {
+        Ok(cfg) => (summary(&cfg), 0),
+        Err(issues) => {
+            let mut out = String::new();
+            for issue in &issues {
+                out.push_str(&issue.to_string());
+                out.push('\n');
+            }
+            (out, EXIT_CONFIG)
+        }
+    }
+}
+
+/// One line per queue (and `[defaults]`): name, mode, idp, languages, the three status routes and the
+/// disclosed fields.
+pub fn summary(cfg: &Config) -> String {
+    let mut out = String::new();
+    let line = |label: &str, p: &QueuePolicy| {
+        let langs: Vec<&str> = p.languages.iter().map(|l| l.code()).collect();
+        let disclose: Vec<&str> = p.disclose.fields().iter().map(|f| f.code()).collect();
+        format!(
+            "{label}: mode={} idp={} languages={} verified={} failed={} unavailable={} disclose={}\n",
+            p.mode.code(),
+            if p.idp.is_empty() { "-" } else { &p.idp },
+            langs.join(","),
+            p.routes.verified,
+            p.routes.failed,
+            p.routes.unavailable,
+            if disclose.is_empty() {
+                "none".to_owned()
+            } else {
+                disclose.join(",")
+            },
+        )
+    };
+    for (name, p) in &cfg.queues {
+        out.push_str(&line(&format!("queue {name}"), p));
+    }
+    if let Some(d) = &cfg.defaults {
+        out.push_str(&line("[defaults]", d));
+    }
+    if out.is_empty() {
+        out.push_str("no queues configured\n");
+    }
+    out
+}
+
+/// Queue and provider names: lowercase ASCII letters, digits, `-`, `_`; not empty; no `__`.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains("__")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}

@@ -1,0 +1,417 @@
+//! `[server]`, `[pbx]`, `[idp.<name>]` and `[limits]`: reading and checking each section.
+//!
+//! Invariant: every reader starts from the documented default and only replaces what the table sets;
+//! file-valued keys are checked to exist so a missing certificate is reported before startup.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ::config::{Map, Value};
+use reqwest::Url;
+
+use super::walk::{join, sorted_keys, Ctx};
+use super::{valid_name, Idp, Limits, Pbx, Server, NAME_RULE};
+use crate::idp::{BankIdSettings, ClientIdentity};
+use crate::pbx::ari;
+use crate::secret::Secret;
+
+pub const SERVER_KEYS: [&str; 5] = [
+    "listen",
+    "ops_listen",
+    "data_dir",
+    "shutdown_grace",
+    "pseudonym_key",
+];
+pub const PBX_KEYS: [&str; 2] = ["kind", "ari"];
+pub const ARI_KEYS: [&str; 8] = [
+    "url",
+    "app",
+    "username",
+    "password",
+    "request_timeout",
+    "ping_interval",
+    "reconnect_min",
+    "reconnect_max",
+];
+pub const BANKID_KEYS: [&str; 9] = [
+    "kind",
+    "url",
+    "client_p12",
+    "client_p12_password",
+    "client_cert",
+    "client_key",
+    "server_ca",
+    "request_timeout",
+    "connect_timeout",
+];
+pub const SIMULATOR_KEYS: [&str; 2] = ["kind", "step"];
+pub const LIMITS_KEYS: [&str; 3] = [
+    "max_concurrent_orders",
+    "max_starts_per_number_per_hour",
+    "max_starts_per_line_per_hour",
+];
+/// Shortest accepted `server.pseudonym_key`, in bytes.
+pub const MIN_PSEUDONYM_KEY: usize = 16;
+
+pub fn server(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Server {
+    let mut s = Server::default();
+    let Some(t) = t else { return s };
+    ctx.known_keys("server", t, &SERVER_KEYS);
+    if let Some(v) = t.get("listen") {
+        s.listen = ctx
+            .parsed("server.listen", v, socket_addr)
+            .unwrap_or(s.listen);
+    }
+    if let Some(v) = t.get("ops_listen") {
+        s.ops_listen = ctx
+            .parsed("server.ops_listen", v, socket_addr)
+            .unwrap_or(s.ops_listen);
+    }
+    if let Some(v) = t.get("data_dir") {
+        s.data_dir = ctx
+            .parsed("server.data_dir", v, |x| {
+                let p = PathBuf::from(x);
+                if p.is_absolute() {
+                    Ok(p)
+                } else {
+                    Err(format!("{x:?} is not an absolute path"))
+                }
+            })
+            .unwrap_or(s.data_dir);
+    }
+    if let Some(v) = t.get("shutdown_grace") {
+        s.shutdown_grace = ctx
+            .duration("server.shutdown_grace", v, true)
+            .unwrap_or(s.shutdown_grace);
+    }
+    if let Some(v) = t.get("pseudonym_key") {
+        if let Some(key) = ctx.text("server.pseudonym_key", v) {
+            if !key.is_empty() && key.len() < MIN_PSEUDONYM_KEY {
+                ctx.issue(
+                    "server.pseudonym_key",
+                    format!("must be at least {MIN_PSEUDONYM_KEY} bytes long"),
+                );
+            }
+            s.pseudonym_key = Secret::new(key);
+        }
+    }
+    s
+}
+
+fn socket_addr(x: &str) -> Result<SocketAddr, String> {
+    x.parse()
+        .map_err(|_| format!("{x:?} is not an address like \"127.0.0.1:8080\""))
+}
+
+pub fn pbx(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Pbx {
+    let mut a = ari::Settings::default();
+    let empty = Map::new();
+    let t = t.unwrap_or(&empty);
+    ctx.known_keys("pbx", t, &PBX_KEYS);
+    if let Some(v) = t.get("kind") {
+        if let Some(kind) = ctx.text("pbx.kind", v) {
+            if kind != "ari" {
+                ctx.issue("pbx.kind", format!("unknown kind {kind:?} (known: ari)"));
+            }
+        }
+    }
+    let at = t.get("ari").and_then(|v| ctx.table("pbx.ari", v));
+    let mut password_reported = false;
+    if let Some(at) = at {
+        ctx.known_keys("pbx.ari", at, &ARI_KEYS);
+        if let Some(v) = at.get("url") {
+            a.url = ctx.parsed("pbx.ari.url", v, ari_url).unwrap_or(a.url);
+        }
+        for (key, field) in [("app", &mut a.app), ("username", &mut a.username)] {
+            if let Some(v) = at.get(key) {
+                let p = join("pbx.ari", key);
+                if let Some(x) = ctx.text(&p, v) {
+                    if x.is_empty() || x.contains(|c: char| c.is_whitespace() || c == ':') {
+                        ctx.issue(p, "must be non-empty, without spaces or ':'");
+                    } else {
+                        *field = x;
+                    }
+                }
+            }
+        }
+        if let Some(v) = at.get("password") {
+            match ctx.text("pbx.ari.password", v) {
+                Some(x) => a.password = Secret::new(x),
+                None => password_reported = true,
+            }
+        }
+        for (key, field) in [
+            ("request_timeout", &mut a.request_timeout),
+            ("ping_interval", &mut a.ping_interval),
+            ("reconnect_min", &mut a.reconnect_min),
+            ("reconnect_max", &mut a.reconnect_max),
+        ] {
+            if let Some(v) = at.get(key) {
+                if let Some(d) = ctx.duration(&join("pbx.ari", key), v, false) {
+                    *field = d;
+                }
+            }
+        }
+    }
+    if a.password.is_empty() && !password_reported {
+        ctx.issue(
+            "pbx.ari.password",
+            "required (e.g. password = \"${ARI_PASSWORD}\")",
+        );
+    }
+    if a.reconnect_min > a.reconnect_max {
+        ctx.issue(
+            "pbx.ari.reconnect_min",
+            "must not be longer than reconnect_max",
+        );
+    }
+    Pbx::Ari(a)
+}
+
+/// The base URL of Asterisk's HTTP server, stored without a trailing `/` (the client adds `/ari`).
+fn ari_url(x: &str) -> Result<String, String> {
+    let u = Url::parse(x).map_err(|e| format!("{x:?} is not a URL ({e})"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("{x:?} is not an http(s) URL"));
+    }
+    if !matches!(u.path(), "" | "/") || u.query().is_some() || !u.username().is_empty() {
+        return Err(format!(
+            "{x:?}: give only scheme, host and port (the /ari prefix is added), e.g. \"http://127.0.0.1:8088\""
+        ));
+    }
+    Ok(x.trim_end_matches('/').to_owned())
+}
+
+pub fn idps(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> BTreeMap<String, Idp> {
+    let mut out = BTreeMap::new();
+    let Some(t) = t else { return out };
+    for name in sorted_keys(t) {
+        let path = join("idp", name);
+        if !valid_name(name) {
+            ctx.issue(&path, format!("provider names {NAME_RULE}"));
+            continue;
+        }
+        let Some(it) = ctx.table(&path, &t[name]) else {
+            continue;
+        };
+        let kind = match it.get("kind") {
+            Some(v) => ctx.text(&join(&path, "kind"), v),
+            None => {
+                ctx.issue(join(&path, "kind"), "required (bankid or simulator)");
+                None
+            }
+        };
+        let idp = match kind.as_deref() {
+            Some("bankid") => bankid(ctx, &path, it).map(Idp::BankId),
+            Some("simulator") => {
+                ctx.known_keys(&path, it, &SIMULATOR_KEYS);
+                let mut step = super::DEFAULT_SIMULATOR_STEP;
+                if let Some(v) = it.get("step") {
+                    step = ctx.duration(&join(&path, "step"), v, true).unwrap_or(step);
+                }
+                Some(Idp::Simulator { step })
+            }
+            Some(other) => {
+                ctx.issue(
+                    join(&path, "kind"),
+                    format!("unknown kind {other:?} (known: bankid, simulator)"),
+                );
+                None
+            }
+            None => None,
+        };
+        if let Some(idp) = idp {
+            out.insert(name.clone(), idp);
+        }
+    }
+    out
+}
+
+fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankIdSettings> {
+    ctx.known_keys(path, t, &BANKID_KEYS);
+    let mut s = BankIdSettings::default();
+    let mut ok = true;
+    let url_path = join(path, "url");
+    // With a bad url it is unknown which identity rules apply: those checks are skipped.
+    let mut url_known = true;
+    if let Some(v) = t.get("url") {
+        match ctx.parsed(&url_path, v, bankid_url) {
+            Some(u) => s.url = u,
+            None => {
+                ok = false;
+                url_known = false;
+            }
+        }
+    }
+    let https = s.url.starts_with("https://");
+    for (key, field) in [
+        ("request_timeout", &mut s.request_timeout),
+        ("connect_timeout", &mut s.connect_timeout),
+    ] {
+        if let Some(v) = t.get(key) {
+            match ctx.duration(&join(path, key), v, false) {
+                Some(d) => *field = d,
+                None => ok = false,
+            }
+        }
+    }
+    // Over plain http the file keys are rejected below, so their files are not looked for.
+    let check_files = https || !url_known;
+    let mut file = |ctx: &mut Ctx<'_>, key: &str| -> Option<PathBuf> {
+        let p = join(path, key);
+        let v = t.get(key).filter(|_| check_files)?;
+        let text = ctx.text(&p, v)?;
+        match existing_file(Path::new(&text)) {
+            Ok(()) => Some(PathBuf::from(text)),
+            Err(message) => {
+                ctx.issue(p, message);
+                ok = false;
+                None
+            }
+        }
+    };
+    let p12 = file(ctx, "client_p12");
+    let cert = file(ctx, "client_cert");
+    let key = file(ctx, "client_key");
+    let ca = file(ctx, "server_ca");
+    let password = match t.get("client_p12_password") {
+        Some(v) => ctx
+            .text(&join(path, "client_p12_password"), v)
+            .map(Secret::new),
+        None => Some(Secret::default()),
+    };
+    // Which identity keys are written, whether or not their files exist.
+    let has = |k: &str| t.contains_key(k);
+    let written_p12 = has("client_p12");
+    let written_pem = has("client_cert") || has("client_key");
+    if url_known && https {
+        if written_p12 && written_pem {
+            ctx.issue(
+                join(path, "client_p12"),
+                "give either client_p12 or client_cert + client_key, not both",
+            );
+            ok = false;
+        } else if !written_p12 && !written_pem {
+            ctx.issue(
+                join(path, "client_p12"),
+                "an https url needs a client identity: client_p12 or client_cert + client_key",
+            );
+            ok = false;
+        } else if written_pem {
+            for (k, other) in [("client_cert", "client_key"), ("client_key", "client_cert")] {
+                if !has(k) {
+                    ctx.issue(join(path, k), format!("required together with {other}"));
+                    ok = false;
+                }
+            }
+        }
+        if !has("server_ca") {
+            ctx.issue(
+                join(path, "server_ca"),
+                "required with an https url (the BankID root CA, PEM)",
+            );
+            ok = false;
+        }
+        if has("client_p12_password") && !written_p12 {
+            ctx.issue(
+                join(path, "client_p12_password"),
+                "has no effect without client_p12",
+            );
+            ok = false;
+        }
+    } else if url_known {
+        for k in [
+            "client_p12",
+            "client_p12_password",
+            "client_cert",
+            "client_key",
+            "server_ca",
+        ] {
+            if has(k) {
+                ctx.issue(
+                    join(path, k),
+                    "has no effect with a plain http url (only the loopback simulator uses http)",
+                );
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    s.server_ca = ca;
+    s.identity = match (p12, cert, key) {
+        (Some(path), None, None) => Some(ClientIdentity::Pkcs12 {
+            path,
+            password: password.unwrap_or_default(),
+        }),
+        (None, Some(cert), Some(key)) => Some(ClientIdentity::Pem { cert, key }),
+        _ => None,
+    };
+    Some(s)
+}
+
+/// The BankID base URL: https anywhere, plain http only on loopback; a missing trailing `/` is added
+/// (relative endpoint paths are joined onto it).
+fn bankid_url(x: &str) -> Result<String, String> {
+    let u = Url::parse(x).map_err(|e| format!("{x:?} is not a URL ({e})"))?;
+    match u.scheme() {
+        "https" => {}
+        "http" => {
+            if !matches!(u.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) {
+                return Err(format!(
+                    "{x:?}: plain http is allowed only for a loopback simulator (127.0.0.1 or localhost)"
+                ));
+            }
+        }
+        _ => return Err(format!("{x:?} is not an https URL")),
+    }
+    if u.query().is_some() || !u.username().is_empty() {
+        return Err(format!("{x:?}: no query or credentials in the URL"));
+    }
+    let mut s = x.to_owned();
+    if !s.ends_with('/') {
+        s.push('/');
+    }
+    Ok(s)
+}
+
+fn existing_file(p: &Path) -> Result<(), String> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{} is not a file", p.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("file {} does not exist", p.display()))
+        }
+        Err(e) => Err(format!("cannot read {}: {e}", p.display())),
+    }
+}
+
+pub fn limits(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Limits {
+    let mut l = Limits::default();
+    let Some(t) = t else { return l };
+    ctx.known_keys("limits", t, &LIMITS_KEYS);
+    if let Some(v) = t.get("max_concurrent_orders") {
+        if let Some(n) = ctx.number("limits.max_concurrent_orders", v, 1, 1_000_000) {
+            l.max_concurrent_orders = usize::try_from(n).unwrap_or(l.max_concurrent_orders);
+        }
+    }
+    for (key, field) in [
+        (
+            "max_starts_per_number_per_hour",
+            &mut l.max_starts_per_number_per_hour,
+        ),
+        (
+            "max_starts_per_line_per_hour",
+            &mut l.max_starts_per_line_per_hour,
+        ),
+    ] {
+        if let Some(v) = t.get(key) {
+            if let Some(n) = ctx.number(&join("limits", key), v, 1, 10_000) {
+                *field = u32::try_from(n).unwrap_or(*field);
+            }
+        }
+    }
+    l
+}
