@@ -122,7 +122,9 @@ impl Client {
         let tls = match base.scheme() {
             "https" => {
                 if settings.identity.is_none() {
-                    return Err(url_error("https needs a client identity (BankID requires mutual TLS)"));
+                    return Err(url_error(
+                        "https needs a client identity (BankID requires mutual TLS)",
+                    ));
                 }
                 let Some(ca) = settings.server_ca.as_deref() else {
                     return Err(url_error(
@@ -138,7 +140,11 @@ impl Client {
                 // Never used for plain HTTP; given so no process-wide crypto provider is needed.
                 tls::client_config(None, None)?
             }
-            _ => return Err(url_error("scheme must be https (or http for a loopback simulator)")),
+            _ => {
+                return Err(url_error(
+                    "scheme must be https (or http for a loopback simulator)",
+                ))
+            }
         };
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls)
@@ -190,7 +196,11 @@ impl Client {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > MAX_BODY_BYTES {
-                        warn!(method = endpoint.path(), status = status.as_u16(), "bankid answer too large");
+                        warn!(
+                            method = endpoint.path(),
+                            status = status.as_u16(),
+                            "bankid answer too large"
+                        );
                         return Err(ProviderError::OutcomeUnknown);
                     }
                     body.extend_from_slice(&chunk);
