@@ -1,1 +1,14 @@
 //! Swedish BankID RP API v6.0 client (phone/auth, collect, cancel) over mutual TLS.
+//!
+//! Invariant: the wire format lives in [`wire`]; [`Client`] is the only code that talks to BankID and it
+//! hands back `verify` types only. See `client` for the mapping of hint and error codes.
+
+mod client;
+mod tls;
+pub mod wire;
+
+pub use client::{Client, Error, MAX_VISIBLE_DATA_B64};
+pub(crate) use tls::provider as tls_provider;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! The rustls client configuration of a BankID client: the configured root as the only trust anchor and
+//! the RP identity (PKCS#12 or PEM) for mutual TLS.
+//!
+//! Invariant: no system or bundled web roots are ever added; every file problem is reported with the
+//! file's path and never with its contents (keys and passwords stay out of messages).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use p12_keystore::{KeyStore, Pkcs12ImportPolicy};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::client::Error;
+use crate::idp::ClientIdentity;
+
+/// The crypto provider used by every TLS endpoint in `idp` (client and simulator).
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the client configuration: trust only `server_ca` (nothing when `None`, which refuses every
+/// server: used for plain-HTTP clients, which never handshake), authenticate with `identity`.
+pub(crate) fn client_config(
+    server_ca: Option<&Path>,
+    identity: Option<&ClientIdentity>,
+) -> Result<ClientConfig, Error> {
+    let mut roots = RootCertStore::empty();
+    if let Some(path) = server_ca {
+        let certs = read_certs(path)?;
+        let (added, _ignored) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(Error::Pem {
+                path: path.to_owned(),
+                reason: "no usable CA certificate".into(),
+            });
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            let (chain, key) = load_identity(identity)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Identity {
+                    path: identity_path(identity).to_owned(),
+                    reason: e.to_string(),
+                })?
+        }
+    };
+    Ok(config)
+}
+
+fn identity_path(identity: &ClientIdentity) -> &Path {
+    match identity {
+        ClientIdentity::Pkcs12 { path, .. } => path,
+        ClientIdentity::Pem { cert, .. } => cert,
+    }
+}
+
+/// Loads the RP certificate chain (leaf first) and its private key.
+pub(crate) fn load_identity(
+    identity: &ClientIdentity,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+    match identity {
+        ClientIdentity::Pkcs12 { path, password } => {
+            let data = read(path)?;
+            let store = KeyStore::from_pkcs12(&data, password.expose(), Pkcs12ImportPolicy::Strict)
+                .map_err(|e| match e {
+                    p12_keystore::error::Error::MacError(_) => Error::Pkcs12Password {
+                        path: path.to_owned(),
+                    },
+                    other => Error::Identity {
+                        path: path.to_owned(),
+                        reason: format!("not a readable PKCS#12 file ({other})"),
+                    },
+                })?;
+            let Some((_alias, chain)) = store.private_key_chain() else {
+                return Err(Error::Identity {
+                    path: path.to_owned(),
+                    reason: "no private key with a matching certificate".into(),
+                });
+            };
+            let certs: Vec<CertificateDer<'static>> = chain
+                .certs()
+                .iter()
+                .map(|c| CertificateDer::from(c.as_der().to_vec()))
+                .collect();
+            if certs.is_empty() {
+                return Err(Error::Identity {
+                    path: path.to_owned(),
+                    reason: "no certificate for the private key".into(),
+                });
+            }
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(chain.key().as_der().to_vec()));
+            Ok((certs, key))
+        }
+        ClientIdentity::Pem { cert, key } => {
+            let certs = read_certs(cert)?;
+            let key_pem = read(key)?;
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::Pem {
+                path: key.to_owned(),
+                reason: format!(
+                    "no unencrypted private key (PKCS#8, RSA or SEC1) found ({e}); \
+                     an encrypted key must be decrypted first"
+                ),
+            })?;
+            Ok((certs, key_der))
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Pem {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(Error::Pem {
+            path: path.to_owned(),
+            reason: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
