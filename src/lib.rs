@@ -2,9 +2,11 @@
 //! reach an agent. See ARCHITECTURE.md for the map of modules, data flow and invariants.
 
 pub mod api;
+pub mod app;
 pub mod audit;
 pub mod calls;
 pub mod config;
+pub mod demo;
 pub mod dialog;
 pub mod idp;
 pub mod outcome;

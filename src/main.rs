@@ -1,3 +1,165 @@
-//! The `callgate` binary: parses the command line and hands over to the library.
+//! The `callgate` binary: parses the command line, loads and validates the config, sets up logging and
+//! hands over to the library. Exit codes: 0 ok, 1 runtime failure, 64 configuration problems.
 
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use callgate::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "callgate",
+    version,
+    about = "Gates contact-centre calls behind a BankID check"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run callgate against the PBX and identity providers in the config file.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run simulated calls through every before-agent outcome (simulated Asterisk and BankID), print a
+    /// table and exit.
+    Demo,
+    /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
+    CheckConfig { file: PathBuf },
+    /// Run the BankID RP v6 simulator on loopback.
+    SimIdp {
+        #[arg(long, default_value = "127.0.0.1:8585")]
+        listen: SocketAddr,
+        /// Serve mutual TLS with generated certificates.
+        #[arg(long)]
+        tls: bool,
+        /// Length of one scenario step, e.g. 1s or 500ms.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        step: Duration,
+        /// Where to write the generated certificates.
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    callgate::config::duration::parse(s)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => {
+            let (report, code) = callgate::config::check_config(&file);
+            print!("{report}");
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Serve { config } => {
+            let cfg = match callgate::config::load_file(&config) {
+                Ok(cfg) => cfg,
+                Err(issues) => {
+                    for i in issues {
+                        eprintln!("{i}");
+                    }
+                    return ExitCode::from(64);
+                }
+            };
+            telemetry::init_logging(cli.log_format);
+            let opts = callgate::app::Options {
+                config_path: Some(config),
+                sighup: true,
+                ..Default::default()
+            };
+            runtime(|| async move { callgate::app::run(cfg, opts, shutdown_signal()).await })
+        }
+        Command::Demo => runtime(|| async move {
+            let ok = callgate::demo::run(cli.log_format).await?;
+            anyhow::ensure!(ok, "some demo calls did not end as expected");
+            Ok(())
+        }),
+        Command::SimIdp {
+            listen,
+            tls,
+            step,
+            cert_dir,
+        } => {
+            telemetry::init_logging(cli.log_format);
+            runtime(|| async move {
+                let opts = callgate::idp::sim::SimOptions {
+                    tls,
+                    step,
+                    cert_dir,
+                };
+                callgate::idp::sim::run_cli(listen, opts, shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+fn runtime<F, Fut>(f: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("callgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGTERM or Ctrl-C; a second one exits at once.
+async fn shutdown_signal() {
+    wait_signal().await;
+    tracing::info!("shutdown requested; a second signal exits at once");
+    tokio::spawn(async {
+        wait_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

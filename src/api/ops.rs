@@ -91,7 +91,9 @@ async fn reload(State(s): State<OpsState>) -> Result<impl IntoResponse, ApiError
         .await
         .map_err(|_| ApiError::Unavailable("shutting down".into()))?;
     match rx.await {
-        Ok(Ok(summary)) => Ok(Json(serde_json::json!({"status": "reloaded", "summary": summary}))),
+        Ok(Ok(summary)) => Ok(Json(
+            serde_json::json!({"status": "reloaded", "summary": summary}),
+        )),
         Ok(Err(issues)) => Err(ApiError::BadRequest(format!(
             "config not reloaded: {}",
             issues.join("; ")

@@ -98,7 +98,10 @@ impl CallControl for AriControl {
         })
     }
 
-    fn stop_playback<'a>(&'a self, playback_id: &'a str) -> BoxFuture<'a, Result<(), ControlError>> {
+    fn stop_playback<'a>(
+        &'a self,
+        playback_id: &'a str,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             match self.client.stop_playback(playback_id).await {
                 Ok(()) => Ok(()),
@@ -161,7 +164,11 @@ pub struct Adapter {
 
 impl Adapter {
     /// Consumes events until `shutdown` or until the events task ends.
-    pub async fn run(self: Arc<Self>, mut rx: mpsc::Receiver<Incoming>, shutdown: CancellationToken) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Incoming>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let incoming = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -239,11 +246,19 @@ impl Adapter {
             return;
         };
         if self.readiness.draining.load(Ordering::SeqCst) {
-            self.route_untracked(channel, Some(policy), Outcome::NotVerified(Reason::Draining));
+            self.route_untracked(
+                channel,
+                Some(policy),
+                Outcome::NotVerified(Reason::Draining),
+            );
             return;
         }
         if !policy.mode.gates_before_agent() {
-            self.route_untracked(channel, Some(policy), Outcome::NotVerified(Reason::NotGated));
+            self.route_untracked(
+                channel,
+                Some(policy),
+                Outcome::NotVerified(Reason::NotGated),
+            );
             return;
         }
         let control = Arc::new(AriControl::new(self.client.clone(), &channel));
@@ -346,8 +361,8 @@ impl Adapter {
             }
         };
         for id in registry.ids() {
-            let alive = listed.contains(&id)
-                && matches!(self.client.get_channel(&id).await, Ok(Some(_)));
+            let alive =
+                listed.contains(&id) && matches!(self.client.get_channel(&id).await, Ok(Some(_)));
             let event = if alive {
                 CallEvent::Resync
             } else {

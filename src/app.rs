@@ -1,0 +1,304 @@
+//! Wiring: builds the identity providers, the PBX adapter, the call registry and the ops API from a
+//! `Config`, runs until shutdown, then drains.
+//!
+//! Drain: `/readyz` turns false and new calls are passed on as `skipped/draining`; calls in the gate get
+//! `shutdown_grace` to finish; the rest are interrupted (each cancels its order, sets its metadata and
+//! continues in the dialplan); then every task is awaited under a hard timeout.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
+use crate::audit::Audit;
+use crate::calls::limits::{self, Limits};
+use crate::calls::task::Deps;
+use crate::calls::{Registry, Report};
+use crate::config::{self, Config, Idp, Pbx};
+use crate::idp::{self, Provider};
+use crate::pbx::ari;
+use crate::pbx::asterisk::Adapter;
+use crate::pnr::PseudonymKey;
+use crate::telemetry::Metrics;
+use crate::verify;
+
+/// How to run, beyond the config file.
+#[derive(Default)]
+pub struct Options {
+    /// The file to re-read on reload (`POST /reload`, SIGHUP).
+    pub config_path: Option<PathBuf>,
+    /// Overrides of the verification timing (tests and the demo use shorter polls).
+    pub verify: Option<verify::Settings>,
+    /// A pre-bound ops listener (tests bind 127.0.0.1:0); default: bind `server.ops_listen`.
+    pub ops_listener: Option<TcpListener>,
+    /// Reload on SIGHUP.
+    pub sighup: bool,
+}
+
+/// A running callgate.
+pub struct Running {
+    pub ops_addr: SocketAddr,
+    pub registry: Registry,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub reports: broadcast::Sender<Report>,
+    pub audit_path: PathBuf,
+    pub done: JoinHandle<()>,
+}
+
+/// Starts everything; the returned handle's `done` completes after `shutdown` fired and the drain ended.
+pub async fn start(
+    cfg: Config,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    let cfg = Arc::new(cfg);
+    let root = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let tracker = TaskTracker::new();
+    let registry = Registry::new();
+    let (reports, _) = broadcast::channel(256);
+
+    let audit = Audit::open(&cfg.server.data_dir).await.with_context(|| {
+        format!(
+            "opening the audit trail in {}",
+            cfg.server.data_dir.display()
+        )
+    })?;
+    let audit_path = audit.path().to_path_buf();
+
+    let mut simulators = Vec::new();
+    let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
+    for (name, idp_cfg) in &cfg.idps {
+        let settings = match idp_cfg {
+            Idp::BankId(s) => s.clone(),
+            Idp::Simulator { step } => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let sim = idp::sim::start(
+                    listener,
+                    idp::sim::SimOptions {
+                        step: *step,
+                        ..Default::default()
+                    },
+                    root.child_token(),
+                )
+                .await
+                .with_context(|| format!("starting the simulator for idp.{name}"))?;
+                let s = sim.settings();
+                tracing::info!(idp = %name, addr = %sim.addr(), "identity-provider simulator started");
+                simulators.push(sim);
+                s
+            }
+        };
+        let client = idp::bankid::Client::new(&settings)
+            .with_context(|| format!("idp.{name}: building the BankID client"))?;
+        providers.insert(name.clone(), Arc::new(client));
+    }
+
+    let key = PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec());
+    let deps = Arc::new(Deps {
+        providers,
+        limits: Limits::new(limits::Settings {
+            max_concurrent_orders: cfg.limits.max_concurrent_orders,
+            max_starts_per_number_per_hour: cfg.limits.max_starts_per_number_per_hour,
+            max_starts_per_line_per_hour: cfg.limits.max_starts_per_line_per_hour,
+        }),
+        key,
+        verify: opts.verify.clone().unwrap_or_default(),
+        audit: Some(audit),
+        metrics: Arc::clone(&metrics),
+        registry: registry.clone(),
+        reports: reports.clone(),
+    });
+
+    let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
+
+    // The PBX adapter.
+    let Pbx::Ari(ari_settings) = &cfg.pbx;
+    let client = ari::rest::Client::new(ari_settings).context("building the ARI client")?;
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let events_token = CancellationToken::new();
+    let (events_task, _conn) =
+        ari::events::spawn(ari_settings.clone(), events_tx, events_token.clone());
+    let calls_token = root.child_token();
+    let adapter = Arc::new(Adapter {
+        client,
+        app: ari_settings.app.clone(),
+        deps: Arc::clone(&deps),
+        config: config_rx,
+        readiness: Arc::clone(&readiness),
+        tracker: tracker.clone(),
+        calls: calls_token.clone(),
+    });
+    let router_token = CancellationToken::new();
+    let router = tokio::spawn(Arc::clone(&adapter).run(events_rx, router_token.clone()));
+
+    // The ops listener.
+    let listener = match opts.ops_listener {
+        Some(l) => l,
+        None => TcpListener::bind(cfg.server.ops_listen)
+            .await
+            .with_context(|| format!("binding server.ops_listen {}", cfg.server.ops_listen))?,
+    };
+    let ops_addr = listener.local_addr()?;
+    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let ops_router = ops::router(OpsState {
+        readiness: Arc::clone(&readiness),
+        metrics: Arc::clone(&metrics),
+        reload: reload_tx.clone(),
+    })
+    .layer(tower_http::trace::TraceLayer::new_for_http());
+    let ops_token = CancellationToken::new();
+    let ops_stop = ops_token.clone();
+    let ops_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, ops_router)
+            .with_graceful_shutdown(async move { ops_stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "ops listener failed");
+        }
+    });
+    tracing::info!(ops = %ops_addr, "callgate started");
+
+    // Reloads: validate the whole file first; keep the old config on any error.
+    let config_path = opts.config_path.clone();
+    let reload_metrics = Arc::clone(&metrics);
+    let reload_task = tokio::spawn(async move {
+        while let Some(answer) = reload_rx.recv().await {
+            let result = match &config_path {
+                None => Err(vec![
+                    "no config file to reload (started without --config)".to_owned()
+                ]),
+                Some(path) => match config::load_file(path) {
+                    Ok(new) => {
+                        let summary = config::summary(&new);
+                        config_tx.send_replace(Arc::new(new));
+                        tracing::info!("config reloaded");
+                        Ok(summary)
+                    }
+                    Err(issues) => {
+                        tracing::error!(
+                            issues = issues.len(),
+                            "config reload refused; keeping the running config"
+                        );
+                        Err(issues.iter().map(ToString::to_string).collect())
+                    }
+                },
+            };
+            let _ = reload_metrics;
+            let _ = answer.send(result);
+        }
+    });
+    if opts.sighup {
+        spawn_sighup(reload_tx.clone());
+    }
+
+    let grace = cfg.server.shutdown_grace;
+    let done_registry = registry.clone();
+    let done_readiness = Arc::clone(&readiness);
+    let done = tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("draining");
+        done_readiness.draining.store(true, Ordering::SeqCst);
+        if !wait_empty(&done_registry, grace).await {
+            tracing::warn!(
+                calls = done_registry.len(),
+                "grace period over; interrupting calls still in the gate"
+            );
+        }
+        calls_token.cancel();
+        // Interrupted calls need the PBX connection to route their callers: keep it until they are done.
+        if !wait_empty(&done_registry, Duration::from_secs(20)).await {
+            tracing::error!(calls = ?done_registry.ids(), "calls overran the drain");
+        }
+        router_token.cancel();
+        events_token.cancel();
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!("tasks still running after the drain");
+        }
+        ops_token.cancel();
+        root.cancel();
+        let _ = ops_task.await;
+        let _ = router.await;
+        let _ = events_task.await;
+        reload_task.abort();
+        drop(simulators);
+        drop(reload_tx);
+        tracing::info!("stopped");
+    });
+
+    Ok(Running {
+        ops_addr,
+        registry,
+        readiness,
+        metrics,
+        reports,
+        audit_path,
+        done,
+    })
+}
+
+/// Runs until `shutdown`, then drains.
+pub async fn run(
+    cfg: Config,
+    opts: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let running = start(cfg, opts, shutdown).await?;
+    running.done.await.context("the main task failed")?;
+    Ok(())
+}
+
+/// Waits until no call is registered, up to `limit`. `true` if it emptied.
+async fn wait_empty(registry: &Registry, limit: Duration) -> bool {
+    let wait = async {
+        while !registry.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(limit, wait).await.is_ok()
+}
+
+#[cfg(unix)]
+fn spawn_sighup(reload: mpsc::Sender<ReloadRequest>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot listen for SIGHUP");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if reload.send(tx).await.is_err() {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(issues)) => {
+                    for i in issues {
+                        tracing::error!(issue = %i, "config problem");
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn spawn_sighup(_reload: mpsc::Sender<ReloadRequest>) {}
