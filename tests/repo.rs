@@ -1,0 +1,175 @@
+//! Checks of the repository as a whole: the core's dependency rule, the prompt files, the shipped
+//! configs and the dialplan they point at.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use callgate::prompts::{Language, PromptId};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The sans-IO core (dialog, verify, pnr, outcome, policy, prompts) imports no I/O or async crate.
+#[test]
+fn the_core_has_no_io_dependencies() {
+    let src = root().join("src");
+    let mut files = Vec::new();
+    for module in ["dialog", "verify", "pnr"] {
+        rust_files(&src.join(module), &mut files);
+    }
+    for file in ["outcome.rs", "policy.rs", "prompts.rs"] {
+        files.push(src.join(file));
+    }
+    let forbidden = [
+        "tokio",
+        "reqwest",
+        "axum",
+        "tungstenite",
+        "dashmap",
+        "hyper",
+        "crate::calls",
+        "crate::pbx",
+        "crate::idp",
+        "crate::api",
+        "crate::app",
+        "crate::config",
+        "Instant::now",
+        "SystemTime::now",
+    ];
+    let mut problems = Vec::new();
+    for file in &files {
+        let text = fs::read_to_string(file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for word in forbidden {
+                // The test harnesses may read the clock once to get a base instant.
+                let test_clock = word.ends_with("::now") && file.ends_with("tests.rs");
+                if code.contains(word) && !test_clock {
+                    problems.push(format!("{}:{}: {word}", file.display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "core imports I/O: {problems:#?}");
+    assert!(files.len() >= 6, "did the layout change? {files:?}");
+}
+
+/// Every prompt the dialogue can play has its text in the table and a sound file in every language.
+#[test]
+fn every_prompt_has_text_and_audio_in_every_language() {
+    let table = fs::read_to_string(root().join("deploy/prompts/prompts.tsv")).unwrap();
+    let rows: HashMap<(String, String), String> = table
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut parts = l.splitn(3, '\t');
+            let id = parts.next().unwrap().to_owned();
+            let lang = parts.next().unwrap().to_owned();
+            let text = parts.next().unwrap().to_owned();
+            ((id, lang), text)
+        })
+        .collect();
+    assert_eq!(rows.len(), PromptId::ALL.len() * Language::ALL.len());
+    for p in PromptId::ALL {
+        for l in Language::ALL {
+            let text = rows
+                .get(&(p.code().to_owned(), l.code().to_owned()))
+                .unwrap_or_else(|| panic!("{} {} missing from prompts.tsv", p.code(), l.code()));
+            assert_eq!(text, p.text(l), "prompts.tsv is stale for {} {}", p.code(), l.code());
+            let wav = root()
+                .join("deploy/sounds")
+                .join(l.code())
+                .join("callgate")
+                .join(format!("{}.wav", p.code()));
+            let bytes = fs::read(&wav).unwrap_or_else(|_| panic!("missing {}", wav.display()));
+            // RIFF/WAVE, PCM, mono, 8 kHz, 16 bit: what Asterisk plays without transcoding.
+            assert_eq!(&bytes[0..4], b"RIFF", "{}", wav.display());
+            assert_eq!(&bytes[8..12], b"WAVE", "{}", wav.display());
+            let channels = u16::from_le_bytes([bytes[22], bytes[23]]);
+            let rate = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
+            let bits = u16::from_le_bytes([bytes[34], bytes[35]]);
+            assert_eq!((channels, rate, bits), (1, 8000, 16), "{}", wav.display());
+            assert!(bytes.len() > 8000, "{} is too short to be speech", wav.display());
+        }
+    }
+}
+
+/// The shipped configs pass validation (the production one with its secrets and files supplied).
+#[test]
+fn shipped_configs_validate() {
+    let (report, code) = callgate::config::check_config(&root().join("deploy/callgate.example.toml"));
+    assert_eq!(code, 0, "{report}");
+
+    let dir = std::env::temp_dir().join(format!("callgate-repo-test-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let text = fs::read_to_string(root().join("deploy/asterisk/callgate.toml")).unwrap();
+    let mut text = text.clone();
+    for file in ["bankid-test-rp.p12", "bankid-test-root.pem"] {
+        let path = dir.join(file);
+        fs::write(&path, b"placeholder").unwrap();
+        text = text.replace(&format!("/etc/callgate/{file}"), path.to_str().unwrap());
+    }
+    let env = HashMap::new();
+    let lookup = |name: &str| match name {
+        "ARI_PASSWORD" | "BANKID_P12_PASSWORD" => Some("secret".to_owned()),
+        "CALLGATE_PSEUDONYM_KEY" => Some("0123456789abcdef0123456789abcdef".to_owned()),
+        _ => None,
+    };
+    let cfg = callgate::config::load(&text, &env, &lookup);
+    assert!(cfg.is_ok(), "{:#?}", cfg.err());
+}
+
+/// Every route the Asterisk example config names exists in the shipped dialplan.
+#[test]
+fn config_routes_exist_in_the_dialplan() {
+    let dialplan = fs::read_to_string(root().join("dialplans/asterisk/extensions.conf")).unwrap();
+    let mut context = String::new();
+    let mut exists = std::collections::HashSet::new();
+    for line in dialplan.lines() {
+        let line = line.split(';').next().unwrap_or("").trim();
+        if line.starts_with('[') {
+            context = line.trim_matches(|c| c == '[' || c == ']').to_owned();
+            if let Some((name, _)) = context.split_once(']') {
+                context = name.to_owned();
+            }
+        } else if let Some(rest) = line.strip_prefix("exten =>") {
+            let mut parts = rest.split(',');
+            let ext = parts.next().unwrap_or("").trim().to_owned();
+            let pri = parts.next().unwrap_or("").trim().to_owned();
+            exists.insert((context.clone(), ext, pri));
+        }
+    }
+    let config = fs::read_to_string(root().join("deploy/asterisk/callgate.toml")).unwrap();
+    let mut checked = 0;
+    for line in config.lines() {
+        let code = line.split('#').next().unwrap_or("");
+        let Some((_, value)) = code.split_once('=') else {
+            continue;
+        };
+        let value = value.trim().trim_matches('"');
+        let parts: Vec<&str> = value.split(',').collect();
+        if parts.len() == 3 && parts[2].parse::<u32>().is_ok() && !value.contains(' ') {
+            let key = (
+                parts[0].to_owned(),
+                parts[1].to_owned(),
+                parts[2].to_owned(),
+            );
+            assert!(exists.contains(&key), "route {value} is not in extensions.conf");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "found only {checked} routes in the config");
+}
