@@ -163,7 +163,10 @@ async fn run(
         }
         let delay = jittered(backoff);
         backoff = backoff.saturating_mul(2).min(settings.reconnect_max);
-        tracing::debug!(delay_ms = delay.as_millis() as u64, "ari events reconnect scheduled");
+        tracing::debug!(
+            delay_ms = delay.as_millis() as u64,
+            "ari events reconnect scheduled"
+        );
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -216,8 +219,7 @@ async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if url.scheme() == "wss" {
         let tls = super::tls::client_config().map_err(|e| e.to_string())?;
-        let name = rustls::pki_types::ServerName::try_from(host)
-            .map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await

@@ -277,9 +277,14 @@ impl Client {
         if let Some(lang) = lang {
             query.push(("lang", lang));
         }
-        self.send(Method::POST, &["channels", ch, "play", playback_id], &query, None)
-            .await?
-            .json(Target::Channel)
+        self.send(
+            Method::POST,
+            &["channels", ch, "play", playback_id],
+            &query,
+            None,
+        )
+        .await?
+        .json(Target::Channel)
     }
 
     /// `DELETE /playbacks/{pb}`. A playback that is already gone (404) counts as stopped.
@@ -442,7 +447,12 @@ impl Client {
             query.push(("mute", "true"));
         }
         let answer = self
-            .send(Method::POST, &["bridges", bridge, "addChannel"], &query, None)
+            .send(
+                Method::POST,
+                &["bridges", bridge, "addChannel"],
+                &query,
+                None,
+            )
             .await?;
         match answer.status.as_u16() {
             400 => Err(Error::ChannelGone),
@@ -485,7 +495,10 @@ impl Client {
     pub async fn originate(&self, o: &Originate) -> Result<Channel, Error> {
         let app_args = o.app_args.join(",");
         let timeout = o.timeout_secs.map(|t| t.to_string());
-        let mut query = vec![("endpoint", o.endpoint.as_str()), ("app", self.app.as_str())];
+        let mut query = vec![
+            ("endpoint", o.endpoint.as_str()),
+            ("app", self.app.as_str()),
+        ];
         if !app_args.is_empty() {
             query.push(("appArgs", &app_args));
         }
@@ -501,7 +514,8 @@ impl Client {
         if let Some(timeout) = &timeout {
             query.push(("timeout", timeout));
         }
-        let body = (!o.variables.is_empty()).then(|| serde_json::json!({ "variables": o.variables }));
+        let body =
+            (!o.variables.is_empty()).then(|| serde_json::json!({ "variables": o.variables }));
         let answer = self
             .send(Method::POST, &["channels", &o.channel_id], &query, body)
             .await?;

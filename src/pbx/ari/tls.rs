@@ -19,7 +19,10 @@ const BUNDLES: &[&str] = &[
 pub(crate) fn client_config() -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
     let mut roots = rustls::RootCertStore::empty();
     let env = std::env::var("SSL_CERT_FILE").ok();
-    let paths = env.iter().map(String::as_str).chain(BUNDLES.iter().copied());
+    let paths = env
+        .iter()
+        .map(String::as_str)
+        .chain(BUNDLES.iter().copied());
     for path in paths {
         let Ok(iter) = CertificateDer::pem_file_iter(path) else {
             continue;

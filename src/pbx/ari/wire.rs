@@ -289,7 +289,9 @@ pub enum Event {
     ChannelLeftBridge(BridgeEvent),
     ApplicationReplaced(ApplicationReplaced),
     /// Any event type callgate does not use (`Dial`, `ChannelDialplan`, `BridgeDestroyed`, …).
-    Other { kind: String },
+    Other {
+        kind: String,
+    },
 }
 
 /// Why a frame could not be decoded. Carries no part of the frame.
@@ -342,7 +344,8 @@ impl Event {
 
 /// Decodes one websocket text frame: reads `type` first, then the typed body.
 pub fn decode(text: &str) -> Result<Event, DecodeError> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| DecodeError::NotAnEvent)?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| DecodeError::NotAnEvent)?;
     let kind = value
         .get("type")
         .and_then(serde_json::Value::as_str)
@@ -352,7 +355,9 @@ pub fn decode(text: &str) -> Result<Event, DecodeError> {
         value: serde_json::Value,
         kind: &str,
     ) -> Result<T, DecodeError> {
-        serde_json::from_value(value).map_err(|_| DecodeError::Invalid { kind: kind.to_owned() })
+        serde_json::from_value(value).map_err(|_| DecodeError::Invalid {
+            kind: kind.to_owned(),
+        })
     }
     let event = match kind.as_str() {
         "StasisStart" => Event::StasisStart(typed(value, &kind)?),

@@ -86,9 +86,15 @@ async fn serve_socket(shared: Arc<Shared>, stop: CancellationToken, mut socket: 
                     let _ = socket.send(Message::Close(None)).await;
                     break;
                 }
+                Some(WsOut::Stall) => {
+                    shared.with(|ctx| ctx.socket_closed(id));
+                    stop.cancelled().await;
+                    break;
+                }
             },
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Ping(_))) => shared.with(|ctx| ctx.st.pings += 1),
                 Some(Ok(_)) => {}
             },
         }
@@ -165,13 +171,17 @@ fn dispatch(
     match (m, segments) {
         ("GET", ["asterisk", "ping"]) => (
             200,
-            Some(json!({ "asterisk_id": ctx.shared.opts.asterisk_id, "ping": "pong",
-                "timestamp": timestamp() })),
+            Some(
+                json!({ "asterisk_id": ctx.shared.opts.asterisk_id, "ping": "pong",
+                "timestamp": timestamp() }),
+            ),
         ),
         ("GET", ["asterisk", "info"]) => (
             200,
-            Some(json!({ "system": { "entity_id": ctx.shared.opts.asterisk_id,
-                "version": "22.10.1-sim" } })),
+            Some(
+                json!({ "system": { "entity_id": ctx.shared.opts.asterisk_id,
+                "version": "22.10.1-sim" } }),
+            ),
         ),
         ("GET", ["applications", app]) => ctx.application(app),
         ("GET", ["channels"]) => {
@@ -187,7 +197,10 @@ fn dispatch(
             let create = segments.get(1) == Some(&"create");
             let id = match segments.get(1) {
                 Some(id) if !create => (*id).to_owned(),
-                _ => p("channelId").map_or_else(|| format!("sim-orig-{}", ctx.st.next_call + 1), str::to_owned),
+                _ => p("channelId").map_or_else(
+                    || format!("sim-orig-{}", ctx.st.next_call + 1),
+                    str::to_owned,
+                ),
             };
             let variables: BTreeMap<String, String> = body
                 .get("variables")
@@ -212,7 +225,8 @@ fn dispatch(
             }
         },
         ("POST", ["channels", id, "play"]) => {
-            let pb = p("playbackId").map_or_else(|| format!("sim-pb-{}", uuid::Uuid::new_v4()), str::to_owned);
+            let pb = p("playbackId")
+                .map_or_else(|| format!("sim-pb-{}", uuid::Uuid::new_v4()), str::to_owned);
             ctx.play(id, &pb, p("media").unwrap_or_default(), p("lang"))
         }
         ("POST", ["channels", id, "play", pb]) => {
@@ -220,9 +234,11 @@ fn dispatch(
         }
         ("POST", ["channels", id, "moh"]) => ctx.moh(id, true),
         ("DELETE", ["channels", id, "moh"]) => ctx.moh(id, false),
-        ("POST", ["channels", id, "variable"]) => {
-            ctx.set_variable(id, p("variable").unwrap_or_default(), p("value").unwrap_or_default())
-        }
+        ("POST", ["channels", id, "variable"]) => ctx.set_variable(
+            id,
+            p("variable").unwrap_or_default(),
+            p("value").unwrap_or_default(),
+        ),
         ("GET", ["channels", id, "variable"]) => {
             ctx.get_variable(id, p("variable").unwrap_or_default())
         }

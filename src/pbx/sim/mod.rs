@@ -285,6 +285,37 @@ impl FakeAsterisk {
         self.shared.with(|ctx| ctx.st.rest_delay = delay);
     }
 
+    /// The application's websocket hangs: the fake stops reading it (so pings go unanswered) and
+    /// sends nothing more, but keeps the TCP connection open. The application counts as disconnected.
+    pub fn stall_websocket(&self) {
+        self.shared.with(|ctx| ctx.stall_socket());
+    }
+
+    /// Websocket pings received so far (all connections).
+    pub fn pings(&self) -> u64 {
+        self.shared.read(|st| st.pings)
+    }
+
+    /// Waits until at least `n` websocket pings have arrived.
+    pub async fn wait_for_pings(&self, n: u64) {
+        self.shared
+            .wait_until(|st| (st.pings >= n).then_some(()))
+            .await;
+    }
+
+    /// Whether the channel exists and is in the application.
+    pub fn in_application(&self, id: &str) -> bool {
+        self.shared
+            .read(|st| st.channels.get(id).is_some_and(|c| c.in_stasis))
+    }
+
+    /// Waits until the channel no longer exists (`GET /channels/{id}` answers 404).
+    pub async fn wait_for_channel_gone(&self, id: &str) {
+        self.shared
+            .wait_until(|st| (!st.channels.contains_key(id)).then_some(()))
+            .await;
+    }
+
     /// Sends a frame that is not valid JSON to the connected socket.
     pub fn send_malformed_frame(&self) {
         self.shared
@@ -299,9 +330,7 @@ impl FakeAsterisk {
 
     /// Waits until the channel left the application (continued, hung up, or failed to enter).
     pub async fn wait_for_channel_end(&self, id: &str) -> ChannelEnd {
-        self.shared
-            .wait_until(|st| st.ended.get(id).cloned())
-            .await
+        self.shared.wait_until(|st| st.ended.get(id).cloned()).await
     }
 
     /// Current variables of a live channel, or those it had when it left the application.

@@ -36,11 +36,16 @@ pub(super) fn error(status: u16, message: &str) -> Reply {
 pub(super) enum WsOut {
     Text(String),
     Close,
+    /// Stop reading and writing but keep the TCP connection open (a hung peer).
+    Stall,
 }
 
 pub(super) enum Owner {
     None,
-    Socket { id: u64, tx: mpsc::UnboundedSender<WsOut> },
+    Socket {
+        id: u64,
+        tx: mpsc::UnboundedSender<WsOut>,
+    },
     /// Another (simulated) instance owns the application; its events go nowhere.
     Phantom,
 }
@@ -67,6 +72,7 @@ pub(super) struct State {
     /// Replaced sockets stay open (Asterisk does not close them) but get nothing more.
     pub replaced: Vec<(u64, mpsc::UnboundedSender<WsOut>)>,
     pub connections: u64,
+    pub pings: u64,
     pub next_conn: u64,
     pub next_call: u64,
     pub channels: BTreeMap<String, Chan>,
@@ -104,6 +110,7 @@ impl Shared {
                 owner: Owner::None,
                 replaced: Vec::new(),
                 connections: 0,
+                pings: 0,
                 next_conn: 0,
                 next_call: 0,
                 channels: BTreeMap::new(),
@@ -234,6 +241,12 @@ impl Ctx<'_> {
         }
     }
 
+    pub fn stall_socket(&mut self) {
+        if let Owner::Socket { tx, .. } = &self.st.owner {
+            let _ = tx.send(WsOut::Stall);
+        }
+    }
+
     pub fn send_raw(&mut self, text: &str) {
         if let Owner::Socket { tx, .. } = &self.st.owner {
             let _ = tx.send(WsOut::Text(text.to_owned()));
@@ -301,7 +314,9 @@ impl Ctx<'_> {
             );
             return (id, false);
         }
-        self.st.channels.insert(id.clone(), new_chan(snapshot, true));
+        self.st
+            .channels
+            .insert(id.clone(), new_chan(snapshot, true));
         let args = caller.args.clone();
         self.emit_channel("StasisStart", &id, json!({ "args": args }));
         (id, true)
@@ -310,7 +325,11 @@ impl Ctx<'_> {
     /// Common checks of channel control calls: exists (404), in Stasis (409), and optionally a
     /// state that accepts media (412).
     pub fn control(&self, id: &str, needs_media_state: bool) -> Result<(), Reply> {
-        let chan = self.st.channels.get(id).ok_or_else(|| error(404, NO_CHANNEL))?;
+        let chan = self
+            .st
+            .channels
+            .get(id)
+            .ok_or_else(|| error(404, NO_CHANNEL))?;
         if !chan.in_stasis {
             return Err(error(409, NOT_IN_STASIS));
         }
@@ -345,9 +364,12 @@ impl Ctx<'_> {
         if self.st.playbacks.contains_key(pb_id) {
             return error(409, "Playback with the given ID already exists");
         }
-        let language = lang
-            .map(str::to_owned)
-            .or_else(|| self.st.channels.get(id).map(|c| c.snapshot.language.clone()));
+        let language = lang.map(str::to_owned).or_else(|| {
+            self.st
+                .channels
+                .get(id)
+                .map(|c| c.snapshot.language.clone())
+        });
         let playback = Playback {
             id: pb_id.to_owned(),
             media_uri: media.to_owned(),
@@ -504,7 +526,11 @@ impl Ctx<'_> {
         let value = if let Some(inner) = function_args(name, "DIALPLAN_EXISTS") {
             let mut parts = inner.split(',').map(str::trim);
             let context = parts.next().unwrap_or_default().to_owned();
-            let exten = parts.next().filter(|s| !s.is_empty()).unwrap_or("s").to_owned();
+            let exten = parts
+                .next()
+                .filter(|s| !s.is_empty())
+                .unwrap_or("s")
+                .to_owned();
             let priority = parts.next().and_then(|p| p.parse().ok()).unwrap_or(1);
             let exists = self.opts().dialplan.contains(&(context, exten, priority));
             Some(if exists { "1" } else { "0" }.to_owned())
@@ -560,7 +586,12 @@ impl Ctx<'_> {
     }
 
     /// The channel leaves the application: out of its bridge, playbacks dropped, `StasisEnd`.
-    fn leave_stasis(&mut self, id: &str, continued_to: Option<(String, String, u32)>, by: Option<Party>) {
+    fn leave_stasis(
+        &mut self,
+        id: &str,
+        continued_to: Option<(String, String, u32)>,
+        by: Option<Party>,
+    ) {
         let in_stasis = self.st.channels.get(id).is_some_and(|c| c.in_stasis);
         if !in_stasis {
             return;
@@ -617,7 +648,12 @@ impl Ctx<'_> {
         let bridge = Bridge {
             id: id.to_owned(),
             technology: "simple_bridge".into(),
-            bridge_type: if types.contains("holding") { "holding" } else { "mixing" }.into(),
+            bridge_type: if types.contains("holding") {
+                "holding"
+            } else {
+                "mixing"
+            }
+            .into(),
             bridge_class: "stasis".into(),
             creator: "Stasis".into(),
             name: name.to_owned(),
@@ -696,7 +732,9 @@ impl Ctx<'_> {
         if endpoint.is_empty() {
             return error(400, "Endpoint must be specified");
         }
-        if self.st.channels.contains_key(id) || other.is_some_and(|o| self.st.channels.contains_key(o)) {
+        if self.st.channels.contains_key(id)
+            || other.is_some_and(|o| self.st.channels.contains_key(o))
+        {
             return error(409, "Channel with given unique ID already exists");
         }
         self.st.next_call += 1;
@@ -707,7 +745,11 @@ impl Ctx<'_> {
             name: format!("{endpoint}-{n:08x};1"),
             state: ChannelState::Down,
             dialplan: Dialplan {
-                app_name: if into_app { "Stasis".into() } else { String::new() },
+                app_name: if into_app {
+                    "Stasis".into()
+                } else {
+                    String::new()
+                },
                 app_data: if into_app {
                     std::iter::once(self.opts().app.as_str())
                         .chain(app_args)
@@ -747,9 +789,7 @@ impl Ctx<'_> {
                     chan.snapshot.state = ChannelState::Up;
                 }
             }
-            let args: Vec<&str> = app_args
-                .map(|a| a.split(',').collect())
-                .unwrap_or_default();
+            let args: Vec<&str> = app_args.map(|a| a.split(',').collect()).unwrap_or_default();
             self.emit_channel("StasisStart", id, json!({ "args": args }));
         }
         (200, body)
@@ -812,5 +852,7 @@ fn new_chan(snapshot: Channel, in_stasis: bool) -> Chan {
 
 /// `NAME(args)` → `args` when the name matches.
 fn function_args<'a>(expr: &'a str, name: &str) -> Option<&'a str> {
-    expr.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')
+    expr.strip_prefix(name)?
+        .strip_prefix('(')?
+        .strip_suffix(')')
 }
