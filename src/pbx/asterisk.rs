@@ -190,7 +190,7 @@ impl Adapter {
                     self.readiness.pbx_connected.store(false, Ordering::SeqCst);
                     self.deps.metrics.set_pbx_connected(false);
                 }
-                Incoming::Event(event) => self.route(event).await,
+                Incoming::Event(event) => self.route(*event).await,
             }
         }
     }

@@ -43,8 +43,8 @@ pub enum Incoming {
     Connected,
     /// An established connection was lost; the task is reconnecting.
     Disconnected,
-    /// One decoded event.
-    Event(Event),
+    /// One decoded event (boxed: events carry whole channel snapshots).
+    Event(Box<Event>),
 }
 
 /// Connection state, published on a `watch` channel.
@@ -288,7 +288,7 @@ async fn session(
                                 replaced = true;
                                 state.send_replace(ConnState::Replaced);
                             }
-                            if !deliver(tx, shutdown, Incoming::Event(event)).await {
+                            if !deliver(tx, shutdown, Incoming::Event(Box::new(event))).await {
                                 break if shutdown.is_cancelled() {
                                     SessionEnd::Shutdown
                                 } else {
