@@ -749,6 +749,16 @@ async fn wrong_pkcs12_password_is_a_clear_error() {
     assert!(message.contains(&path.display().to_string()), "{message}");
     assert!(message.contains("password"), "{message}");
     assert!(!message.contains(sim.files().unwrap().p12_password.expose()));
+
+    let garbage = sim.files().unwrap().dir.join("garbage.p12");
+    std::fs::write(&garbage, b"not a pkcs12 file").unwrap();
+    settings.identity = Some(ClientIdentity::Pkcs12 {
+        path: garbage.clone(),
+        password: Secret::new("x"),
+    });
+    let e = Client::new(&settings).unwrap_err();
+    assert!(matches!(e, Error::Identity { .. }), "{e:?}");
+    assert!(e.to_string().contains("garbage.p12"), "{e}");
 }
 
 #[tokio::test]
