@@ -222,12 +222,7 @@ pub enum Field {
 }
 
 impl Field {
-    pub const ALL: [Field; 4] = [
-        Field::Name,
-        Field::Pseudonym,
-        Field::MaskedNumber,
-        Field::Number,
-    ];
+    pub const ALL: [Field; 4] = [Field::Name, Field::Pseudonym, Field::MaskedNumber, Field::Number];
 
     pub fn code(self) -> &'static str {
         match self {
@@ -357,10 +352,7 @@ pub fn render(
         out.push((vars::NUMBER_MASKED, identity.number.masked()));
     }
     if policy.allows(Field::Number) {
-        out.push((
-            vars::NUMBER,
-            identity.number.expose_for_disclosure().to_owned(),
-        ));
+        out.push((vars::NUMBER, identity.number.expose_for_disclosure().to_owned()));
     }
     out
 }
@@ -407,13 +399,7 @@ mod tests {
         let names: Vec<_> = vars.iter().map(|(n, _)| *n).collect();
         assert_eq!(
             names,
-            [
-                vars::STATUS,
-                vars::REASON,
-                vars::REF,
-                vars::METHOD,
-                vars::AT
-            ]
+            [vars::STATUS, vars::REASON, vars::REF, vars::METHOD, vars::AT]
         );
         assert_eq!(vars[0].1, "verified");
         assert_eq!(vars[1].1, "");
@@ -425,17 +411,13 @@ mod tests {
         let key = PseudonymKey::new(b"k".to_vec());
         let rec = record(Outcome::Verified);
         let only_name = render(&rec, &Disclosure::new(vec![Field::Name]), &key);
-        assert!(only_name
-            .iter()
-            .any(|(n, v)| *n == vars::NAME && v == "Anna Andersson"));
+        assert!(only_name.iter().any(|(n, v)| *n == vars::NAME && v == "Anna Andersson"));
         assert!(!only_name.iter().any(|(_, v)| v.contains("199908072391")));
         let masked = render(&rec, &Disclosure::new(vec![Field::MaskedNumber]), &key);
         assert!(masked.iter().any(|(n, _)| *n == vars::NUMBER_MASKED));
         assert!(!masked.iter().any(|(_, v)| v.contains("2391")));
         let all = render(&rec, &Disclosure::new(Field::ALL.to_vec()), &key);
-        assert!(all
-            .iter()
-            .any(|(n, v)| *n == vars::NUMBER && v == "199908072391"));
+        assert!(all.iter().any(|(n, v)| *n == vars::NUMBER && v == "199908072391"));
         assert_eq!(all.len(), 9);
     }
 

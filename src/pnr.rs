@@ -74,10 +74,7 @@ impl PersonalNumber {
         if input.len() != 12 {
             return Err(ParseError::Length);
         }
-        Ok(PersonalNumber {
-            digits: input.to_owned(),
-            kind: Kind::SePersonnummer,
-        })
+        Ok(PersonalNumber { digits: input.to_owned(), kind: Kind::SePersonnummer })
     }
 
     pub fn kind(&self) -> Kind {

@@ -240,10 +240,7 @@ mod tests {
         assert_eq!(route("queues,support,1").to_string(), "queues,support,1");
         for bad in ["queues,x", "a,b,0", "a,b,c", ",b,1", "a b,c,1", "a,b,1,2"] {
             let err = Route::parse(bad).unwrap_err();
-            assert!(
-                err.contains("is not context,extension,priority"),
-                "{bad}: {err}"
-            );
+            assert!(err.contains("is not context,extension,priority"), "{bad}: {err}");
         }
     }
 
@@ -253,13 +250,11 @@ mod tests {
         p.routes_by_reason
             .insert(Reason::DeclinedCall, route("queues,fraud-desk,1"));
         assert_eq!(
-            p.route_for(Outcome::NotVerified(Reason::DeclinedCall))
-                .extension,
+            p.route_for(Outcome::NotVerified(Reason::DeclinedCall)).extension,
             "fraud-desk"
         );
         assert_eq!(
-            p.route_for(Outcome::NotVerified(Reason::UserCancelled))
-                .extension,
+            p.route_for(Outcome::NotVerified(Reason::UserCancelled)).extension,
             "support-unverified"
         );
         assert_eq!(p.route_for(Outcome::Verified).extension, "support");
@@ -268,8 +263,7 @@ mod tests {
             "support-fallback"
         );
         assert_eq!(
-            p.route_for(Outcome::NotVerified(Reason::NotGated))
-                .extension,
+            p.route_for(Outcome::NotVerified(Reason::NotGated)).extension,
             "support-fallback"
         );
     }
