@@ -398,7 +398,7 @@ fn phone_auth_request(order: &Order) -> PhoneAuthRequest {
             .map(|_| VisibleDataFormat::SimpleMarkdownV1),
         user_visible_data,
         user_non_visible_data: None,
-        requirement: order.pin_code.then(|| PhoneRequirement {
+        requirement: order.pin_code.then_some(PhoneRequirement {
             pin_code: Some(true),
             certificate_policies: None,
         }),

@@ -12,3 +12,12 @@ pub(crate) use tls::provider as tls_provider;
 
 #[cfg(test)]
 mod tests;
+
+/// A rustls client configuration as the client builds it, for tests that talk raw HTTP(S).
+#[cfg(test)]
+pub(crate) fn tls_for_tests(
+    server_ca: Option<&std::path::Path>,
+    identity: Option<&crate::idp::ClientIdentity>,
+) -> rustls::ClientConfig {
+    tls::client_config(server_ca, identity).expect("tls config")
+}

@@ -76,6 +76,12 @@ pub(crate) fn load_identity(
                     p12_keystore::error::Error::MacError(_) => Error::Pkcs12Password {
                         path: path.to_owned(),
                     },
+                    p12_keystore::error::Error::UnsupportedEncryptionScheme => Error::Identity {
+                        path: path.to_owned(),
+                        reason: "legacy PKCS#12 encryption (RC2/3DES) is not supported; use the \
+                                 AES (PBES2) file or re-export it with AES-256"
+                            .into(),
+                    },
                     other => Error::Identity {
                         path: path.to_owned(),
                         reason: format!("not a readable PKCS#12 file ({other})"),

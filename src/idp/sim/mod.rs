@@ -49,6 +49,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+#[cfg(test)]
+pub(crate) use certs::foreign_client;
 pub use certs::SimFiles;
 pub use scenario::{
     is_valid_number, luhn_check_digit, number_with_serial, scenario_table, Scenario,
