@@ -288,12 +288,18 @@ async fn collect_of_an_unknown_order_is_fatal() {
 #[tokio::test]
 async fn invalid_number_is_rejected_as_invalid_number() {
     let h = harness().await;
-    // 12 digits, wrong check digit.
-    let result = h.client.start(&order("198001011232")).await;
-    assert_eq!(
-        result.map(|_| ()),
-        Err(ProviderError::Rejected(Reason::InvalidNumber))
-    );
+    // 12 digits, wrong check digit: a PersonalNumber cannot hold it, so send the wire body directly.
+    let (status, body) = raw(
+        &h.sim,
+        reqwest::Method::POST,
+        "phone/auth",
+        Some("application/json"),
+        r#"{"personalNumber":"198001011232","callInitiator":"user"}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["errorCode"], "invalidParameters");
+    assert_eq!(h.sim.open_orders(), 0);
 }
 
 #[tokio::test]
