@@ -291,7 +291,7 @@ async fn calls_without_a_connected_application_fail_to_enter() {
             .stasis_failed
     );
     let application = client.get_application("callgate").await.unwrap().unwrap();
-    assert_eq!(application.channel_ids, [live.clone()]);
+    assert_eq!(application.channel_ids, [live.as_str()]);
     assert!(fake.in_application(&live));
 }
 
