@@ -490,8 +490,8 @@ impl Client {
     }
 
     /// `POST /channels/{channel_id}?endpoint=…&app=<our app>&appArgs=…`: a new channel that enters
-    /// our application when answered. 409 (id exists) → [`Error::NotInStasis`] is not meaningful
-    /// here, so it is reported as [`Error::BadRequest`].
+    /// our application when answered (`StasisStart` with `args` = `app_args`). A taken channel id
+    /// (409) is reported as [`Error::BadRequest`], not as [`Error::NotInStasis`].
     pub async fn originate(&self, o: &Originate) -> Result<Channel, Error> {
         let app_args = o.app_args.join(",");
         let timeout = o.timeout_secs.map(|t| t.to_string());

@@ -336,7 +336,7 @@ async fn rest_status_mapping_follows_the_captures() {
         Ok(Some("0".into()))
     );
     let app = client.get_application("callgate").await.unwrap().unwrap();
-    assert_eq!(app.channel_ids, [id.clone()]);
+    assert_eq!(app.channel_ids, [id.as_str()]);
     assert_eq!(client.get_application("nope").await, Ok(None));
     assert_eq!(
         client.get_channel(&id).await.unwrap().unwrap().state,
@@ -451,7 +451,7 @@ async fn bridges_and_originate() {
     let Event::ChannelEnteredBridge(entered) = conn.event("ChannelEnteredBridge").await else {
         panic!()
     };
-    assert_eq!(entered.bridge.channels, [id.clone()]);
+    assert_eq!(entered.bridge.channels, [id.as_str()]);
     assert_eq!(
         client.add_channel("br-1", "no-such", false, false).await,
         Err(Error::ChannelGone)

@@ -64,6 +64,9 @@ async fn events(
     if !authorized(&shared, &headers, &params) {
         return reply(error(401, "Authentication required"));
     }
+    if !shared.read(|st| st.accepting) {
+        return reply(error(503, "Service Unavailable"));
+    }
     if params.get("app").is_none_or(|a| a.is_empty()) {
         return reply(error(400, "Missing parameter app"));
     }

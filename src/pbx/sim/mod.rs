@@ -296,6 +296,19 @@ impl FakeAsterisk {
         self.shared.read(|st| st.pings)
     }
 
+    /// While `false`, new websocket connections are refused (503), as if Asterisk's HTTP server
+    /// were unreachable; REST keeps working.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.shared.with(|ctx| ctx.st.accepting = accepting);
+    }
+
+    /// Waits until at least `n` events were lost because no socket owned the application.
+    pub async fn wait_for_dropped_events(&self, n: u64) {
+        self.shared
+            .wait_until(|st| (st.dropped_events >= n).then_some(()))
+            .await;
+    }
+
     /// Waits until at least `n` websocket pings have arrived.
     pub async fn wait_for_pings(&self, n: u64) {
         self.shared

@@ -73,6 +73,10 @@ pub(super) struct State {
     pub replaced: Vec<(u64, mpsc::UnboundedSender<WsOut>)>,
     pub connections: u64,
     pub pings: u64,
+    /// Events produced while no socket owned the application (lost, as in Asterisk).
+    pub dropped_events: u64,
+    /// Whether new websockets are accepted.
+    pub accepting: bool,
     pub next_conn: u64,
     pub next_call: u64,
     pub channels: BTreeMap<String, Chan>,
@@ -111,6 +115,8 @@ impl Shared {
                 replaced: Vec::new(),
                 connections: 0,
                 pings: 0,
+                dropped_events: 0,
+                accepting: true,
                 next_conn: 0,
                 next_call: 0,
                 channels: BTreeMap::new(),
@@ -176,6 +182,7 @@ impl Ctx<'_> {
     /// Sends one event to the owning socket (dropped when there is none).
     pub fn emit(&mut self, kind: &str, fields: Value) {
         let Owner::Socket { tx, .. } = &self.st.owner else {
+            self.st.dropped_events += 1;
             return;
         };
         let mut obj = Map::new();
