@@ -19,8 +19,14 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber (`RUST_LOG` filters; default `info`).
 pub fn init_logging(format: LogFormat) {
+    init_logging_with(format, "info");
+}
+
+/// Installs the global tracing subscriber with a default filter used when `RUST_LOG` is unset.
+pub fn init_logging_with(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

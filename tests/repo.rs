@@ -88,7 +88,13 @@ fn every_prompt_has_text_and_audio_in_every_language() {
             let text = rows
                 .get(&(p.code().to_owned(), l.code().to_owned()))
                 .unwrap_or_else(|| panic!("{} {} missing from prompts.tsv", p.code(), l.code()));
-            assert_eq!(text, p.text(l), "prompts.tsv is stale for {} {}", p.code(), l.code());
+            assert_eq!(
+                text,
+                p.text(l),
+                "prompts.tsv is stale for {} {}",
+                p.code(),
+                l.code()
+            );
             let wav = root()
                 .join("deploy/sounds")
                 .join(l.code())
@@ -102,7 +108,11 @@ fn every_prompt_has_text_and_audio_in_every_language() {
             let rate = u32::from_le_bytes([bytes[24], bytes[25], bytes[26], bytes[27]]);
             let bits = u16::from_le_bytes([bytes[34], bytes[35]]);
             assert_eq!((channels, rate, bits), (1, 8000, 16), "{}", wav.display());
-            assert!(bytes.len() > 8000, "{} is too short to be speech", wav.display());
+            assert!(
+                bytes.len() > 8000,
+                "{} is too short to be speech",
+                wav.display()
+            );
         }
     }
 }
@@ -110,7 +120,8 @@ fn every_prompt_has_text_and_audio_in_every_language() {
 /// The shipped configs pass validation (the production one with its secrets and files supplied).
 #[test]
 fn shipped_configs_validate() {
-    let (report, code) = callgate::config::check_config(&root().join("deploy/callgate.example.toml"));
+    let (report, code) =
+        callgate::config::check_config(&root().join("deploy/callgate.example.toml"));
     assert_eq!(code, 0, "{report}");
 
     let dir = std::env::temp_dir().join(format!("callgate-repo-test-{}", std::process::id()));
@@ -167,7 +178,10 @@ fn config_routes_exist_in_the_dialplan() {
                 parts[1].to_owned(),
                 parts[2].to_owned(),
             );
-            assert!(exists.contains(&key), "route {value} is not in extensions.conf");
+            assert!(
+                exists.contains(&key),
+                "route {value} is not in extensions.conf"
+            );
             checked += 1;
         }
     }

@@ -321,6 +321,11 @@ impl Driver {
         let idp_name = self.setup.policy.idp.clone();
         let metrics = Arc::clone(&self.deps.metrics);
         match req {
+            IdpCommand::Start(order) if self.order_person.is_some() => {
+                // A retry of the same order (not sent, maintenance, already in progress): the person's
+                // slot is held already and a retry is not a new start for the rate limits.
+                self.spawn_start(provider, order, idp_name, metrics);
+            }
             IdpCommand::Start(order) => {
                 let person = order.number.pseudonym(&self.deps.key);
                 let line = line_key(&self.setup.caller_line);
@@ -349,15 +354,7 @@ impl Driver {
                     }
                 }
                 metrics.funnel(&idp_name, FunnelStep::Started);
-                self.idp.spawn(async move {
-                    let t = now();
-                    let r = provider.start(&order).await;
-                    metrics.provider_latency(&idp_name, "start", t.elapsed());
-                    if let Err(e) = &r {
-                        tracing::warn!(error = ?e, "provider start failed");
-                    }
-                    verify::Input::Started(r)
-                });
+                self.spawn_start(provider, order, idp_name, metrics);
             }
             IdpCommand::Poll(order) => {
                 self.idp.spawn(async move {
@@ -379,6 +376,24 @@ impl Driver {
                 });
             }
         }
+    }
+
+    fn spawn_start(
+        &mut self,
+        provider: Arc<dyn Provider>,
+        order: verify::Order,
+        idp_name: String,
+        metrics: Arc<Metrics>,
+    ) {
+        self.idp.spawn(async move {
+            let t = now();
+            let r = provider.start(&order).await;
+            metrics.provider_latency(&idp_name, "start", t.elapsed());
+            if let Err(e) = &r {
+                tracing::warn!(error = ?e, "provider start failed");
+            }
+            verify::Input::Started(r)
+        });
     }
 
     fn progress(&mut self, stage: Stage) {
