@@ -1,6 +1,8 @@
 //! Checks of the repository as a whole: the core's dependency rule, the prompt files, the shipped
 //! configs and the dialplan they point at.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -136,6 +136,7 @@ mod tests {
     #[test]
     fn one_live_order_per_person_supersedes_the_older_call() {
         let l = Limits::new(Settings::default());
+        #[allow(clippy::disallowed_methods)] // a test\'s base instant; time is virtual after it
         let now = Instant::now();
         assert_eq!(l.acquire("p", "", "a", now), Ok(Grant { supersede: None }));
         assert_eq!(
@@ -158,6 +159,7 @@ mod tests {
             max_starts_per_line_per_hour: 3,
             ..Settings::default()
         });
+        #[allow(clippy::disallowed_methods)] // a test\'s base instant; time is virtual after it
         let t = Instant::now();
         for call in ["a", "b"] {
             assert!(l.acquire("p", "line", call, t).is_ok());
@@ -175,6 +177,7 @@ mod tests {
             max_concurrent_orders: 1,
             ..Settings::default()
         });
+        #[allow(clippy::disallowed_methods)] // a test\'s base instant; time is virtual after it
         let t = Instant::now();
         assert!(l.acquire("p", "", "a", t).is_ok());
         assert_eq!(l.acquire("q", "", "b", t), Err(Reason::ProviderBusy));

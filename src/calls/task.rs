@@ -94,7 +94,7 @@ pub fn spawn(
         order_person: None,
         funnel_app: false,
         funnel_confirmed: false,
-        started: Instant::now(),
+        started: now(),
         setup,
         _entry: entry,
     };
