@@ -979,7 +979,7 @@ fn durations_parse_strictly() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
     #[test]
     fn formatted_durations_parse_back(ms in 0u64..10_000_000_000) {
         let d = Duration::from_millis(ms);

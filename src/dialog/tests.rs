@@ -751,7 +751,7 @@ impl H {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn every_path_ends_in_exactly_one_outcome(steps in prop::collection::vec(step(), 0..60)) {

@@ -562,7 +562,7 @@ fn stored_day(d: Date, offset: u8, shifted: bool) -> u8 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn valid_swedish_numbers_parse((today, birth) in today_and_birth(), serial in 0u16..1000, coord: bool) {
