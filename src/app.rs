@@ -141,6 +141,7 @@ pub async fn start(
         readiness: Arc::clone(&readiness),
         tracker: tracker.clone(),
         calls: calls_token.clone(),
+        seen: Default::default(),
     });
     let router_token = CancellationToken::new();
     let router = tokio::spawn(Arc::clone(&adapter).run(events_rx, router_token.clone()));

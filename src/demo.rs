@@ -41,6 +41,8 @@ pub struct LabOptions {
     pub missing_media: BTreeSet<String>,
     /// Gap between a scripted caller's key presses.
     pub key_gap: Duration,
+    /// `reason = "context,extension,priority"` rows of the queue's `routes_by_reason`.
+    pub routes_by_reason: Vec<(String, String)>,
 }
 
 impl LabOptions {
@@ -56,6 +58,7 @@ impl LabOptions {
             shutdown_grace: Duration::from_secs(5),
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(5),
+            routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
         }
     }
 
@@ -71,6 +74,7 @@ impl LabOptions {
             shutdown_grace: Duration::from_secs(5),
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(60),
+            routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct Lab {
     pub app: Running,
     pub options: LabOptions,
     pub data_dir: PathBuf,
+    /// The config file callgate was started with (rewrite it and reload to test reloads).
+    pub config_path: PathBuf,
     reports: broadcast::Receiver<Report>,
     seen: HashMap<String, Report>,
     stop: Option<oneshot::Sender<()>>,
@@ -98,6 +104,14 @@ pub struct Lab {
 
 impl Lab {
     pub async fn start(options: LabOptions) -> anyhow::Result<Lab> {
+        Lab::start_after(options, async |_| {}).await
+    }
+
+    /// Starts the fakes, runs `prepare` against the fake Asterisk, then starts callgate.
+    pub async fn start_after(
+        options: LabOptions,
+        prepare: impl AsyncFnOnce(&FakeAsterisk),
+    ) -> anyhow::Result<Lab> {
         let asterisk = pbx_sim::start(
             TcpListener::bind("127.0.0.1:0").await?,
             pbx_sim::SimOptions {
@@ -164,7 +178,7 @@ failed = "queues,support-unverified,1"
 unavailable = "queues,support-fallback,1"
 
 [queues.support.routes_by_reason]
-declined_call = "queues,fraud-desk,1"
+{by_reason}
 "#,
             data_dir = data_dir.display(),
             grace = ms(options.shutdown_grace),
@@ -180,7 +194,17 @@ declined_call = "queues,fraud-desk,1"
             inter = ms(options.inter_digit_timeout),
             verify = ms(options.verify_timeout),
             deadline = ms(options.gate_deadline),
+            by_reason = options
+                .routes_by_reason
+                .iter()
+                .map(|(k, v)| format!("{k} = \"{v}\""))
+                .collect::<Vec<_>>()
+                .join("\n"),
         );
+        std::fs::create_dir_all(&data_dir)?;
+        let config_path = data_dir.join("callgate.toml");
+        std::fs::write(&config_path, &toml)?;
+        prepare(&asterisk).await;
         let cfg = crate::config::load(&toml, &HashMap::new(), &|_| None).map_err(|issues| {
             anyhow::anyhow!(
                 "lab config: {}",
@@ -203,7 +227,8 @@ declined_call = "queues,fraud-desk,1"
                     ..verify::Settings::default()
                 }),
                 ops_listener: Some(TcpListener::bind("127.0.0.1:0").await?),
-                ..Default::default()
+                config_path: Some(config_path.clone()),
+                sighup: false,
             },
             async move {
                 let _ = stopped.await;
@@ -218,6 +243,7 @@ declined_call = "queues,fraud-desk,1"
             app,
             options,
             data_dir,
+            config_path,
             reports,
             seen: HashMap::new(),
             stop: Some(stop),

@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -160,6 +161,8 @@ pub struct Adapter {
     pub tracker: TaskTracker,
     /// Parent of every call's token; cancelling it interrupts the calls in the gate.
     pub calls: CancellationToken,
+    /// Channels whose `StasisStart` was handled recently.
+    pub seen: DashMap<String, tokio::time::Instant>,
 }
 
 impl Adapter {
@@ -182,8 +185,11 @@ impl Adapter {
                     tracing::info!("ari connected; reconciling");
                     self.readiness.pbx_connected.store(true, Ordering::SeqCst);
                     self.deps.metrics.set_pbx_connected(true);
+                    // Only calls that existed before this connect can have missed events.
+                    let before = self.deps.registry.ids();
                     let me = Arc::clone(&self);
-                    self.tracker.spawn(async move { me.reconcile().await });
+                    self.tracker
+                        .spawn(async move { me.reconcile(before).await });
                 }
                 Incoming::Disconnected => {
                     tracing::warn!("ari disconnected");
@@ -232,6 +238,7 @@ impl Adapter {
     }
 
     fn stasis_start(self: &Arc<Self>, args: Vec<String>, channel: Channel) {
+        self.remember(&channel.id);
         let config = Arc::clone(&self.config.borrow());
         let kind = args.first().map(String::as_str).unwrap_or("");
         let queue = args.get(1).cloned().unwrap_or_default();
@@ -345,22 +352,34 @@ impl Adapter {
         });
     }
 
-    /// After a (re)connect: calls whose channels vanished end, surviving calls resync, and channels in
-    /// our app that no task owns (we restarted) are routed on as `interrupted`.
-    async fn reconcile(self: Arc<Self>) {
+    /// Notes that a channel's `StasisStart` was handled (so reconciliation never takes it for a stray).
+    #[allow(clippy::disallowed_methods)] // the age of an entry in a bounded adapter-side cache
+    fn remember(&self, channel: &str) {
+        let now = tokio::time::Instant::now();
+        if self.seen.len() > SEEN_MAX {
+            self.seen
+                .retain(|_, at| now.saturating_duration_since(*at) < SEEN_FOR);
+        }
+        self.seen.insert(channel.to_owned(), now);
+    }
+
+    /// After a (re)connect: calls (that existed before it) whose channels vanished end, surviving ones
+    /// resync; channels in our app that no task owns and whose `StasisStart` we never handled (we
+    /// restarted) are routed on as `interrupted`.
+    async fn reconcile(self: Arc<Self>, before: Vec<String>) {
         let registry = &self.deps.registry;
         let listed = match self.client.get_application(&self.app).await {
             Ok(Some(app)) => app.channel_ids,
             Ok(None) => Vec::new(),
             Err(e) => {
                 tracing::error!(error = %e, "reconcile: cannot read the application; calls resync without it");
-                for id in registry.ids() {
+                for id in before {
                     registry.send(&id, CallEvent::Resync).await;
                 }
                 return;
             }
         };
-        for id in registry.ids() {
+        for id in before {
             let alive =
                 listed.contains(&id) && matches!(self.client.get_channel(&id).await, Ok(Some(_)));
             let event = if alive {
@@ -370,8 +389,18 @@ impl Adapter {
             };
             registry.send(&id, event).await;
         }
-        for id in listed {
-            if registry.contains(&id) {
+        let strays: Vec<String> = listed
+            .into_iter()
+            .filter(|id| !registry.contains(id) && !self.seen.contains_key(id))
+            .collect();
+        if strays.is_empty() {
+            return;
+        }
+        // A channel that entered after the connect may be listed before its StasisStart is routed:
+        // give queued events a moment, then look again.
+        tokio::time::sleep(STRAY_SETTLE).await;
+        for id in strays {
+            if registry.contains(&id) || self.seen.contains_key(&id) {
                 continue;
             }
             let Ok(Some(channel)) = self.client.get_channel(&id).await else {
@@ -385,12 +414,19 @@ impl Adapter {
             {
                 continue;
             }
+            self.remember(&id);
             let policy = queue.and_then(|q| self.config.borrow().policy_for(q));
             tracing::warn!(channel = %id, "channel in the gate without a task (restart); routing it as interrupted");
             self.route_untracked(channel, policy, Outcome::NotVerified(Reason::Restart));
         }
     }
 }
+
+/// How long a handled `StasisStart` is remembered, and how many before old ones are pruned.
+const SEEN_FOR: Duration = Duration::from_secs(120);
+const SEEN_MAX: usize = 10_000;
+/// How long reconciliation waits before routing a channel it found without a task.
+const STRAY_SETTLE: Duration = Duration::from_millis(500);
 
 impl AriControl {
     /// Sets the call metadata (inheritable, so the agent's channel created through the queue carries

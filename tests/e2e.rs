@@ -1,0 +1,496 @@
+//! End to end: callgate against the in-process fake Asterisk and the BankID simulator on 127.0.0.1,
+//! for every before-agent outcome and every fault the gate must survive. Each test asserts that the call
+//! ended routed (or hung up) with the right metadata, and that no BankID order was left open.
+//!
+//! All tests log at trace level into one capture; the privacy test greps it for personal numbers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use callgate::demo::{self, Lab, LabOptions};
+use callgate::idp::sim::{number_with_serial, Scenario, TABLE_DATE};
+use callgate::outcome::{Outcome, Reason};
+use callgate::pbx::sim::{Caller, ChannelEnd};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+// ---- log capture ----
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+fn logs() -> &'static Capture {
+    static LOGS: OnceLock<Capture> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let capture = Capture::default();
+        tracing_subscriber::fmt()
+            .with_env_filter("trace")
+            .with_ansi(false)
+            .with_writer(capture.clone())
+            .init();
+        capture
+    })
+}
+
+fn captured() -> String {
+    String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned()
+}
+
+// ---- helpers ----
+
+async fn lab(options: LabOptions) -> Lab {
+    logs();
+    Lab::start(options).await.unwrap()
+}
+
+fn person(serial: u16) -> String {
+    number_with_serial(TABLE_DATE, serial)
+}
+
+fn var<'a>(end: &'a ChannelEnd, name: &str) -> &'a str {
+    end.variables.get(name).map(String::as_str).unwrap_or("")
+}
+
+fn route(end: &ChannelEnd) -> String {
+    end.continued_to
+        .as_ref()
+        .map(|(c, e, p)| format!("{c},{e},{p}"))
+        .unwrap_or_default()
+}
+
+/// Waits (bounded) until `cond` holds, re-checking as state changes in the fakes.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+async fn no_open_orders(lab: &Lab) {
+    tokio::time::timeout(Duration::from_secs(10), lab.bankid.wait_for_open_orders(0))
+        .await
+        .expect("a BankID order was left open");
+}
+
+// ---- every outcome ----
+
+#[tokio::test]
+async fn every_before_agent_outcome_ends_routed_with_its_metadata() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let rows = demo::run_calls(&mut lab).await.unwrap();
+    let table = demo::table(&rows);
+    for row in &rows {
+        assert_eq!(row.outcome, row.expected, "{}\n{table}", row.title);
+    }
+    no_open_orders(&lab).await;
+    for row in &rows {
+        let end = lab.asterisk.wait_for_channel_end(&row.call).await;
+        match row.outcome {
+            Outcome::NotVerified(Reason::CallerHungUp) => {
+                assert!(end.continued_to.is_none(), "{table}");
+            }
+            outcome => {
+                assert_eq!(route(&end), row.route, "{table}");
+                assert_eq!(var(&end, "CALLGATE_STATUS"), outcome.status().code());
+                assert_eq!(
+                    var(&end, "CALLGATE_REASON"),
+                    outcome.reason().map(|r| r.code()).unwrap_or("")
+                );
+                assert!(!var(&end, "CALLGATE_REF").is_empty());
+                assert!(var(&end, "CALLGATE_AT").ends_with('Z'));
+                assert_eq!(
+                    var(&end, "TIMEOUT(absolute)"),
+                    "0",
+                    "safety net not cleared"
+                );
+                // The queue discloses name and masked number, never the number.
+                assert!(!end.variables.contains_key("CALLGATE_NUMBER"));
+                if outcome == Outcome::Verified {
+                    assert_eq!(var(&end, "CALLGATE_METHOD"), "bankid_phone");
+                    assert!(!var(&end, "CALLGATE_NAME").is_empty());
+                    assert!(var(&end, "CALLGATE_NUMBER_MASKED").ends_with("-****"));
+                } else {
+                    assert!(!end.variables.contains_key("CALLGATE_NAME"));
+                }
+            }
+        }
+    }
+    assert_eq!(
+        rows.iter()
+            .find(|r| r.expected == Outcome::NotVerified(Reason::DeclinedCall))
+            .unwrap()
+            .route,
+        "queues,fraud-desk,1"
+    );
+    lab.shutdown().await.unwrap();
+}
+
+// ---- faults ----
+
+#[tokio::test]
+async fn websocket_dropped_while_typing_reprompts_and_verifies() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let n = person(201);
+    let id = lab.asterisk.call(
+        Caller::new("46700000201")
+            .await_prompt()
+            .press("1980", lab.options.key_gap)
+            .await_prompt()
+            .press(&format!("{n}#"), lab.options.key_gap),
+    );
+    until("the first prompt", || {
+        !lab.asterisk.media_started(&id).is_empty()
+    })
+    .await;
+    lab.asterisk.drop_websocket();
+    let report = lab.report(&id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    assert!(lab.asterisk.connections() >= 2);
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn websocket_dropped_while_verifying_collects_again() {
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_millis(300);
+    let mut lab = lab(options).await;
+    let n = person(202);
+    let id = lab.asterisk.call(lab.caller_typing(&n));
+    until("hold music", || lab.asterisk.moh_on(&id)).await;
+    lab.asterisk.drop_websocket();
+    let report = lab.report(&id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(route(&end), "queues,support,1");
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn hang_up_during_a_prompt_cancels_nothing_and_leaves_no_order() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let n = person(203);
+    let (report, end) = lab
+        .run_call(
+            Caller::new("46700000203")
+                .await_prompt()
+                .press(&format!("{n}#"), lab.options.key_gap)
+                .await_prompt()
+                .hang_up(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::CallerHungUp));
+    assert!(end.continued_to.is_none());
+    no_open_orders(&lab).await;
+    // Requests racing the hang-up got 404s and ended the call quietly.
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_prompt_file_does_not_stall_the_caller() {
+    let mut options = LabOptions::fast();
+    options.missing_media = ["sound:callgate/enter-number".to_owned()].into();
+    let mut lab = lab(options).await;
+    let n = person(204);
+    let (report, end) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    assert_eq!(route(&end), "queues,support,1");
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn provider_down_goes_to_plan_b_at_once() {
+    let mut lab = lab(LabOptions::fast()).await;
+    for scenario in [Scenario::Maintenance, Scenario::InternalError] {
+        let n = Lab::number(scenario);
+        let (report, end) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+        assert_eq!(
+            report.outcome.status().code(),
+            "unavailable",
+            "{scenario:?}"
+        );
+        assert_eq!(route(&end), "queues,support-fallback,1");
+        assert!(
+            report.duration < Duration::from_secs(5),
+            "{:?}",
+            report.duration
+        );
+    }
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_route_missing_from_the_dialplan_falls_back_to_unavailable() {
+    let mut options = LabOptions::fast();
+    options
+        .routes_by_reason
+        .push(("id_blocked".into(), "queues,no-such-extension,1".into()));
+    let mut lab = lab(options).await;
+    let n = Lab::number(Scenario::BlockedId);
+    let (report, end) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::IdBlocked));
+    assert_eq!(route(&end), "queues,support-fallback,1");
+    assert_eq!(var(&end, "CALLGATE_REASON"), "id_blocked");
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn unknown_queue_without_defaults_continues_in_the_dialplan() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let (report, end) = lab
+        .run_call(Caller::new("46700000205").queue("no-such-queue"))
+        .await
+        .unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::UnknownQueue));
+    assert_eq!(route(&end), "callgate-in,100,3");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "skipped");
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_our_restart_callers_left_in_stasis_are_routed_as_interrupted() {
+    logs();
+    let mut stranded = String::new();
+    let mut lab = Lab::start_after(LabOptions::fast(), async |asterisk| {
+        // A previous callgate took the call into Stasis, then died.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let token = tokio_util::sync::CancellationToken::new();
+        let (task, _) =
+            callgate::pbx::ari::events::spawn(asterisk.settings(), tx, token.clone());
+        asterisk.wait_for_connected().await;
+        stranded = asterisk.call(Caller::new("46700000206"));
+        while let Some(i) = rx.recv().await {
+            if matches!(i, callgate::pbx::ari::events::Incoming::Event(ref e) if e.kind() == "StasisStart")
+            {
+                break;
+            }
+        }
+        token.cancel();
+        task.await.unwrap();
+        asterisk.wait_for_disconnected().await;
+    })
+    .await
+    .unwrap();
+    let report = lab.report(&stranded).await.unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::Restart));
+    let end = lab.asterisk.wait_for_channel_end(&stranded).await;
+    assert_eq!(route(&end), "queues,support-fallback,1");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "interrupted");
+    assert_eq!(var(&end, "CALLGATE_REASON"), "restart");
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn application_replaced_stops_acting_and_cancels_the_order() {
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_millis(500);
+    let mut lab = lab(options).await;
+    let n = person(207);
+    let id = lab.asterisk.call(lab.caller_typing(&n));
+    until("hold music", || lab.asterisk.moh_on(&id)).await;
+    lab.asterisk.replace_app();
+    let report = lab.report(&id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::PbxLost));
+    no_open_orders(&lab).await;
+    let (status, body) = http(lab.app.ops_addr, "GET", "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("another instance"), "{body}");
+    // The channel is left to the instance that owns the application now.
+    assert!(lab.asterisk.in_application(&id));
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_calls_after_the_grace_and_skips_new_ones() {
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_secs(2);
+    options.shutdown_grace = Duration::from_millis(800);
+    let mut lab = lab(options).await;
+    let n = person(208);
+    let held = lab.asterisk.call(lab.caller_typing(&n));
+    until("hold music", || lab.asterisk.moh_on(&held)).await;
+    lab.begin_shutdown();
+    until("draining", || {
+        lab.app
+            .readiness
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let late = lab.asterisk.call(Caller::new("46700000209"));
+    let late_report = lab.report(&late).await.unwrap();
+    assert_eq!(late_report.outcome, Outcome::NotVerified(Reason::Draining));
+    let report = lab.report(&held).await.unwrap();
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::Restart));
+    let end = lab.asterisk.wait_for_channel_end(&held).await;
+    assert_eq!(route(&end), "queues,support-fallback,1");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "interrupted");
+    let late_end = lab.asterisk.wait_for_channel_end(&late).await;
+    assert_eq!(var(&late_end, "CALLGATE_STATUS"), "skipped");
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+// ---- operations ----
+
+#[tokio::test]
+async fn metrics_show_the_funnel_and_reload_keeps_serving_on_a_broken_file() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let n = person(210);
+    let (report, _) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    let declined = Lab::number(Scenario::DeclinesCall);
+    lab.run_call(lab.caller_typing(&declined)).await.unwrap();
+
+    let (status, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    // Prometheus text: every sample line is `name{labels} value`, every name has HELP and TYPE.
+    for line in metrics
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(value.parse::<f64>().is_ok(), "bad sample: {line}");
+        let base = name.split('{').next().unwrap();
+        let family = base
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_sum")
+            .trim_end_matches("_count");
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "no TYPE for {base}"
+        );
+    }
+    for step in [
+        "started",
+        "app_opened",
+        "call_confirmed",
+        "declined",
+        "verified",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "callgate_funnel_total{{idp=\"bankid\",step=\"{step}\"}}"
+            )),
+            "funnel step {step} missing:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("callgate_pbx_connected 1"));
+
+    let good = std::fs::read_to_string(&lab.config_path).unwrap();
+    std::fs::write(&lab.config_path, "[queues.support]\nmode = \"sometimes\"\n").unwrap();
+    let (status, body) = http(lab.app.ops_addr, "POST", "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("queues.support.mode"), "{body}");
+    let (status, _) = http(lab.app.ops_addr, "GET", "/readyz").await;
+    assert_eq!(status, 200);
+    let n = person(211);
+    let (report, _) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(
+        report.outcome,
+        Outcome::Verified,
+        "still serving after a bad reload"
+    );
+
+    // A good file is taken: the queue now discloses nothing.
+    std::fs::write(
+        &lab.config_path,
+        good.replace("disclose = [\"name\", \"masked_number\"]", "disclose = []"),
+    )
+    .unwrap();
+    let (status, body) = http(lab.app.ops_addr, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    let n = person(212);
+    let (report, end) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    assert!(!end.variables.contains_key("CALLGATE_NAME"));
+    lab.shutdown().await.unwrap();
+}
+
+// ---- privacy ----
+
+#[tokio::test]
+async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let rows = demo::run_calls(&mut lab).await.unwrap();
+    assert!(rows.iter().all(|r| r.outcome == r.expected));
+    let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
+    let audit_path = lab.app.audit_path.clone();
+    until("the audit trail", || {
+        std::fs::read_to_string(&audit_path)
+            .map(|t| t.lines().count() >= rows.len())
+            .unwrap_or(false)
+    })
+    .await;
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    let mut canaries: Vec<String> = Scenario::ALL.iter().map(|s| s.number()).collect();
+    canaries.extend((100..=102).map(person));
+    canaries.extend((201..=212).map(person));
+    let logs = captured();
+    assert!(
+        logs.len() > 10_000,
+        "too little was logged to prove anything"
+    );
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"));
+    for number in &canaries {
+        // The 12-digit form and the 10-digit form without the century.
+        for form in [number.as_str(), &number[2..]] {
+            assert!(!logs.contains(form), "a personal number reached the logs");
+            assert!(
+                !metrics.contains(form),
+                "a personal number reached /metrics"
+            );
+            assert!(
+                !audit.contains(form),
+                "a personal number reached the audit trail"
+            );
+        }
+    }
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "privacy: {} bytes of logs checked", logs.len());
+    lab.shutdown().await.unwrap();
+}
