@@ -494,3 +494,83 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     let _ = writeln!(out, "privacy: {} bytes of logs checked", logs.len());
     lab.shutdown().await.unwrap();
 }
+
+// ---- BankID pacing ----
+
+/// Drives a `verify::Session` against the simulator with its production pacing: however short the
+/// configured interval, no two collects of an order are less than a second apart.
+#[tokio::test]
+async fn no_collect_is_sent_faster_than_once_a_second() {
+    use callgate::idp::Provider as _;
+    use callgate::verify::{self, Command, Input, Session};
+    logs();
+    let token = tokio_util::sync::CancellationToken::new();
+    let sim = callgate::idp::sim::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        callgate::idp::sim::SimOptions {
+            step: Duration::from_millis(40),
+            ..Default::default()
+        },
+        token.clone(),
+    )
+    .await
+    .unwrap();
+    let client = callgate::idp::bankid::Client::new(&sim.settings()).unwrap();
+    let order = verify::Order {
+        number: callgate::pnr::PersonalNumber::parse_swedish_12(&person(230)).unwrap(),
+        initiator: verify::Initiator::Caller,
+        text: None,
+        pin_code: false,
+    };
+    let settings = verify::Settings {
+        poll_interval: Duration::from_millis(50),
+        ..verify::Settings::default()
+    };
+    #[allow(clippy::disallowed_methods)] // this test is the driver, so it reads the clock
+    let now = || tokio::time::Instant::now().into_std();
+    let mut session = Session::new(order, settings, now());
+    let mut next: Option<std::time::Instant> = None;
+    let mut order_ref = None;
+    let outcome = loop {
+        let mut inputs = Vec::new();
+        let mut finished = None;
+        while let Some(c) = session.poll_command() {
+            match c {
+                Command::Start(o) => {
+                    let r = client.start(&o).await;
+                    if let Ok(s) = &r {
+                        order_ref = Some(s.order.clone());
+                    }
+                    inputs.push(Input::Started(r));
+                }
+                Command::Poll(r) => inputs.push(Input::Polled(client.poll(&r).await)),
+                Command::Cancel(r) => inputs.push(Input::CancelDone(client.cancel(&r).await)),
+                Command::ArmTimer {
+                    timer: verify::Timer::Next,
+                    at,
+                } => next = Some(at),
+                Command::Finished(c) => finished = Some(c.outcome),
+                _ => {}
+            }
+        }
+        if let Some(o) = finished {
+            break o;
+        }
+        if inputs.is_empty() {
+            let at = next.take().expect("nothing scheduled");
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            inputs.push(Input::Timer(verify::Timer::Next));
+        }
+        for i in inputs {
+            session.handle(i, now());
+        }
+    };
+    assert_eq!(outcome, Outcome::Verified);
+    let times = sim.collect_times(&order_ref.unwrap().0);
+    assert!(times.len() >= 4, "{} collects", times.len());
+    for pair in times.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(gap >= Duration::from_millis(990), "collects {gap:?} apart");
+    }
+    token.cancel();
+}
