@@ -34,6 +34,12 @@ enum Command {
     /// Run simulated calls through every before-agent outcome (simulated Asterisk and BankID), print a
     /// table and exit.
     Demo,
+    /// Measure the dialogue core and whole calls through the loopback fakes; print the figures.
+    Bench {
+        /// How many callers to place at once.
+        #[arg(long, default_value_t = 100)]
+        calls: usize,
+    },
     /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
     CheckConfig { file: PathBuf },
     /// Run the BankID RP v6 simulator on loopback.
@@ -87,6 +93,10 @@ fn main() -> ExitCode {
             anyhow::ensure!(ok, "some demo calls did not end as expected");
             Ok(())
         }),
+        Command::Bench { calls } => {
+            telemetry::init_logging_with(cli.log_format, "warn");
+            runtime(|| async move { callgate::bench::run(calls).await })
+        }
         Command::SimIdp {
             listen,
             tls,
