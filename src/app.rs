@@ -174,7 +174,6 @@ pub async fn start(
 
     // Reloads: validate the whole file first; keep the old config on any error.
     let config_path = opts.config_path.clone();
-    let reload_metrics = Arc::clone(&metrics);
     let reload_task = tokio::spawn(async move {
         while let Some(answer) = reload_rx.recv().await {
             let result = match &config_path {
@@ -197,7 +196,6 @@ pub async fn start(
                     }
                 },
             };
-            let _ = reload_metrics;
             let _ = answer.send(result);
         }
     });

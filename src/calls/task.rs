@@ -21,7 +21,7 @@ use super::limits::Limits;
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
 use crate::audit::{self, Audit};
-use crate::dialog::{self, Call, CallInfo, Command, IdpCommand, Input, PlaybackId, Timer};
+use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input, PlaybackId, Timer};
 use crate::idp::Provider;
 use crate::outcome::{self, Identity, Outcome, Reason, Record, Status};
 use crate::pnr::PseudonymKey;
@@ -226,7 +226,7 @@ impl Driver {
     async fn execute(&mut self, call: &mut Call) {
         loop {
             while let Some(cmd) = call.poll_command() {
-                self.command(cmd, call).await;
+                self.command(cmd).await;
             }
             if self.pending.is_empty() {
                 break;
@@ -255,7 +255,7 @@ impl Driver {
         }
     }
 
-    async fn command(&mut self, cmd: Command, call: &Call) {
+    async fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Answer => {
                 let r = self.control.answer().await;
@@ -300,7 +300,7 @@ impl Driver {
                 outcome,
                 identity,
                 route,
-            } => self.finish(outcome, identity, route, call).await,
+            } => self.finish(outcome, identity, route).await,
         }
     }
 
@@ -428,7 +428,6 @@ impl Driver {
         outcome: Outcome,
         identity: Option<Identity>,
         route: Option<crate::policy::Route>,
-        call: &Call,
     ) {
         let policy = Arc::clone(&self.setup.policy);
         let checked = !self.stages.is_empty();
@@ -508,7 +507,6 @@ impl Driver {
                 })
                 .await;
         }
-        let _ = call;
         let _ = self.deps.reports.send(Report {
             call_id: self.setup.call_id.clone(),
             queue: policy.name.0.clone(),
@@ -549,10 +547,4 @@ pub fn call_info(channel_language: &str, today: time::Date) -> CallInfo {
 /// Today's date (UTC) for personal-number validation.
 pub fn today() -> time::Date {
     time::OffsetDateTime::now_utc().date()
-}
-
-#[allow(dead_code)]
-fn _assert_send() {
-    fn is_send<T: Send>(_: T) {}
-    let _ = is_send::<dialog::Input>;
 }
