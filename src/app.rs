@@ -160,7 +160,11 @@ pub async fn start(
         metrics: Arc::clone(&metrics),
         reload: reload_tx.clone(),
     })
-    .layer(tower_http::trace::TraceLayer::new_for_http());
+    // A 503 from /readyz is an answer, not a failure of ours: keep it out of the error log.
+    .layer(
+        tower_http::trace::TraceLayer::new_for_http()
+            .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+    );
     let ops_token = CancellationToken::new();
     let ops_stop = ops_token.clone();
     let ops_task = tokio::spawn(async move {
