@@ -400,7 +400,7 @@ pub fn demo_calls(lab: &Lab) -> Vec<DemoCall> {
             Caller::new("46701234569")
                 .await_prompt()
                 .press(&format!("{n}#"), gap)
-                .await_moh()
+                .await_media("sound:callgate/open-app")
                 .hang_up(),
         ),
         Outcome::NotVerified(Reason::CallerHungUp),

@@ -171,11 +171,17 @@ async fn every_before_agent_outcome_ends_routed_with_its_metadata() {
 
 #[tokio::test]
 async fn websocket_dropped_while_typing_reprompts_and_verifies() {
-    let mut lab = lab(LabOptions::fast()).await;
+    let mut options = LabOptions::fast();
+    // No timer may fire during the gap: only the reconnect decides what happens next.
+    options.prompt = Duration::from_secs(1);
+    options.first_digit_timeout = Duration::from_secs(10);
+    options.inter_digit_timeout = Duration::from_secs(10);
+    let mut lab = lab(options).await;
     let n = person(201);
     let id = lab.asterisk.call(
         Caller::new("46700000201")
             .await_prompt()
+            .wait(Duration::from_millis(300))
             .press("1980", lab.options.key_gap)
             .await_prompt()
             .press(&format!("{n}#"), lab.options.key_gap),
@@ -184,10 +190,20 @@ async fn websocket_dropped_while_typing_reprompts_and_verifies() {
         !lab.asterisk.media_started(&id).is_empty()
     })
     .await;
+    lab.asterisk.set_accepting(false);
     lab.asterisk.drop_websocket();
+    // The digits typed during the gap are lost, as on a real Asterisk.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        lab.asterisk.wait_for_dropped_events(4),
+    )
+    .await;
+    lab.asterisk.set_accepting(true);
     let report = lab.report(&id).await.unwrap();
     assert_eq!(report.outcome, Outcome::Verified);
     assert!(lab.asterisk.connections() >= 2);
+    // The caller was asked again after the gap (the partial entry was not trusted).
+    assert!(lab.asterisk.media_started(&id).len() >= 2);
     no_open_orders(&lab).await;
     lab.shutdown().await.unwrap();
 }
@@ -327,7 +343,7 @@ async fn after_our_restart_callers_left_in_stasis_are_routed_as_interrupted() {
 #[tokio::test]
 async fn application_replaced_stops_acting_and_cancels_the_order() {
     let mut options = LabOptions::fast();
-    options.step = Duration::from_millis(500);
+    options.step = Duration::from_secs(2);
     let mut lab = lab(options).await;
     let n = person(207);
     let id = lab.asterisk.call(lab.caller_typing(&n));
