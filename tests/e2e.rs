@@ -590,3 +590,16 @@ async fn no_collect_is_sent_faster_than_once_a_second() {
     }
     token.cancel();
 }
+
+#[tokio::test]
+async fn slow_rest_and_a_malformed_frame_do_not_derail_a_call() {
+    let mut lab = lab(LabOptions::fast()).await;
+    lab.asterisk.set_rest_delay(Duration::from_millis(150));
+    lab.asterisk.send_malformed_frame();
+    let n = person(213);
+    let (report, end) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    assert_eq!(route(&end), "queues,support,1");
+    lab.asterisk.set_rest_delay(Duration::ZERO);
+    lab.shutdown().await.unwrap();
+}

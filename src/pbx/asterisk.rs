@@ -422,6 +422,15 @@ impl Adapter {
     }
 }
 
+/// Waits before each attempt to continue a call (the first is immediate).
+const CONTINUE_RETRIES: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
+/// Seconds after which the dialplan's `T` extension routes a caller we could not continue.
+const SAFETY_NET_RETRY: &str = "5";
+
 /// How long a handled `StasisStart` is remembered, and how many before old ones are pruned.
 const SEEN_FOR: Duration = Duration::from_secs(120);
 const SEEN_MAX: usize = 10_000;
@@ -433,10 +442,18 @@ impl AriControl {
     /// it) and clears the dialplan's safety-net timeout: we decided in time.
     async fn set_metadata(&self, vars: &[(&'static str, String)]) -> Result<(), ControlError> {
         for (name, value) in vars {
-            self.client
+            match self
+                .client
                 .set_variable(&self.channel, &format!("__{name}"), value)
                 .await
-                .map_err(map)?;
+            {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => return Err(ControlError::Gone),
+                // Routing the caller matters more than the metadata: go on without this variable.
+                Err(e) => {
+                    tracing::error!(variable = name, error = %e, "could not set call metadata")
+                }
+            }
         }
         if let Err(e) = self
             .client
@@ -451,31 +468,55 @@ impl AriControl {
         Ok(())
     }
 
-    /// Continues at `target`, or at the next priority after `Stasis()` when there is none.
+    /// Continues at `target`, or at the next priority after `Stasis()` when there is none. A continue
+    /// that fails for another reason than the channel being gone is retried; if it never succeeds the
+    /// dialplan's safety net is re-armed so that the caller is still routed, by Asterisk.
     async fn go(&self, target: Option<&Route>) -> Result<Destination, ControlError> {
-        match (target, &self.stasis_at) {
-            (Some(r), _) => {
-                self.client
-                    .continue_in_dialplan(&self.channel, &r.context, &r.extension, r.priority)
-                    .await
-                    .map_err(map)?;
-                Ok(Destination::Route(r.clone()))
-            }
-            (None, Some((ctx, ext, pri))) => {
-                self.client
-                    .continue_in_dialplan(&self.channel, ctx, ext, pri + 1)
-                    .await
-                    .map_err(map)?;
-                Ok(Destination::NextPriority)
-            }
+        let (ctx, ext, pri, destination) = match (target, &self.stasis_at) {
+            (Some(r), _) => (
+                r.context.as_str(),
+                r.extension.as_str(),
+                r.priority,
+                Destination::Route(r.clone()),
+            ),
+            (None, Some((ctx, ext, pri))) => (
+                ctx.as_str(),
+                ext.as_str(),
+                pri + 1,
+                Destination::NextPriority,
+            ),
             (None, None) => {
                 self.client
                     .hangup(&self.channel, Some("normal"))
                     .await
                     .map_err(map)?;
-                Ok(Destination::Gone)
+                return Ok(Destination::Gone);
+            }
+        };
+        let mut last = None;
+        for delay in CONTINUE_RETRIES {
+            tokio::time::sleep(delay).await;
+            match self
+                .client
+                .continue_in_dialplan(&self.channel, ctx, ext, pri)
+                .await
+            {
+                Ok(()) => return Ok(destination),
+                Err(e) if e.is_gone() => return Err(ControlError::Gone),
+                Err(e) => {
+                    tracing::warn!(error = %e, "continue failed");
+                    last = Some(e);
+                }
             }
         }
+        tracing::error!("could not continue the call; re-arming the dialplan safety net");
+        let _ = self
+            .client
+            .set_variable(&self.channel, "TIMEOUT(absolute)", SAFETY_NET_RETRY)
+            .await;
+        Err(ControlError::Failed(
+            last.map(|e| e.to_string()).unwrap_or_default(),
+        ))
     }
 
     /// Sets the metadata and continues at the next priority after `Stasis()`.
