@@ -107,7 +107,17 @@ pub async fn start(
         providers.insert(name.clone(), Arc::new(client));
     }
 
-    let key = PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec());
+    let key = if cfg.server.pseudonym_key.is_empty() {
+        // Without a configured key, pseudonyms must still not be recomputable from a number: use a
+        // random key, at the price of pseudonyms that change at every start.
+        tracing::warn!("server.pseudonym_key is not set: using a random key; pseudonyms in the audit trail change at every start");
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| anyhow::anyhow!("no system randomness for the pseudonym key"))?;
+        PseudonymKey::new(bytes.to_vec())
+    } else {
+        PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec())
+    };
     let deps = Arc::new(Deps {
         providers,
         limits: Limits::new(limits::Settings {
@@ -178,6 +188,7 @@ pub async fn start(
 
     // Reloads: validate the whole file first; keep the old config on any error.
     let config_path = opts.config_path.clone();
+    let running = Arc::clone(&cfg);
     let reload_task = tokio::spawn(async move {
         while let Some(answer) = reload_rx.recv().await {
             let result = match &config_path {
@@ -185,12 +196,21 @@ pub async fn start(
                     "no config file to reload (started without --config)".to_owned()
                 ]),
                 Some(path) => match config::load_file(path) {
-                    Ok(new) => {
-                        let summary = config::summary(&new);
-                        config_tx.send_replace(Arc::new(new));
-                        tracing::info!("config reloaded");
-                        Ok(summary)
-                    }
+                    Ok(new) => match reloadable(&running, &new) {
+                        Err(problems) => {
+                            tracing::error!(
+                                issues = problems.len(),
+                                "config reload refused; keeping the running config"
+                            );
+                            Err(problems)
+                        }
+                        Ok(()) => {
+                            let summary = config::summary(&new);
+                            config_tx.send_replace(Arc::new(new));
+                            tracing::info!("config reloaded");
+                            Ok(summary)
+                        }
+                    },
                     Err(issues) => {
                         tracing::error!(
                             issues = issues.len(),
@@ -265,6 +285,31 @@ pub async fn run(
     let running = start(cfg, opts, shutdown).await?;
     running.done.await.context("the main task failed")?;
     Ok(())
+}
+
+/// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners
+/// and the limits are built once at start; a new file that needs different ones is refused rather than
+/// half applied.
+fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    let restart = |what: &str| format!("{what}: changed; takes effect only at a restart");
+    if new.server != running.server {
+        problems.push(restart("server"));
+    }
+    if new.pbx != running.pbx {
+        problems.push(restart("pbx"));
+    }
+    if new.idps != running.idps {
+        problems.push(restart("idp"));
+    }
+    if new.limits != running.limits {
+        problems.push(restart("limits"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
 }
 
 /// Waits until no call is registered, up to `limit`. `true` if it emptied.

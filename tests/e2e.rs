@@ -452,6 +452,16 @@ async fn metrics_show_the_funnel_and_reload_keeps_serving_on_a_broken_file() {
         "still serving after a bad reload"
     );
 
+    // A file that needs a restart (new limits) is refused as a whole, not half applied.
+    std::fs::write(
+        &lab.config_path,
+        format!("{good}\n[limits]\nmax_concurrent_orders = 5\n"),
+    )
+    .unwrap();
+    let (status, body) = http(lab.app.ops_addr, "POST", "/reload").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("limits: changed"), "{body}");
+
     // A good file is taken: the queue now discloses nothing.
     std::fs::write(
         &lab.config_path,

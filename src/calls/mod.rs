@@ -56,6 +56,8 @@ pub enum Destination {
     Route(Route),
     /// No usable route existed: continued at the next priority after `Stasis()` (the dialplan's safety net).
     NextPriority,
+    /// No dialplan location was known to continue at: the call was hung up.
+    HungUp,
     /// The channel was gone.
     Gone,
 }
@@ -65,6 +67,7 @@ impl std::fmt::Display for Destination {
         match self {
             Destination::Route(r) => write!(f, "{r}"),
             Destination::NextPriority => f.write_str("next priority"),
+            Destination::HungUp => f.write_str("hung up"),
             Destination::Gone => f.write_str("-"),
         }
     }

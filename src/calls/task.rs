@@ -98,7 +98,17 @@ pub fn spawn(
         setup,
         _entry: entry,
     };
-    tracker.spawn(driver.run(rx, cancel).instrument(span));
+    let registry = driver.deps.registry.clone();
+    let metrics = Arc::clone(&driver.deps.metrics);
+    metrics.set_gauge("callgate_calls_active", registry.len() as f64);
+    tracker.spawn(
+        async move {
+            driver.run(rx, cancel).await;
+            // The driver (and with it the registry entry) is gone now.
+            metrics.set_gauge("callgate_calls_active", registry.len() as f64);
+        }
+        .instrument(span),
+    );
     true
 }
 
@@ -477,9 +487,9 @@ impl Driver {
         let level_error = matches!(outcome.status(), Status::Unavailable | Status::Interrupted)
             || destination == Destination::NextPriority;
         if level_error {
-            tracing::warn!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, "call left the gate");
+            tracing::warn!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, reference = %self.reference, "call left the gate");
         } else {
-            tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, "call left the gate");
+            tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, reference = %self.reference, "call left the gate");
         }
         if let Some(audit) = &self.deps.audit {
             let verified = record

@@ -418,6 +418,27 @@ pub fn finish(
         complete = false;
     }
 
+    // Every provider kind today speaks BankID, which identifies Swedish numbers only.
+    if idps.contains_key(&p.idp) {
+        let foreign: Vec<&str> = p
+            .accept_kinds
+            .iter()
+            .filter(|k| !matches!(k, Kind::SePersonnummer | Kind::SeSamordningsnummer))
+            .map(|k| k.code())
+            .collect();
+        if !foreign.is_empty() {
+            ctx.issue(
+                join(path, "accept"),
+                format!(
+                    "provider {:?} is BankID, which takes Swedish numbers only: remove {}",
+                    p.idp,
+                    foreign.join(", ")
+                ),
+            );
+            complete = false;
+        }
+    }
+
     let mut routes = s.routes;
     let mut required = vec!["verified", "failed", "unavailable"];
     if matches!(mode, Mode::DuringCall | Mode::Both) {

@@ -180,7 +180,7 @@ first_digit_timeout = "500ms"
 inter_digit_timeout = "2s"
 verify_timeout = "1m"
 gate_deadline = "1h"
-accept = ["no_fodselsnummer", "se_personnummer"]
+accept = ["se_samordningsnummer", "se_personnummer"]
 accept_10_digits = true
 user_visible_text = "Hej"
 pin_code = true
@@ -230,7 +230,7 @@ pseudonym_key = "0123456789abcdef"
     assert_eq!(
         p.accept_kinds,
         vec![
-            crate::pnr::Kind::NoFodselsnummer,
+            crate::pnr::Kind::SeSamordningsnummer,
             crate::pnr::Kind::SePersonnummer
         ]
     );
@@ -525,10 +525,19 @@ fn queue_rules_report_at_the_right_key() {
         "queues.support.gate_deadline",
         "must be longer than verify_timeout + first_digit_timeout",
     );
+    let got = issues(&minimal_with(
+        "[queues.support]\naccept = [\"dk_cpr\"]\naccept_10_digits = true\n",
+    ));
+    let paths: Vec<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["queues.support.accept_10_digits", "queues.support.accept"],
+        "{got:#?}"
+    );
     only_issue(
-        &minimal_with("[queues.support]\naccept = [\"dk_cpr\"]\naccept_10_digits = true\n"),
-        "queues.support.accept_10_digits",
-        "se_personnummer",
+        &minimal_with("[queues.support]\naccept = [\"se_personnummer\", \"no_fodselsnummer\"]\n"),
+        "queues.support.accept",
+        "Swedish numbers only: remove no_fodselsnummer",
     );
     only_issue(
         &minimal_with("[queues.support]\nmode = \"during_call\"\n"),

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use super::ari::events::Incoming;
 use super::ari::rest::{Client, Error};
-use super::ari::wire::{Channel, Event};
+use super::ari::wire::{Channel, Event, PlaybackState};
 use crate::api::ops::Readiness;
 use crate::audit;
 use crate::calls::task::{self, Deps, Setup};
@@ -211,6 +211,11 @@ impl Adapter {
                 }
             }
             Event::PlaybackFinished(p) => {
+                if p.playback.state == PlaybackState::Failed {
+                    // Usually a missing sound file: the call goes on, but the installation needs fixing.
+                    tracing::warn!(media = %p.playback.media_uri, language = p.playback.language.as_deref().unwrap_or(""),
+                        "prompt could not be played (missing sound file?)");
+                }
                 if let Some(ch) = p.playback.target_channel() {
                     registry
                         .send(ch, CallEvent::PlaybackEnded(p.playback.id.clone()))
@@ -490,7 +495,7 @@ impl AriControl {
                     .hangup(&self.channel, Some("normal"))
                     .await
                     .map_err(map)?;
-                return Ok(Destination::Gone);
+                return Ok(Destination::HungUp);
             }
         };
         let mut last = None;
