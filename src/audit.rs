@@ -1,4 +1,5 @@
-//! The audit trail: one JSON line per gated call, appended to `<data_dir>/audit.jsonl` and flushed.
+//! The audit trail: one JSON line per gated call, appended to `<data_dir>/audit.jsonl` and synced to
+//! disk before the next.
 //!
 //! Invariant: pseudonymised — a record carries the HMAC pseudonym of the verified person, never the
 //! number or the name; writes happen on one writer task, so call tasks never wait on the disk.
@@ -59,6 +60,10 @@ impl Audit {
                 }
                 if let Err(e) = file.flush().await {
                     tracing::error!(path = %shown, error = %e, "audit flush failed");
+                }
+                // Durable before the next record: an outcome is not lost to a crash or power cut.
+                if let Err(e) = file.sync_data().await {
+                    tracing::error!(path = %shown, error = %e, "audit sync failed");
                 }
             }
             let _ = file.sync_all().await;
