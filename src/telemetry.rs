@@ -133,28 +133,14 @@ impl Metrics {
     pub fn call_ended(&self, queue: &str, outcome: Outcome) {
         self.inc(
             "callgate_calls_total",
-            vec![
-                ("queue", queue.to_owned()),
-                ("status", outcome.status().code().to_owned()),
-                (
-                    "reason",
-                    outcome.reason().map(|r| r.code()).unwrap_or("").to_owned(),
-                ),
-            ],
+            outcome_labels(("queue", queue), outcome),
         );
     }
 
     pub fn verification_ended(&self, idp: &str, outcome: Outcome) {
         self.inc(
             "callgate_verifications_total",
-            vec![
-                ("idp", idp.to_owned()),
-                ("status", outcome.status().code().to_owned()),
-                (
-                    "reason",
-                    outcome.reason().map(|r| r.code()).unwrap_or("").to_owned(),
-                ),
-            ],
+            outcome_labels(("idp", idp), outcome),
         );
     }
 
@@ -237,6 +223,17 @@ impl Metrics {
             out
         })
     }
+}
+
+fn outcome_labels(first: (&'static str, &str), outcome: Outcome) -> Labels {
+    vec![
+        (first.0, first.1.to_owned()),
+        ("status", outcome.status().code().to_owned()),
+        (
+            "reason",
+            outcome.reason().map(|r| r.code()).unwrap_or("").to_owned(),
+        ),
+    ]
 }
 
 fn fmt_labels(labels: &Labels, le: Option<&str>) -> String {

@@ -368,20 +368,13 @@ impl Driver {
             }
             IdpCommand::Poll(order) => {
                 self.idp.spawn(async move {
-                    let t = now();
-                    let r = provider.poll(&order).await;
-                    metrics.provider_latency(&idp_name, "poll", t.elapsed());
+                    let r = timed(&metrics, &idp_name, "poll", provider.poll(&order)).await;
                     verify::Input::Polled(r)
                 });
             }
             IdpCommand::Cancel(order) => {
                 self.idp.spawn(async move {
-                    let t = now();
-                    let r = provider.cancel(&order).await;
-                    metrics.provider_latency(&idp_name, "cancel", t.elapsed());
-                    if let Err(e) = &r {
-                        tracing::warn!(error = ?e, "provider cancel failed");
-                    }
+                    let r = timed(&metrics, &idp_name, "cancel", provider.cancel(&order)).await;
                     verify::Input::CancelDone(r)
                 });
             }
@@ -396,12 +389,7 @@ impl Driver {
         metrics: Arc<Metrics>,
     ) {
         self.idp.spawn(async move {
-            let t = now();
-            let r = provider.start(&order).await;
-            metrics.provider_latency(&idp_name, "start", t.elapsed());
-            if let Err(e) = &r {
-                tracing::warn!(error = ?e, "provider start failed");
-            }
+            let r = timed(&metrics, &idp_name, "start", provider.start(&order)).await;
             verify::Input::Started(r)
         });
     }
@@ -527,6 +515,22 @@ impl Driver {
             duration,
         });
     }
+}
+
+/// Runs one provider request, recording its latency and logging a failure (never a body).
+async fn timed<T>(
+    metrics: &Metrics,
+    idp: &str,
+    op: &'static str,
+    request: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let t = now();
+    let r = request.await;
+    metrics.provider_latency(idp, op, t.elapsed());
+    if let Err(e) = &r {
+        tracing::warn!(op, error = ?e, "provider request failed");
+    }
+    r
 }
 
 async fn sleep_until(at: Option<Instant>) {
