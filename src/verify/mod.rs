@@ -393,10 +393,9 @@ impl Session {
                 let wait = retry_after.unwrap_or(self.interval).max(self.interval);
                 self.arm_next(now + wait);
             }
-            Err(ProviderError::Rejected(reason)) => self.finish(Outcome::NotVerified(reason), None),
-            Err(ProviderError::Fatal) => {
-                self.finish(Outcome::NotVerified(Reason::ProviderError), None)
-            }
+            Err(ProviderError::Rejected(reason)) => self.end_with_cancel(reason),
+            // The provider cannot go on with this order: end, and tell it to drop the order.
+            Err(ProviderError::Fatal) => self.end_with_cancel(Reason::ProviderError),
         }
     }
 

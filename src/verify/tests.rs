@@ -339,3 +339,14 @@ fn resume_polls_at_once() {
     assert!(h.transcript().ends_with("next +2000ms\npoll o1"));
     assert!(!h.timers.iter().any(|(t, _)| *t == Timer::Next));
 }
+
+#[test]
+fn a_poll_the_provider_cannot_serve_ends_the_check_and_cancels_the_order() {
+    let mut h = H::new(Settings::default());
+    h.started(None);
+    h.fire(Timer::Next);
+    h.input(Input::Polled(Err(ProviderError::Fatal)));
+    assert!(h
+        .transcript()
+        .ends_with("poll o1\ncancel o1\nprogress done\nfinished unavailable/provider_error"));
+}

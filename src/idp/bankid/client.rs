@@ -13,7 +13,10 @@
 //! - 400 `invalidParameters` on `phone/auth` means BankID refuses the request; the only caller-supplied
 //!   field is the personal number, so it becomes `Rejected(InvalidNumber)`. On `collect`/`cancel` it is
 //!   our bug (unknown or too old order) and becomes `Fatal` (a cancel treats it as already done).
-//! - 5xx other than 503 (e.g. a 502/504 from a proxy) are treated like 500: `OutcomeUnknown`.
+//! - 408 `requestTimeout` and 500 `internalError` are never retried automatically: on `phone/auth` they
+//!   are `OutcomeUnknown` (so the start is not repeated), on `collect` `Fatal` (the check ends and the
+//!   order is cancelled). Other 5xx (e.g. a 502/504 from a proxy) are `OutcomeUnknown`; a collect with
+//!   an unknown outcome may be repeated, since collecting is idempotent.
 //! - `evidence_digest` is hex SHA-256 over `signature`, a `\n`, then `ocspResponse` (both base64 text as
 //!   received; base64 never contains `\n`, so the split is unambiguous).
 
@@ -359,6 +362,9 @@ fn map_error(
             retry_after: rate_limit_reset(headers),
         },
         503 => ProviderError::Unavailable,
+        // BankID: never retry `requestTimeout` or `internalError` automatically. A collect that got one
+        // ends the check (the session cancels the order); on a start the outcome is unknown anyway.
+        408 | 500 if endpoint == Endpoint::Collect => ProviderError::Fatal,
         408 | 500..=599 => ProviderError::OutcomeUnknown,
         400 => match code {
             Some(ErrorCode::AlreadyInProgress) => {

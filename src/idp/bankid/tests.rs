@@ -487,12 +487,8 @@ async fn error_answers_are_classified() {
             "requestTimeout",
             Err(ProviderError::OutcomeUnknown),
         ),
-        (
-            Collect,
-            408,
-            "requestTimeout",
-            Err(ProviderError::OutcomeUnknown),
-        ),
+        (Collect, 408, "requestTimeout", Err(ProviderError::Fatal)),
+        (Collect, 500, "internalError", Err(ProviderError::Fatal)),
         (
             Start,
             500,
