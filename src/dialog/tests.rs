@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::outcome::Identity;
 use crate::policy::test_support::{policy, route};
+use crate::verify::testing::{identity, lines};
 use crate::verify::{Poll, ProviderError, Started};
 
 const NUMBER: &str = "199908072391";
@@ -194,24 +194,6 @@ impl H {
     fn elapsed(&self) -> Duration {
         self.now - self.start
     }
-}
-
-fn identity(number: &str) -> Identity {
-    Identity {
-        number: PersonalNumber::parse_swedish_12(number).unwrap(),
-        name: Some("Anna Andersson".into()),
-        given_name: None,
-        surname: None,
-        evidence_digest: None,
-    }
-}
-
-fn lines(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[track_caller]

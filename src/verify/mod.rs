@@ -18,6 +18,33 @@ use crate::pnr::PersonalNumber;
 #[cfg(test)]
 mod tests;
 
+/// Helpers shared by the core's scripted tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use crate::outcome::Identity;
+    use crate::pnr::PersonalNumber;
+
+    /// A verified identity for a valid 12-digit Swedish number.
+    pub fn identity(number: &str) -> Identity {
+        Identity {
+            number: PersonalNumber::parse_swedish_12(number).unwrap(),
+            name: Some("Anna Andersson".into()),
+            given_name: None,
+            surname: None,
+            evidence_digest: None,
+        }
+    }
+
+    /// An expected transcript written as an indented block: trimmed lines, blank lines dropped.
+    pub fn lines(s: &str) -> String {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// The provider's reference for an order (BankID `orderRef`, CIBA `auth_req_id`). Opaque.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct OrderRef(pub String);

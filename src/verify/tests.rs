@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::testing::{identity, lines};
 use super::*;
-use crate::outcome::Identity;
 
 const NUMBER: &str = "199908072391";
 
@@ -84,24 +84,6 @@ impl H {
     fn transcript(&self) -> String {
         self.log.join("\n")
     }
-}
-
-fn identity(n: &str) -> Identity {
-    Identity {
-        number: PersonalNumber::parse_swedish_12(n).unwrap(),
-        name: None,
-        given_name: None,
-        surname: None,
-        evidence_digest: None,
-    }
-}
-
-fn lines(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[test]
