@@ -343,8 +343,13 @@ impl Call {
             Timer::Deadline => {
                 if matches!(self.phase, Phase::Concluding | Phase::Ended) {
                     if self.phase == Phase::Concluding {
-                        // The outcome is known; do not wait any longer for a prompt.
-                        self.playing = None;
+                        // The outcome is known; do not wait any longer for a prompt, but never set
+                        // metadata under one that may still be playing.
+                        if let Some(id) = self.playing.take() {
+                            if !std::mem::take(&mut self.stopping) {
+                                self.emit(Command::StopPlayback(id));
+                            }
+                        }
                         self.finish();
                     }
                     return;

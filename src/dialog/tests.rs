@@ -513,6 +513,18 @@ fn gate_deadline_ends_a_slow_check() {
 }
 
 #[test]
+fn the_gate_deadline_during_the_announcement_stops_it_before_finishing() {
+    let mut h = H::new(policy());
+    to_holding(&mut h);
+    h.poll(Poll::Complete(identity(NUMBER)));
+    assert!(h.transcript().ends_with("play verified"));
+    h.fire(Timer::Deadline);
+    assert!(h
+        .transcript()
+        .ends_with("play verified\nstop prompt\nfinish verified -> queues,support,1"));
+}
+
+#[test]
 fn verify_timeout_cancels_the_order() {
     let mut h = H::new(policy());
     to_holding(&mut h);
