@@ -318,12 +318,13 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
     }
 }
 
-/// Builds a Luhn-valid Swedish 12-digit number from `YYYYMMDD` and a 3-digit serial. For simulators and
-/// tests only. The date part is not validated (a samordningsnummer day such as 67 works).
+/// Builds a Luhn-valid Swedish 12-digit number from `YYYYMMDD` and a 3-digit serial, for tests. The date
+/// part is not validated (a samordningsnummer day such as 67 works).
 ///
 /// # Panics
 /// If `date_yyyymmdd` is not 8 ASCII digits or `serial3` is not 3 ASCII digits.
-pub fn swedish_with_check(date_yyyymmdd: &str, serial3: &str) -> String {
+#[cfg(test)]
+pub(crate) fn swedish_with_check(date_yyyymmdd: &str, serial3: &str) -> String {
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     assert!(
         date_yyyymmdd.len() == 8 && all_digits(date_yyyymmdd),
