@@ -524,8 +524,16 @@ async fn timed<T>(
     op: &'static str,
     request: impl std::future::Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
+    use futures_util::FutureExt as _;
     let t = now();
-    let r = request.await;
+    // A provider bug must not leave the session waiting for an answer that never comes.
+    let r = std::panic::AssertUnwindSafe(request)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!(op, "provider request panicked");
+            Err(ProviderError::OutcomeUnknown)
+        });
     metrics.provider_latency(idp, op, t.elapsed());
     if let Err(e) = &r {
         tracing::warn!(op, error = ?e, "provider request failed");

@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::idp::ClientIdentity;
 use crate::outcome::Reason;
-use crate::policy::test_support::route;
-use crate::policy::{Mode, Routes};
+use crate::policy::test_support::{route, routes};
+use crate::policy::Mode;
 use crate::prompts::{Language, PromptId};
 
 const MINIMAL: &str = r#"
@@ -109,19 +109,6 @@ impl Drop for TempFiles {
     }
 }
 
-fn support_routes() -> Routes {
-    Routes {
-        verified: route("queues,support,1"),
-        failed: route("queues,support-unverified,1"),
-        unavailable: route("queues,support-fallback,1"),
-        skipped: None,
-        interrupted: None,
-        no_agent: None,
-        after_agent: None,
-        agent: None,
-    }
-}
-
 // --- defaults --------------------------------------------------------------------------------------------
 
 #[test]
@@ -157,7 +144,7 @@ fn minimal_file_gets_every_documented_default() {
     // The only provider is the queue's provider; everything else is QueuePolicy::with_defaults.
     assert_eq!(
         *c.queues["support"],
-        QueuePolicy::with_defaults("support", "sim", support_routes())
+        QueuePolicy::with_defaults("support", "sim", routes())
     );
     assert!(c.defaults.is_none());
 }
