@@ -58,6 +58,9 @@ pub enum PromptId {
     InvalidNumber,
     /// Nothing was typed; asks again.
     NoInput,
+    /// The connection to the PBX dropped while the caller typed: the entry starts over (not counted
+    /// as the caller's mistake).
+    StartAgain,
     /// Open the BankID app and approve; hold music follows.
     OpenApp,
     /// Progress: the app asks the caller to confirm the call.
@@ -75,10 +78,11 @@ pub enum PromptId {
 }
 
 impl PromptId {
-    pub const ALL: [PromptId; 10] = [
+    pub const ALL: [PromptId; 11] = [
         PromptId::EnterNumber,
         PromptId::InvalidNumber,
         PromptId::NoInput,
+        PromptId::StartAgain,
         PromptId::OpenApp,
         PromptId::ConfirmCall,
         PromptId::Identify,
@@ -94,6 +98,7 @@ impl PromptId {
             PromptId::EnterNumber => "enter-number",
             PromptId::InvalidNumber => "invalid-number",
             PromptId::NoInput => "no-input",
+            PromptId::StartAgain => "start-again",
             PromptId::OpenApp => "open-app",
             PromptId::ConfirmCall => "confirm-call",
             PromptId::Identify => "identify",
@@ -129,6 +134,9 @@ impl PromptId {
             (NoInput, Sv) => "Vi fick inga siffror.",
             (NoInput, En) => "We did not receive any digits.",
             (NoInput, Nb) => "Vi mottok ingen sifre.",
+            (StartAgain, Sv) => "Förlåt, vi tappade dina siffror. Vi börjar om.",
+            (StartAgain, En) => "Sorry, we lost your digits. Let's start again.",
+            (StartAgain, Nb) => "Beklager, vi mistet sifrene dine. Vi begynner på nytt.",
             (OpenApp, Sv) => {
                 "Öppna BankID-appen och bekräfta att du pratar med oss. Vänta kvar i luren."
             }

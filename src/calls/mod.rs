@@ -31,6 +31,8 @@ pub enum CallEvent {
     PlaybackEnded(String),
     /// The caller hung up or the channel left our control.
     Hangup,
+    /// The link to the PBX dropped: events may be lost until `Resync`.
+    LinkDown,
     /// Events may have been lost (PBX reconnect): resume from a safe point.
     Resync,
     /// Another instance owns the PBX application now: end without touching the call.
@@ -85,6 +87,11 @@ pub trait CallControl: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), ControlError>>;
     fn stop_playback<'a>(&'a self, playback_id: &'a str)
         -> BoxFuture<'a, Result<(), ControlError>>;
+    /// Whether our playback still runs (`false` once it has ended, however).
+    fn playback_running<'a>(
+        &'a self,
+        playback_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ControlError>>;
     fn start_moh<'a>(&'a self, class: &'a str) -> BoxFuture<'a, Result<(), ControlError>>;
     fn stop_moh(&self) -> BoxFuture<'_, Result<(), ControlError>>;
     /// Sets the call metadata (inheritable), clears the dialplan's safety-net timeout, checks that the

@@ -199,6 +199,7 @@ impl Driver {
             CallEvent::Dtmf(d) => Input::Dtmf(d),
             CallEvent::PlaybackEnded(id) => Input::PlaybackEnded(self.playback_from(&id)?),
             CallEvent::Hangup => Input::Hangup,
+            CallEvent::LinkDown => Input::LinkDown,
             CallEvent::Resync => Input::Resync,
             CallEvent::Detach => Input::Detached(Reason::PbxLost),
             CallEvent::Superseded => Input::Idp(verify::Input::Cancel(Reason::Superseded)),
@@ -289,6 +290,18 @@ impl Driver {
                 let pb = self.playback_id(id);
                 let r = self.control.stop_playback(&pb).await;
                 self.gone_or_warn("stop_playback", r);
+            }
+            Command::CheckPlayback(id) => {
+                let pb = self.playback_id(id);
+                match self.control.playback_running(&pb).await {
+                    Ok(true) => {}
+                    Ok(false) => self.pending.push(Input::PlaybackEnded(id)),
+                    Err(ControlError::Gone) => self.pending.push(Input::Hangup),
+                    // Unknown: the prompt guard still bounds the wait for its end.
+                    Err(ControlError::Failed(e)) => {
+                        tracing::warn!(op = "check_playback", error = %e, "pbx request failed")
+                    }
+                }
             }
             Command::StartMoh { class } => {
                 let r = self.control.start_moh(&class).await;

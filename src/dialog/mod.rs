@@ -69,7 +69,10 @@ pub enum Input {
     Detached(Reason),
     /// End the gate now for this reason (shutdown, restart) and route the call.
     Interrupt(Reason),
-    /// Events may have been lost (PBX reconnect): resume from a safe point.
+    /// The link to the PBX was lost: events (typed digits, prompt ends) may be lost until `Resync`.
+    LinkDown,
+    /// The link is back and the call is still ours; events may have been lost: resume from a safe
+    /// point.
     Resync,
     /// An answer from the identity provider.
     Idp(verify::Input),
@@ -94,6 +97,9 @@ pub enum Command {
         lang: Language,
     },
     StopPlayback(PlaybackId),
+    /// Ask the PBX whether this playback still runs (its end may have been lost in a gap); the answer
+    /// comes back as `PlaybackEnded` when it does not.
+    CheckPlayback(PlaybackId),
     StartMoh {
         class: String,
     },
@@ -134,6 +140,10 @@ enum Phase {
 const PROMPT_GUARD: Duration = Duration::from_secs(20);
 /// How long to wait for a stopped prompt to report its end.
 const STOP_GUARD: Duration = Duration::from_secs(2);
+/// Entries (or "press 1" offers) restarted because the PBX link dropped during them. They are the
+/// link's fault, never counted as the caller's attempts; past this bound the call is routed as
+/// `interrupted/pbx_lost`.
+pub const MAX_LINK_REPROMPTS: u32 = 3;
 
 /// One caller's way through the gate.
 pub struct Call {
@@ -161,6 +171,14 @@ pub struct Call {
     announcement: Option<PromptId>,
     /// The last entry ended at the maximum length; a '#' right after it is part of it.
     swallow_hash: bool,
+    /// The PBX link is down (between `LinkDown` and `Resync`).
+    link_down: bool,
+    /// The link dropped during the current entry or offer: digits may have been lost, so a failed
+    /// entry is the link's fault, not the caller's.
+    gap_in_entry: bool,
+    /// An entry failed while the link was down: ask again once it is back.
+    reprompt_on_resync: bool,
+    link_reprompts: u32,
     out: VecDeque<Command>,
 }
 
@@ -172,6 +190,7 @@ impl fmt::Debug for Call {
             .field("digits", &self.digits)
             .field("entry_failures", &self.entry_failures)
             .field("orders", &self.orders)
+            .field("link_reprompts", &self.link_reprompts)
             .field("session", &self.session)
             .field("outcome", &self.outcome.as_ref().map(|(o, _)| *o))
             .finish()
@@ -209,6 +228,10 @@ impl Call {
             gone: false,
             announcement: None,
             swallow_hash: false,
+            link_down: false,
+            gap_in_entry: false,
+            reprompt_on_resync: false,
+            link_reprompts: 0,
             out: VecDeque::new(),
         };
         call.arm(Timer::Deadline, now + call.policy.gate_deadline);
@@ -255,6 +278,7 @@ impl Call {
             Input::Hangup => self.on_gone(Reason::CallerHungUp, now),
             Input::Detached(reason) => self.on_gone(reason, now),
             Input::Interrupt(reason) => self.on_interrupt(reason, now),
+            Input::LinkDown => self.on_link_down(),
             Input::Resync => self.on_resync(now),
             Input::Idp(i) => self.on_idp(i, now),
         }
@@ -367,6 +391,9 @@ impl Call {
                     self.entry_failed(true, now);
                 }
             }
+            Timer::RetryOffer if self.phase == Phase::RetryOffer && self.link_cut() => {
+                self.link_cut_entry(now)
+            }
             Timer::RetryOffer if self.phase == Phase::RetryOffer => {
                 let reason = self.last_failure().unwrap_or(Reason::UserCancelled);
                 self.conclude(Outcome::NotVerified(reason), None, true, now);
@@ -418,29 +445,43 @@ impl Call {
         }
     }
 
+    fn on_link_down(&mut self) {
+        self.link_down = true;
+        if matches!(
+            self.phase,
+            Phase::Prompting | Phase::Collecting | Phase::RetryOffer
+        ) {
+            self.gap_in_entry = true;
+        }
+    }
+
     fn on_resync(&mut self, now: Instant) {
-        // A prompt's end may have been lost; never trust a partial digit buffer across a gap.
-        if let Some(id) = self.playing.take() {
-            self.stopping = false;
-            self.disarm(Timer::PromptGuard);
-            self.emit(Command::StopPlayback(id));
+        self.link_down = false;
+        // A prompt's end may have been lost: ask whether it still plays rather than cut it short or
+        // play it again (a flapping link would otherwise loop the caller through the same prompt).
+        if let Some(id) = self.playing {
+            if !self.stopping {
+                self.emit(Command::CheckPlayback(id));
+            }
         }
         match self.phase {
-            Phase::Prompting | Phase::Collecting => {
-                self.digits.clear();
-                self.disarm(Timer::FirstDigit);
-                self.disarm(Timer::InterDigit);
-                self.phase = Phase::Prompting;
-                self.play(vec![PromptId::EnterNumber], now);
+            Phase::Prompting | Phase::Collecting | Phase::RetryOffer => {
+                // Digits typed in the gap are lost without trace: keep what arrived, but an entry
+                // that then fails is the link's fault.
+                self.gap_in_entry = true;
+                if std::mem::take(&mut self.reprompt_on_resync) {
+                    self.link_reprompt(now);
+                }
             }
             Phase::Verifying => {
-                self.moh = false;
-                self.start_moh();
+                if self.playing.is_none() {
+                    // Music on hold may have failed to start in the gap; starting it again is harmless.
+                    self.moh = false;
+                    self.start_moh();
+                }
                 self.feed_session(verify::Input::Resume, now);
             }
-            Phase::RetryOffer => self.after_prompt(now),
-            Phase::Concluding => self.finish(),
-            Phase::Ended => {}
+            Phase::Concluding | Phase::Ended => {}
         }
     }
 
@@ -473,7 +514,16 @@ impl Call {
         }
     }
 
+    /// The link dropped during this entry or offer (or is down now).
+    fn link_cut(&self) -> bool {
+        self.link_down || self.gap_in_entry
+    }
+
     fn entry_failed(&mut self, invalid: bool, now: Instant) {
+        if self.link_cut() {
+            self.link_cut_entry(now);
+            return;
+        }
         self.digits.clear();
         self.entry_failures += 1;
         self.last_entry_invalid = invalid;
@@ -494,7 +544,39 @@ impl Call {
             PromptId::NoInput
         };
         self.phase = Phase::Prompting;
+        self.gap_in_entry = self.link_down;
         self.play(vec![first, PromptId::EnterNumber], now);
+    }
+
+    /// An entry (or offer) failed after the link dropped during it: start it again without counting
+    /// it against the caller — once the link is back.
+    fn link_cut_entry(&mut self, now: Instant) {
+        self.digits.clear();
+        self.disarm(Timer::FirstDigit);
+        self.disarm(Timer::InterDigit);
+        self.disarm(Timer::RetryOffer);
+        if self.link_down {
+            self.reprompt_on_resync = true;
+        } else {
+            self.link_reprompt(now);
+        }
+    }
+
+    /// "Let's start again": the link's own re-prompt, bounded by [`MAX_LINK_REPROMPTS`].
+    fn link_reprompt(&mut self, now: Instant) {
+        self.link_reprompts += 1;
+        if self.link_reprompts > MAX_LINK_REPROMPTS {
+            self.conclude(Outcome::NotVerified(Reason::PbxLost), None, false, now);
+            return;
+        }
+        self.digits.clear();
+        self.gap_in_entry = false;
+        if self.phase == Phase::RetryOffer {
+            self.play(vec![PromptId::StartAgain, PromptId::RetryOffer], now);
+        } else {
+            self.phase = Phase::Prompting;
+            self.play(vec![PromptId::StartAgain, PromptId::EnterNumber], now);
+        }
     }
 
     // ---- verification ----
@@ -514,9 +596,11 @@ impl Call {
         };
         let mut settings = self.settings.clone();
         settings.verify_timeout = self.policy.verify_timeout;
+        self.gap_in_entry = false;
         self.session = Some(Session::new(order, settings, now));
+        // "Open the app" waits for the order to exist (and to be journalled): a caller is never told
+        // to approve something that was not created.
         self.drain_session(now);
-        self.play(vec![PromptId::OpenApp], now);
     }
 
     fn feed_session(&mut self, input: verify::Input, now: Instant) {
@@ -561,6 +645,11 @@ impl Call {
 
     fn on_progress(&mut self, stage: Stage, now: Instant) {
         self.emit(Command::Progress(stage));
+        if self.phase == Phase::Verifying && stage == Stage::OrderCreated {
+            self.stop_moh();
+            self.play(vec![PromptId::OpenApp], now);
+            return;
+        }
         if self.phase != Phase::Verifying || !self.policy.progress_prompts || self.playing.is_some()
         {
             return;
@@ -594,6 +683,7 @@ impl Call {
                 self.stop_prompt(now);
             }
             self.phase = Phase::RetryOffer;
+            self.gap_in_entry = self.link_down;
             self.play(vec![PromptId::RetryOffer], now);
             return;
         }

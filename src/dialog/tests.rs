@@ -84,6 +84,13 @@ impl H {
                         p.2 = true;
                     }
                 }
+                Command::CheckPlayback(id) => {
+                    let running = self.playing.iter().any(|p| p.0 == id && !p.2);
+                    self.log.push(format!(
+                        "check prompt ({})",
+                        if running { "playing" } else { "ended" }
+                    ));
+                }
                 Command::StartMoh { .. } => self.log.push("moh on".into()),
                 Command::StopMoh => self.log.push("moh off".into()),
                 Command::Idp(IdpCommand::Start(order)) => {
@@ -225,8 +232,8 @@ fn verified_with_progress_prompts() {
         "answer
          play enter-number
          idp start number
-         play open-app
          progress order_created
+         play open-app
          moh on
          idp poll
          progress awaiting_app
@@ -259,8 +266,7 @@ fn first_digit_stops_the_prompt_and_hash_ends_entry() {
         "answer
          play enter-number
          stop prompt
-         idp start number
-         play open-app",
+         idp start number",
     );
 }
 
@@ -281,8 +287,8 @@ fn wrong_number_then_verified() {
          play enter-number
          play invalid-number+enter-number
          idp start number
-         play open-app
          progress order_created
+         play open-app
          moh on
          idp poll
          progress done
@@ -340,8 +346,7 @@ fn star_starts_over_and_max_length_ends_entry() {
         &h,
         "answer
          play enter-number
-         idp start number
-         play open-app",
+         idp start number",
     );
 }
 
@@ -353,7 +358,7 @@ fn between_digit_timeout_submits_a_complete_number_only() {
     h.prompt_ends();
     h.keys("9908072391");
     h.fire(Timer::InterDigit);
-    assert!(h.transcript().ends_with("idp start number\nplay open-app"));
+    assert!(h.transcript().ends_with("idp start number"));
 
     let mut h = H::new(policy());
     h.prompt_ends();
@@ -377,8 +382,8 @@ fn cancelled_approval_offers_a_new_order() {
         "answer
          play enter-number
          idp start number
-         play open-app
          progress order_created
+         play open-app
          moh on
          idp poll
          progress done
@@ -386,8 +391,8 @@ fn cancelled_approval_offers_a_new_order() {
          play retry-offer
          stop prompt
          idp start number
-         play open-app
          progress order_created
+         play open-app
          moh on
          idp poll
          progress done
@@ -453,17 +458,14 @@ fn provider_down_goes_to_the_unavailable_route() {
     }
     h.start_fails(ProviderError::NotSent);
     h.prompt_ends();
-    h.prompt_ends();
     check(
         &h,
         "answer
          play enter-number
          idp start number
-         play open-app
          idp start number
          idp start number
          progress done
-         stop prompt
          play unavailable
          finish unavailable/provider_unavailable -> queues,support-fallback,1",
     );
@@ -558,22 +560,110 @@ fn a_lost_prompt_end_does_not_stall_the_call() {
 }
 
 #[test]
-fn resync_while_collecting_reprompts_and_forgets_partial_digits() {
+fn a_gap_that_loses_no_digit_changes_nothing() {
     let mut h = H::new(policy());
     h.prompt_ends();
-    h.keys("199908");
+    h.keys(&NUMBER[..6]);
+    h.input(Input::LinkDown);
     h.input(Input::Resync);
+    h.keys(&format!("{}#", &NUMBER[6..]));
+    check(
+        &h,
+        "answer
+         play enter-number
+         idp start number",
+    );
+}
+
+#[test]
+fn digits_lost_in_a_gap_start_the_entry_again_without_counting_it() {
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    h.keys(&NUMBER[..6]);
+    h.input(Input::LinkDown);
+    h.input(Input::Resync);
+    h.keys(&format!("{}#", &NUMBER[8..])); // two digits were typed in the gap
     h.prompt_ends();
     h.keys(&format!("{NUMBER}#"));
     check(
         &h,
         "answer
          play enter-number
-         play enter-number
-         idp start number
-         play open-app",
+         play start-again+enter-number
+         idp start number",
     );
     assert_eq!(h.call.entry_failures, 0);
+}
+
+#[test]
+fn an_entry_cut_while_the_link_is_down_is_asked_again_once_it_is_back() {
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    h.keys(&NUMBER[..3]);
+    h.input(Input::LinkDown);
+    h.fire(Timer::InterDigit);
+    assert_eq!(h.transcript(), lines("answer\nplay enter-number"));
+    h.input(Input::Resync);
+    assert!(h.transcript().ends_with("play start-again+enter-number"));
+    assert_eq!(h.call.entry_failures, 0);
+}
+
+#[test]
+fn a_resync_asks_whether_the_prompt_still_plays_instead_of_replaying_it() {
+    let mut h = H::new(policy());
+    h.input(Input::LinkDown);
+    h.input(Input::Resync);
+    check(
+        &h,
+        "answer
+         play enter-number
+         check prompt (playing)",
+    );
+    // The end was lost in the gap: the adapter reports it, and collection starts.
+    let id = h.playing[0].0;
+    h.playing.clear();
+    h.input(Input::PlaybackEnded(id));
+    assert!(h.timers.contains_key(&Timer::FirstDigit));
+}
+
+#[test]
+fn a_silent_caller_on_a_flapping_link_ends_pbx_lost_before_the_deadline() {
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    for _ in 0..=MAX_LINK_REPROMPTS {
+        h.input(Input::LinkDown);
+        h.input(Input::Resync);
+        h.fire(Timer::FirstDigit);
+        if !h.playing.is_empty() {
+            h.prompt_ends();
+        }
+    }
+    let finish = h.finishes.last().expect("finished");
+    assert_eq!(finish.0, Outcome::NotVerified(Reason::PbxLost));
+    assert_eq!(finish.1, Some(route("queues,support-fallback,1")));
+    assert_eq!(h.call.entry_failures, 0);
+    assert!(h.elapsed() < policy().gate_deadline / 2);
+    assert_eq!(
+        h.transcript()
+            .matches("play start-again+enter-number")
+            .count(),
+        MAX_LINK_REPROMPTS as usize
+    );
+}
+
+#[test]
+fn a_gap_during_the_retry_offer_plays_it_again() {
+    let mut h = H::new(policy());
+    to_holding(&mut h);
+    h.poll(Poll::Failed(Reason::UserCancelled));
+    h.prompt_ends();
+    h.input(Input::LinkDown);
+    h.input(Input::Resync);
+    h.fire(Timer::RetryOffer);
+    assert!(h.transcript().ends_with("play start-again+retry-offer"));
+    h.prompt_ends();
+    h.keys("1");
+    assert!(h.transcript().ends_with("idp start number"));
 }
 
 #[test]
@@ -620,6 +710,7 @@ enum Step {
     NextTimer,
     Hangup,
     Interrupt,
+    LinkDown,
     Resync,
     StartOk,
     StartErr(u8),
@@ -633,6 +724,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => Just(Step::NextTimer),
         1 => Just(Step::Hangup),
         1 => Just(Step::Interrupt),
+        1 => Just(Step::LinkDown),
         1 => Just(Step::Resync),
         3 => Just(Step::StartOk),
         1 => (0u8..6).prop_map(Step::StartErr),
@@ -670,6 +762,7 @@ impl H {
             }
             Step::Hangup => self.hangup(),
             Step::Interrupt => self.input(Input::Interrupt(Reason::Restart)),
+            Step::LinkDown => self.input(Input::LinkDown),
             Step::Resync => self.input(Input::Resync),
             Step::StartOk => {
                 if self.start_in_flight {

@@ -113,6 +113,13 @@ impl CallControl for AriControl {
         })
     }
 
+    fn playback_running<'a>(
+        &'a self,
+        playback_id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ControlError>> {
+        Box::pin(async move { self.client.playback_exists(playback_id).await.map_err(map) })
+    }
+
     fn start_moh<'a>(&'a self, class: &'a str) -> BoxFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
             let class = (!class.is_empty()).then_some(class);
@@ -195,6 +202,12 @@ impl Adapter {
                     tracing::warn!("ari disconnected");
                     self.readiness.pbx_connected.store(false, Ordering::SeqCst);
                     self.deps.metrics.set_pbx_connected(false);
+                    // Digits and prompt ends are lost until the link is back: the calls must not charge
+                    // that to the caller.
+                    let registry = &self.deps.registry;
+                    for id in registry.ids() {
+                        registry.send(&id, CallEvent::LinkDown).await;
+                    }
                 }
                 Incoming::Event(event) => self.route(*event).await,
             }
@@ -384,10 +397,10 @@ impl Adapter {
                 return;
             }
         };
+        // A channel the application lists is still in Stasis with us: no per-call round trip (a
+        // flapping link would otherwise cost one request per call per reconnect).
         for id in before {
-            let alive =
-                listed.contains(&id) && matches!(self.client.get_channel(&id).await, Ok(Some(_)));
-            let event = if alive {
+            let event = if listed.contains(&id) {
                 CallEvent::Resync
             } else {
                 CallEvent::Hangup

@@ -9,8 +9,12 @@
 //!   two intervals after a ping is declared dead.
 //! - After every successful (re)connect it emits [`Incoming::Connected`] (the consumer reconciles:
 //!   events during a gap are lost, Asterisk does not queue them); after losing an established
-//!   connection it emits [`Incoming::Disconnected`]. Reconnects use jittered exponential backoff
-//!   between `reconnect_min` and `reconnect_max`, reset after a healthy connection.
+//!   connection it emits [`Incoming::Disconnected`]. After losing a connection that had proven
+//!   itself (it stayed up for [`PROVEN_AFTER`] or delivered a frame) the first reconnect is
+//!   immediate and the backoff starts over; only failing attempts make it grow (jittered,
+//!   exponential, between `reconnect_min` and `reconnect_max`). While no socket is connected
+//!   Asterisk drops our events and fails new calls into the dialplan fallback, so an accepted
+//!   connection that is cut later must never push the next attempt seconds away.
 //! - On `ApplicationReplaced` (another connection took the application over) the event is forwarded,
 //!   the state becomes [`ConnState::Replaced`] and nothing more is forwarded; the task **does not
 //!   reconnect** (that would steal the application back and the two instances would flap). It keeps
@@ -57,6 +61,10 @@ pub enum ConnState {
     /// Another connection owns the application; the task has ended.
     Replaced,
 }
+
+/// A connection that stayed up this long had been accepted and worked: losing it is a cut link,
+/// not a failing server, so the reconnect is immediate.
+pub const PROVEN_AFTER: Duration = Duration::from_secs(1);
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -120,6 +128,8 @@ async fn run(
     };
     let mut backoff = settings.reconnect_min;
     loop {
+        // Set when a proven connection was lost: the next attempt goes out at once.
+        let mut retry_now = false;
         state.send_replace(ConnState::Connecting);
         let attempt = tokio::time::timeout(settings.request_timeout, connect(&url, &settings));
         let attempt = tokio::select! {
@@ -134,6 +144,7 @@ async fn run(
                 if !deliver(&tx, &shutdown, Incoming::Connected).await {
                     break;
                 }
+                let opened = clock();
                 match session(socket, &settings, &tx, &shutdown, &state).await {
                     SessionEnd::Shutdown | SessionEnd::ReceiverGone => break,
                     SessionEnd::Replaced => {
@@ -146,8 +157,9 @@ async fn run(
                         if !deliver(&tx, &shutdown, Incoming::Disconnected).await {
                             break;
                         }
-                        if healthy {
+                        if healthy || opened.elapsed() >= PROVEN_AFTER {
                             backoff = settings.reconnect_min;
+                            retry_now = true;
                         }
                     }
                 }
@@ -160,6 +172,10 @@ async fn run(
                 tracing::warn!("ari events connect timed out");
                 state.send_replace(ConnState::Disconnected);
             }
+        }
+        if retry_now {
+            tracing::debug!("ari events reconnecting at once");
+            continue;
         }
         let delay = jittered(backoff);
         backoff = backoff.saturating_mul(2).min(settings.reconnect_max);
@@ -175,6 +191,11 @@ async fn run(
     }
     state.send_replace(ConnState::Disconnected);
     tracing::info!(app = %settings.app, "ari events stopped");
+}
+
+#[allow(clippy::disallowed_methods)] // how long a connection lived decides the reconnect delay
+fn clock() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// Half the delay fixed, half random ("equal jitter"), so reconnecting instances spread out.

@@ -74,6 +74,20 @@ impl Error {
     }
 }
 
+/// A failed exchange, and whether repeating it is safe.
+enum Retry {
+    Yes(Error),
+    No(Error),
+}
+
+impl Retry {
+    fn into_error(self) -> Error {
+        match self {
+            Retry::Yes(e) | Retry::No(e) => e,
+        }
+    }
+}
+
 /// What a request addresses; decides what a 404 means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -227,28 +241,14 @@ impl Client {
         url.path_segments_mut()
             .map_err(|_| Error::Config("url cannot be a base".into()))?
             .extend(path);
-        let mut request = self
-            .http
-            .request(method.clone(), url)
-            .basic_auth(&self.username, Some(self.password.expose()));
-        if !query.is_empty() {
-            request = request.query(query);
+        let mut answer = self.exchange(&method, &url, query, body.as_ref()).await;
+        // A link reset (a proxy or firewall cutting pooled connections) must not fail a call's
+        // request: one immediate retry when the request surely never reached Asterisk, or when it
+        // is a read.
+        if let Err(Retry::Yes(_)) = &answer {
+            answer = self.exchange(&method, &url, query, body.as_ref()).await;
         }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let exchange = async {
-            let response = request.send().await?;
-            let status = response.status();
-            let body = response.bytes().await?;
-            Ok::<_, reqwest::Error>(Answer { status, body })
-        };
-        let answer = match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(Error::Timeout),
-            Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout),
-            Ok(Err(e)) => Err(Error::Transport(e.without_url().to_string())),
-            Ok(Ok(answer)) => Ok(answer),
-        };
+        let answer = answer.map_err(Retry::into_error);
         match &answer {
             Ok(a) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
                 status = a.status.as_u16(), "ari request"),
@@ -256,6 +256,45 @@ impl Client {
                 error = %e, "ari request failed"),
         }
         answer
+    }
+
+    async fn exchange(
+        &self,
+        method: &Method,
+        url: &Url,
+        query: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer, Retry> {
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .basic_auth(&self.username, Some(self.password.expose()));
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status();
+            let body = response.bytes().await?;
+            Ok::<_, reqwest::Error>(Answer { status, body })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Err(_) => Err(Retry::No(Error::Timeout)),
+            Ok(Err(e)) if e.is_timeout() => Err(Retry::No(Error::Timeout)),
+            Ok(Err(e)) => {
+                let safe = e.is_connect() || *method == Method::GET;
+                let error = Error::Transport(e.without_url().to_string());
+                if safe {
+                    Err(Retry::Yes(error))
+                } else {
+                    Err(Retry::No(error))
+                }
+            }
+            Ok(Ok(answer)) => Ok(answer),
+        }
     }
 
     /// `POST /channels/{ch}/answer`.
@@ -285,6 +324,17 @@ impl Client {
         )
         .await?
         .json(Target::Channel)
+    }
+
+    /// `GET /playbacks/{pb}`: whether the playback still exists (it is gone once it has finished).
+    pub async fn playback_exists(&self, pb: &str) -> Result<bool, Error> {
+        let answer = self
+            .send(Method::GET, &["playbacks", pb], &[], None)
+            .await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(false);
+        }
+        answer.empty(Target::Other).map(|()| true)
     }
 
     /// `DELETE /playbacks/{pb}`. A playback that is already gone (404) counts as stopped.
