@@ -14,6 +14,7 @@ use crate::policy::Route;
 use crate::prompts::Language;
 use crate::verify::Stage;
 
+pub mod journal;
 pub mod limits;
 pub mod registry;
 pub mod task;
