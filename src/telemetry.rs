@@ -59,6 +59,27 @@ where
     }
 }
 
+/// Displays an error followed by its sources (`outer: cause: root cause`), for log fields: many errors
+/// (reqwest's among them) name only their own layer and leave the cause to `source()`. A source whose
+/// text the line already ends with is not repeated.
+pub struct ErrorChain<'e>(pub &'e (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            if !line.ends_with(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            next = e.source();
+        }
+        f.write_str(&line)
+    }
+}
+
 /// Steps of the verification funnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FunnelStep {
@@ -280,35 +301,51 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A log writer for tests that is not a terminal: everything written ends up in one buffer.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogCapture(std::sync::Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl LogCapture {
+    /// Installs a text subscriber (no colour, everything at debug and above) writing here, for the
+    /// current thread until the guard is dropped.
+    pub(crate) fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let filter = tracing_subscriber::EnvFilter::new("debug");
+        tracing::subscriber::set_default(subscriber(LogFormat::Text, filter, false, self.clone()))
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'w self) -> LogCapture {
+        self.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outcome::Reason;
-    use std::sync::Arc;
-
-    /// A writer that is not a terminal: everything written ends up in one buffer.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Capture {
-        type Writer = Capture;
-        fn make_writer(&'w self) -> Capture {
-            self.clone()
-        }
-    }
 
     fn logged(format: LogFormat, ansi: bool) -> String {
-        let out = Capture::default();
+        let out = LogCapture::default();
         let sub = subscriber(
             format,
             tracing_subscriber::EnvFilter::new("info"),
@@ -318,8 +355,45 @@ mod tests {
         tracing::subscriber::with_default(sub, || {
             tracing::warn!(queue = "support", "call left the gate");
         });
-        let bytes = out.0.lock().unwrap().clone();
-        String::from_utf8(bytes).unwrap()
+        out.text()
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    #[test]
+    fn error_chain_shows_every_source_once() {
+        let root = Layer {
+            text: "received fatal alert: BadCertificate",
+            source: None,
+        };
+        let middle = Layer {
+            text: "client error (Connect)",
+            source: Some(Box::new(root)),
+        };
+        let outer = Layer {
+            text: "error sending request",
+            source: Some(Box::new(middle)),
+        };
+        assert_eq!(
+            ErrorChain(&outer).to_string(),
+            "error sending request: client error (Connect): received fatal alert: BadCertificate"
+        );
+        // A layer that already prints its source does not get it twice.
+        let io = Layer {
+            text: "no such file",
+            source: None,
+        };
+        let read = Layer {
+            text: "cannot read x: no such file",
+            source: Some(Box::new(io)),
+        };
+        assert_eq!(ErrorChain(&read).to_string(), "cannot read x: no such file");
     }
 
     #[test]

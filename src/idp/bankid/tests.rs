@@ -773,6 +773,19 @@ async fn pem_identity_problems_name_the_file() {
             .contains(&files.client_cert.display().to_string()),
         "{e}"
     );
+    // A missing file: the path, then the cause once (as `main` prints a startup error).
+    let missing = files.dir.join("missing.crt");
+    settings.identity = Some(ClientIdentity::Pem {
+        cert: missing.clone(),
+        key: files.client_key.clone(),
+    });
+    let e = anyhow::Error::new(Client::new(&settings).unwrap_err());
+    let shown = format!("{e:#}");
+    assert!(
+        shown.starts_with(&format!("cannot read {}: ", missing.display())),
+        "{shown}"
+    );
+    assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
     // A server_ca without certificates.
     settings = sim.settings();
     settings.server_ca = Some(files.client_key.clone());
@@ -910,6 +923,30 @@ async fn server_refuses_clients_without_an_accepted_certificate() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(sim.starts(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_handshake_is_logged_with_its_cause() {
+    let (sim, _token) = tls_sim().await;
+    let files = sim.files().unwrap();
+    let mut settings = sim.settings();
+    settings.identity = Some(crate::idp::sim::foreign_client(&files.dir.join("foreign")).unwrap());
+    let client = Client::new(&settings).unwrap();
+    let logs = crate::telemetry::LogCapture::default();
+    let result = {
+        let _guard = logs.install();
+        client.start(&order(NUMBER)).await
+    };
+    assert!(result.is_err(), "{result:?}");
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("bankid request failed"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // reqwest names only its own layer; the TLS cause comes from the source chain.
+    assert!(line.contains("error sending request"), "{line}");
+    assert!(line.contains("alert"), "{line}");
+    assert!(!line.contains(NUMBER), "{line}");
 }
 
 #[tokio::test]
