@@ -17,23 +17,67 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber (`RUST_LOG` filters; default `info`).
+/// Installs the global tracing subscriber on stderr (`RUST_LOG` filters; default `info`).
 pub fn init_logging(format: LogFormat) {
     init_logging_with(format, "info");
 }
 
-/// Installs the global tracing subscriber with a default filter used when `RUST_LOG` is unset.
+/// Installs the global tracing subscriber on stderr with a default filter used when `RUST_LOG` is
+/// unset. Text is coloured only when stderr is a terminal and `NO_COLOR` is unset or empty.
 pub fn init_logging_with(format: LogFormat, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    use std::io::IsTerminal;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let env = |name: &str| std::env::var(name).ok();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let ansi = use_colour(std::io::stderr().is_terminal(), &env);
+    let _ = subscriber(format, filter, ansi, std::io::stderr).try_init();
+}
+
+/// Whether text logs get ANSI colours: only on a terminal, and never when `NO_COLOR` has a non-empty
+/// value (<https://no-color.org>). `env` looks up an environment variable.
+pub fn use_colour(is_terminal: bool, env: &dyn Fn(&str) -> Option<String>) -> bool {
+    is_terminal && env("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// The log subscriber: `format` lines written to `writer`, filtered by `filter`; `ansi` colours text.
+pub fn subscriber<W>(
+    format: LogFormat,
+    filter: tracing_subscriber::EnvFilter,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
+        LogFormat::Json => Box::new(builder.json().with_ansi(false).finish()),
+    }
+}
+
+/// Displays an error followed by its sources (`outer: cause: root cause`), for log fields: many errors
+/// (reqwest's among them) name only their own layer and leave the cause to `source()`. A source whose
+/// text the line already ends with is not repeated.
+pub struct ErrorChain<'e>(pub &'e (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = self.0.to_string();
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            let text = e.to_string();
+            if !line.ends_with(&text) {
+                line.push_str(": ");
+                line.push_str(&text);
+            }
+            next = e.source();
+        }
+        f.write_str(&line)
+    }
 }
 
 /// Steps of the verification funnel.
@@ -257,10 +301,127 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// A log writer for tests that is not a terminal: everything written ends up in one buffer.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct LogCapture(std::sync::Arc<Mutex<Vec<u8>>>);
+
+#[cfg(test)]
+impl LogCapture {
+    /// Installs a text subscriber (no colour, everything at debug and above) writing here, for the
+    /// current thread until the guard is dropped.
+    pub(crate) fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let filter = tracing_subscriber::EnvFilter::new("debug");
+        tracing::subscriber::set_default(subscriber(LogFormat::Text, filter, false, self.clone()))
+    }
+
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[cfg(test)]
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'w self) -> LogCapture {
+        self.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::outcome::Reason;
+
+    fn logged(format: LogFormat, ansi: bool) -> String {
+        let out = LogCapture::default();
+        let sub = subscriber(
+            format,
+            tracing_subscriber::EnvFilter::new("info"),
+            ansi,
+            out.clone(),
+        );
+        tracing::subscriber::with_default(sub, || {
+            tracing::warn!(queue = "support", "call left the gate");
+        });
+        out.text()
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    #[test]
+    fn error_chain_shows_every_source_once() {
+        let root = Layer {
+            text: "received fatal alert: BadCertificate",
+            source: None,
+        };
+        let middle = Layer {
+            text: "client error (Connect)",
+            source: Some(Box::new(root)),
+        };
+        let outer = Layer {
+            text: "error sending request",
+            source: Some(Box::new(middle)),
+        };
+        assert_eq!(
+            ErrorChain(&outer).to_string(),
+            "error sending request: client error (Connect): received fatal alert: BadCertificate"
+        );
+        // A layer that already prints its source does not get it twice.
+        let io = Layer {
+            text: "no such file",
+            source: None,
+        };
+        let read = Layer {
+            text: "cannot read x: no such file",
+            source: Some(Box::new(io)),
+        };
+        assert_eq!(ErrorChain(&read).to_string(), "cannot read x: no such file");
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let unset = |_: &str| None;
+        let set = |v: &'static str| move |name: &str| (name == "NO_COLOR").then(|| v.to_owned());
+        assert!(use_colour(true, &unset));
+        assert!(!use_colour(false, &unset));
+        assert!(!use_colour(true, &set("1")));
+        assert!(!use_colour(false, &set("1")));
+        // An empty NO_COLOR does not count (no-color.org).
+        assert!(use_colour(true, &set("")));
+    }
+
+    #[test]
+    fn logs_to_a_file_carry_no_escape_codes() {
+        // A file or the journal is not a terminal.
+        let text = logged(LogFormat::Text, use_colour(false, &|_: &str| None));
+        assert!(text.contains("call left the gate"), "{text}");
+        assert!(text.contains("queue=\"support\""), "{text}");
+        assert!(!text.contains('\x1b'), "{text:?}");
+        let json = logged(LogFormat::Json, true);
+        assert!(json.contains("\"call left the gate\""), "{json}");
+        assert!(!json.contains('\x1b'), "{json:?}");
+        // The same line on a terminal is coloured, so the checks above can fail.
+        let coloured = logged(LogFormat::Text, use_colour(true, &|_: &str| None));
+        assert!(coloured.contains('\x1b'), "{coloured:?}");
+    }
 
     #[test]
     fn renders_counters_gauges_and_histograms() {

@@ -36,6 +36,7 @@ use super::wire::{
 use crate::idp::{BankIdSettings, BoxFuture, Provider};
 use crate::outcome::{Identity, Reason};
 use crate::pnr::PersonalNumber;
+use crate::telemetry::ErrorChain;
 use crate::verify::{Initiator, Order, OrderRef, Poll, ProviderError, Stage, Started};
 
 /// BankID's limit on `userVisibleData` for auth orders, in characters after base64.
@@ -50,7 +51,7 @@ const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub enum Error {
     #[error("bankid url {url:?}: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -188,7 +189,7 @@ impl Client {
             Ok(r) => r,
             Err(e) => {
                 let class = classify_transport(&e);
-                warn!(method = endpoint.path(), error = %e, class = ?class, "bankid request failed");
+                warn!(method = endpoint.path(), error = %ErrorChain(&e), class = ?class, "bankid request failed");
                 return Err(class);
             }
         };
@@ -210,7 +211,7 @@ impl Client {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(method = endpoint.path(), status = status.as_u16(), error = %e, "bankid answer unreadable");
+                    warn!(method = endpoint.path(), status = status.as_u16(), error = %ErrorChain(&e), "bankid answer unreadable");
                     return Err(ProviderError::OutcomeUnknown);
                 }
             }

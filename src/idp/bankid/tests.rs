@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{evidence_digest, map_collect, visible_data};
-use super::tls::client_config;
+use super::tls::{client_config, x509_version};
 use super::wire::*;
 use super::{Client, Error};
 use crate::idp::sim::{self, Scenario, SimOptions};
@@ -773,11 +773,118 @@ async fn pem_identity_problems_name_the_file() {
             .contains(&files.client_cert.display().to_string()),
         "{e}"
     );
+    // A missing file: the path, then the cause once (as `main` prints a startup error).
+    let missing = files.dir.join("missing.crt");
+    settings.identity = Some(ClientIdentity::Pem {
+        cert: missing.clone(),
+        key: files.client_key.clone(),
+    });
+    let e = anyhow::Error::new(Client::new(&settings).unwrap_err());
+    let shown = format!("{e:#}");
+    assert!(
+        shown.starts_with(&format!("cannot read {}: ", missing.display())),
+        "{shown}"
+    );
+    assert_eq!(shown.matches("os error 2").count(), 1, "{shown}");
     // A server_ca without certificates.
     settings = sim.settings();
     settings.server_ca = Some(files.client_key.clone());
     let e = Client::new(&settings).unwrap_err();
     assert!(e.to_string().contains("client.key"), "{e}");
+}
+
+fn v1_fixture() -> (PathBuf, PathBuf) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/bankid");
+    (dir.join("rp_v1.crt"), dir.join("rp_v1.key"))
+}
+
+fn pem_ders(path: &std::path::Path) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(|c| c.unwrap().to_vec())
+        .collect()
+}
+
+#[tokio::test]
+async fn x509_versions_are_read_from_der() {
+    let (sim, _token) = tls_sim().await;
+    let generated = pem_ders(&sim.files().unwrap().client_cert);
+    assert_eq!(generated.len(), 2);
+    for der in &generated {
+        assert_eq!(x509_version(der), Some(3));
+    }
+    let v1 = pem_ders(&v1_fixture().0);
+    assert_eq!(x509_version(&v1[0]), Some(1));
+    // Cut short or not a certificate: unknown, left to rustls.
+    assert_eq!(x509_version(&generated[0][..40]), None);
+    assert_eq!(x509_version(b"not a certificate"), None);
+    assert_eq!(x509_version(&[]), None);
+}
+
+#[tokio::test]
+async fn an_x509_v1_rp_certificate_is_refused_up_front_naming_the_file() {
+    let (sim, _token) = tls_sim().await;
+    let (cert, key) = v1_fixture();
+    let check = |settings: &BankIdSettings, file: &std::path::Path, what: &str| {
+        let e = Client::new(settings).unwrap_err();
+        assert!(matches!(e, Error::Identity { .. }), "{e:?}");
+        let message = e.to_string();
+        assert!(
+            message.starts_with(&file.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains(what), "{message}");
+        assert!(message.contains("must be X.509 v3"), "{message}");
+    };
+
+    // PEM.
+    let mut settings = sim.settings();
+    settings.identity = Some(ClientIdentity::Pem {
+        cert: cert.clone(),
+        key: key.clone(),
+    });
+    check(&settings, &cert, "the RP certificate is X.509 v1");
+
+    // The same certificate and key as PKCS#12.
+    use p12_keystore::{Certificate, KeyStore, KeyStoreEntry, PrivateKey, PrivateKeyChain};
+    use rustls_pki_types::pem::PemObject;
+    let key_der = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(&key).unwrap();
+    let mut store = KeyStore::new();
+    let chain = PrivateKeyChain::new(
+        "rp",
+        PrivateKey::from_der(key_der.secret_pkcs8_der()).unwrap(),
+        [Certificate::from_der(&pem_ders(&cert)[0]).unwrap()],
+    );
+    store.add_entry("rp", KeyStoreEntry::PrivateKeyChain(chain));
+    let p12 = store
+        .writer("pw")
+        .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithHmacSha256AndAes256)
+        .mac_algorithm(p12_keystore::MacAlgorithm::HmacSha256)
+        .write()
+        .unwrap();
+    let p12_path = sim.files().unwrap().dir.join("rp_v1.p12");
+    std::fs::write(&p12_path, p12).unwrap();
+    settings.identity = Some(ClientIdentity::Pkcs12 {
+        path: p12_path.clone(),
+        password: Secret::new("pw"),
+    });
+    check(&settings, &p12_path, "the RP certificate is X.509 v1");
+
+    // A v3 RP certificate whose chain file also carries a v1 certificate.
+    let files = sim.files().unwrap();
+    let mixed = files.dir.join("mixed_chain.pem");
+    let mut text = std::fs::read_to_string(&files.client_cert).unwrap();
+    text.push_str(&std::fs::read_to_string(&cert).unwrap());
+    std::fs::write(&mixed, text).unwrap();
+    settings.identity = Some(ClientIdentity::Pem {
+        cert: mixed.clone(),
+        key: files.client_key.clone(),
+    });
+    check(&settings, &mixed, "certificate 3 in the chain");
+
+    // The simulator's own v3 identity still loads.
+    assert!(Client::new(&sim.settings_pem()).is_ok());
 }
 
 /// A reqwest client trusting the simulator's root, with `identity` (possibly none).
@@ -816,6 +923,30 @@ async fn server_refuses_clients_without_an_accepted_certificate() {
         .unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(sim.starts(), 1);
+}
+
+#[tokio::test]
+async fn a_refused_handshake_is_logged_with_its_cause() {
+    let (sim, _token) = tls_sim().await;
+    let files = sim.files().unwrap();
+    let mut settings = sim.settings();
+    settings.identity = Some(crate::idp::sim::foreign_client(&files.dir.join("foreign")).unwrap());
+    let client = Client::new(&settings).unwrap();
+    let logs = crate::telemetry::LogCapture::default();
+    let result = {
+        let _guard = logs.install();
+        client.start(&order(NUMBER)).await
+    };
+    assert!(result.is_err(), "{result:?}");
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("bankid request failed"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // reqwest names only its own layer; the TLS cause comes from the source chain.
+    assert!(line.contains("error sending request"), "{line}");
+    assert!(line.contains("alert"), "{line}");
+    assert!(!line.contains(NUMBER), "{line}");
 }
 
 #[tokio::test]

@@ -104,11 +104,13 @@ pub(crate) fn load_identity(
                     reason: "no certificate for the private key".into(),
                 });
             }
+            check_v3(path, &certs)?;
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(chain.key().as_der().to_vec()));
             Ok((certs, key))
         }
         ClientIdentity::Pem { cert, key } => {
             let certs = read_certs(cert)?;
+            check_v3(cert, &certs)?;
             let key_pem = read(key)?;
             let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| Error::Pem {
                 path: key.to_owned(),
@@ -120,6 +122,81 @@ pub(crate) fn load_identity(
             Ok((certs, key_der))
         }
     }
+}
+
+/// Refuses an RP chain with a certificate older than X.509 v3. rustls would send it, and the server
+/// would refuse the handshake with an error ("UnsupportedCertVersion") that reads as its own fault.
+fn check_v3(path: &Path, chain: &[CertificateDer<'_>]) -> Result<(), Error> {
+    for (n, cert) in chain.iter().enumerate() {
+        let Some(version) = x509_version(cert) else {
+            // Not parsable here: left to rustls and the server, which report it.
+            continue;
+        };
+        if version == 3 {
+            continue;
+        }
+        let reason = if n == 0 {
+            format!(
+                "the RP certificate is X.509 v{version}; it must be X.509 v3 \
+                 (have it issued again as v3)"
+            )
+        } else {
+            format!(
+                "certificate {} in the chain (an issuer of the RP certificate) is X.509 \
+                 v{version}; every certificate of the RP chain must be X.509 v3",
+                n + 1
+            )
+        };
+        return Err(Error::Identity {
+            path: path.to_owned(),
+            reason,
+        });
+    }
+    Ok(())
+}
+
+/// The X.509 version (1, 2 or 3) of a DER certificate, or `None` when it does not parse that far.
+/// `Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] EXPLICIT version DEFAULT v1, … } … }`,
+/// where the version is stored as 0, 1 or 2.
+pub(super) fn x509_version(der: &[u8]) -> Option<u8> {
+    let (_, certificate) = der_element(der, 0x30)?;
+    let (_, tbs) = der_element(certificate, 0x30)?;
+    if tbs.first() != Some(&0xa0) {
+        return Some(1);
+    }
+    let (_, explicit) = der_element(tbs, 0xa0)?;
+    let (_, value) = der_element(explicit, 0x02)?;
+    match value {
+        [v @ 0..=2] => Some(v + 1),
+        _ => None,
+    }
+}
+
+/// Splits the DER element with `tag` at the start of `input` into (the rest, its contents).
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = input.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let (len, rest) = if len < 0x80 {
+        (usize::from(len), rest)
+    } else {
+        let octets = usize::from(len & 0x7f);
+        if octets == 0 || octets > 4 || rest.len() < octets {
+            return None;
+        }
+        let (bytes, rest) = rest.split_at(octets);
+        let len = bytes
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, rest)
+    };
+    if rest.len() < len {
+        return None;
+    }
+    let (contents, rest) = rest.split_at(len);
+    Some((rest, contents))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
