@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
 use crate::audit::Audit;
+use crate::calls::journal::Journal;
 use crate::calls::limits::{self, Limits};
 use crate::calls::task::Deps;
 use crate::calls::{Registry, Report};
@@ -78,6 +79,18 @@ pub async fn start(
         )
     })?;
     let audit_path = audit.path().to_path_buf();
+    let (journal, left_open) = Journal::open(&cfg.server.data_dir).with_context(|| {
+        format!(
+            "opening the order journal in {}",
+            cfg.server.data_dir.display()
+        )
+    })?;
+    if !left_open.is_empty() {
+        tracing::warn!(
+            orders = left_open.len(),
+            "orders left open by the previous run: resuming those whose callers still wait, cancelling the rest"
+        );
+    }
 
     let mut simulators = Vec::new();
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
@@ -128,6 +141,7 @@ pub async fn start(
         key,
         verify: opts.verify.clone().unwrap_or_default(),
         audit: Some(audit),
+        journal: Some(journal),
         metrics: Arc::clone(&metrics),
         registry: registry.clone(),
         reports: reports.clone(),
@@ -152,6 +166,7 @@ pub async fn start(
         tracker: tracker.clone(),
         calls: calls_token.clone(),
         seen: Default::default(),
+        left_open: std::sync::Mutex::new(left_open),
     });
     let router_token = CancellationToken::new();
     let router = tokio::spawn(Arc::clone(&adapter).run(events_rx, router_token.clone()));

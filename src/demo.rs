@@ -104,13 +104,14 @@ pub struct Lab {
 
 impl Lab {
     pub async fn start(options: LabOptions) -> anyhow::Result<Lab> {
-        Lab::start_after(options, async |_| {}).await
+        Lab::start_after(options, async |_, _, _| {}).await
     }
 
-    /// Starts the fakes, runs `prepare` against the fake Asterisk, then starts callgate.
+    /// Starts the fakes, runs `prepare` against the fake Asterisk, the BankID simulator and the data
+    /// directory (a previous run's leftovers), then starts callgate.
     pub async fn start_after(
         options: LabOptions,
-        prepare: impl AsyncFnOnce(&FakeAsterisk),
+        prepare: impl AsyncFnOnce(&FakeAsterisk, &Simulator, &std::path::Path),
     ) -> anyhow::Result<Lab> {
         let asterisk = pbx_sim::start(
             TcpListener::bind("127.0.0.1:0").await?,
@@ -204,7 +205,7 @@ unavailable = "queues,support-fallback,1"
         std::fs::create_dir_all(&data_dir)?;
         let config_path = data_dir.join("callgate.toml");
         std::fs::write(&config_path, &toml)?;
-        prepare(&asterisk).await;
+        prepare(&asterisk, &bankid, &data_dir).await;
         let cfg = crate::config::load(&toml, &HashMap::new(), &|_| None).map_err(|issues| {
             anyhow::anyhow!(
                 "lab config: {}",

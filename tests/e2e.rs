@@ -311,7 +311,7 @@ async fn unknown_queue_without_defaults_continues_in_the_dialplan() {
 async fn after_our_restart_callers_left_in_stasis_are_routed_as_interrupted() {
     logs();
     let mut stranded = String::new();
-    let mut lab = Lab::start_after(LabOptions::fast(), async |asterisk| {
+    let mut lab = Lab::start_after(LabOptions::fast(), async |asterisk, _, _| {
         // A previous callgate took the call into Stasis, then died.
         let (tx, mut rx) = tokio::sync::mpsc::channel(64);
         let token = tokio_util::sync::CancellationToken::new();
@@ -338,6 +338,84 @@ async fn after_our_restart_callers_left_in_stasis_are_routed_as_interrupted() {
     assert_eq!(var(&end, "CALLGATE_STATUS"), "interrupted");
     assert_eq!(var(&end, "CALLGATE_REASON"), "restart");
     lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+#[allow(clippy::disallowed_methods)] // the test plays the previous run, which read the clock
+async fn a_crash_mid_approval_resumes_the_waiting_caller_and_cancels_the_orphaned_order() {
+    use callgate::calls::journal::{Entry, Journal};
+    use callgate::idp::Provider as _;
+    use callgate::pnr::PersonalNumber;
+    use callgate::verify::{Initiator, Order};
+
+    logs();
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_millis(300);
+    let waiting_number = person(211);
+    let gone_number = person(212);
+    let mut waiting = String::new();
+    let mut lab = Lab::start_after(options, async |asterisk, bankid, data_dir| {
+        // The previous run: took the caller into Stasis, started and journalled two orders (the other
+        // caller hung up while it was down), then was killed.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let token = tokio_util::sync::CancellationToken::new();
+        let (task, _) = callgate::pbx::ari::events::spawn(asterisk.settings(), tx, token.clone());
+        asterisk.wait_for_connected().await;
+        waiting = asterisk.call(Caller::new("46700000211"));
+        while let Some(i) = rx.recv().await {
+            if matches!(i, callgate::pbx::ari::events::Incoming::Event(ref e) if e.kind() == "StasisStart")
+            {
+                break;
+            }
+        }
+        let client = callgate::idp::bankid::Client::new(&bankid.settings()).unwrap();
+        let (journal, left) = Journal::open(data_dir).unwrap();
+        assert!(left.is_empty());
+        for (number, call) in [(&waiting_number, waiting.clone()), (&gone_number, "gone.1".into())] {
+            let number = PersonalNumber::parse_swedish_12(number).unwrap();
+            let started = client
+                .start(&Order {
+                    number: number.clone(),
+                    initiator: Initiator::Caller,
+                    text: None,
+                    pin_code: false,
+                })
+                .await
+                .unwrap();
+            assert!(
+                journal
+                    .opened(Entry {
+                        order: started.order.0,
+                        call,
+                        queue: "support".into(),
+                        idp: "bankid".into(),
+                        reference: format!("ref-{}", &number.pseudonym(journal.key())[..8]),
+                        person: journal.person(&number),
+                        started_ms: callgate::calls::task::unix_ms(std::time::SystemTime::now()),
+                    })
+                    .await
+            );
+        }
+        assert_eq!(bankid.open_orders(), 2);
+        token.cancel();
+        task.await.unwrap();
+        asterisk.wait_for_disconnected().await;
+    })
+    .await
+    .unwrap();
+    let report = lab.report(&waiting).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    assert!(report.reference.starts_with("ref-"));
+    let end = lab.asterisk.wait_for_channel_end(&waiting).await;
+    assert_eq!(route(&end), "queues,support,1");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "verified");
+    assert_eq!(var(&end, "CALLGATE_REF"), report.reference);
+    // The order of the caller who is gone was cancelled; none is left on anyone's phone.
+    lab.bankid.wait_for_open_orders(0).await;
+    assert!(lab.bankid.cancels() >= 1);
+    let journal = std::fs::read_to_string(lab.data_dir.join("orders.journal")).unwrap();
+    lab.shutdown().await.unwrap();
+    assert!(!journal.contains(&waiting_number[2..]));
 }
 
 #[tokio::test]

@@ -110,6 +110,11 @@ impl Journal {
         Ok((Journal { tx, key, path }, left))
     }
 
+    /// The key of the journal's pseudonyms.
+    pub fn key(&self) -> &PseudonymKey {
+        &self.key
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

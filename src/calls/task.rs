@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::journal::{self, Journal};
 use super::limits::Limits;
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
@@ -36,6 +37,8 @@ pub struct Deps {
     pub key: PseudonymKey,
     pub verify: verify::Settings,
     pub audit: Option<Audit>,
+    /// Open orders, kept durably so that a restart can resume or cancel them.
+    pub journal: Option<Journal>,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub reports: broadcast::Sender<Report>,
@@ -50,6 +53,16 @@ pub struct Setup {
     pub info: CallInfo,
     /// The caller's number as the PBX reports it (used only, hashed, for rate limits).
     pub caller_line: String,
+    /// Set when the call's order was started by a previous process: take it over.
+    pub resume: Option<Resume>,
+}
+
+/// An order a previous process started and journalled, whose caller still waits.
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub entry: journal::Entry,
+    /// How long ago the order was created.
+    pub elapsed: Duration,
 }
 
 const INBOX: usize = 64;
@@ -63,7 +76,10 @@ pub fn spawn(
     parent: &CancellationToken,
 ) -> bool {
     let (tx, rx) = mpsc::channel(INBOX);
-    let reference = uuid::Uuid::new_v4().to_string();
+    let reference = match &setup.resume {
+        Some(r) => r.entry.reference.clone(),
+        None => uuid::Uuid::new_v4().to_string(),
+    };
     let (snap_tx, snap_rx) = watch::channel(Snapshot {
         call_id: setup.call_id.clone(),
         queue: setup.policy.name.0.clone(),
@@ -92,6 +108,8 @@ pub fn spawn(
         idp: JoinSet::new(),
         pending: Vec::new(),
         order_person: None,
+        start_person: None,
+        journalled: None,
         funnel_app: false,
         funnel_confirmed: false,
         started: now(),
@@ -135,6 +153,10 @@ struct Driver {
     pending: Vec<Input>,
     /// Pseudonym of the person whose order this call holds in the limits.
     order_person: Option<String>,
+    /// The journal's pseudonym of the person of the start in flight.
+    start_person: Option<String>,
+    /// The order of this call that is open in the journal.
+    journalled: Option<String>,
     funnel_app: bool,
     funnel_confirmed: bool,
     started: Instant,
@@ -143,13 +165,18 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut inbox: mpsc::Receiver<CallEvent>, cancel: CancellationToken) {
-        tracing::info!("call entered the gate");
-        let mut call = Call::new(
-            Arc::clone(&self.setup.policy),
-            self.deps.verify.clone(),
-            self.setup.info.clone(),
-            now().into_std(),
-        );
+        let mut call = match self.setup.resume.clone() {
+            None => {
+                tracing::info!("call entered the gate");
+                Call::new(
+                    Arc::clone(&self.setup.policy),
+                    self.deps.verify.clone(),
+                    self.setup.info.clone(),
+                    now().into_std(),
+                )
+            }
+            Some(resume) => self.resume(resume),
+        };
         let mut interrupted = false;
         loop {
             self.execute(&mut call).await;
@@ -179,6 +206,10 @@ impl Driver {
                 _ = sleep_until(next), if next.is_some() => None,
             };
             if let Some(input) = input {
+                if let Input::Idp(verify::Input::Started(Ok(started))) = &input {
+                    // Durable before the caller is told to open the app.
+                    self.journal_open(&started.order.0).await;
+                }
                 call.handle(input, now().into_std());
             }
             self.fire_due(&mut call);
@@ -192,6 +223,60 @@ impl Driver {
             tracing::warn!("provider requests still running at the end of the call");
         }
         self.release_order();
+        self.journal_close();
+    }
+
+    fn resume(&mut self, resume: Resume) -> Call {
+        tracing::info!(order = %resume.entry.order, "call resumed after a restart; collecting its order again");
+        self.journalled = Some(resume.entry.order.clone());
+        self.stages.push(Stage::OrderCreated);
+        let expect = match &self.deps.journal {
+            Some(j) => verify::Expect::Pseudonym {
+                key: j.key().clone(),
+                person: resume.entry.person.clone(),
+            },
+            // Without the journal there is nothing to resume from; the session fails closed.
+            None => verify::Expect::Pseudonym {
+                key: self.deps.key.clone(),
+                person: String::new(),
+            },
+        };
+        Call::resume(
+            Arc::clone(&self.setup.policy),
+            self.deps.verify.clone(),
+            self.setup.info.clone(),
+            verify::OrderRef(resume.entry.order),
+            expect,
+            resume.elapsed,
+            now().into_std(),
+        )
+    }
+
+    async fn journal_open(&mut self, order: &str) {
+        let Some(journal) = self.deps.journal.clone() else {
+            return;
+        };
+        self.journal_close();
+        let entry = journal::Entry {
+            order: order.to_owned(),
+            call: self.setup.call_id.clone(),
+            queue: self.setup.policy.name.0.clone(),
+            idp: self.setup.policy.idp.clone(),
+            reference: self.reference.clone(),
+            person: self.start_person.clone().unwrap_or_default(),
+            started_ms: unix_ms(wall_clock()),
+        };
+        if journal.opened(entry).await {
+            self.journalled = Some(order.to_owned());
+        } else {
+            tracing::error!("order could not be journalled; it cannot be resumed after a crash");
+        }
+    }
+
+    fn journal_close(&mut self) {
+        if let (Some(journal), Some(order)) = (&self.deps.journal, self.journalled.take()) {
+            journal.closed(&order);
+        }
     }
 
     fn translate(&self, event: CallEvent) -> Option<Input> {
@@ -343,6 +428,9 @@ impl Driver {
         };
         let idp_name = self.setup.policy.idp.clone();
         let metrics = Arc::clone(&self.deps.metrics);
+        if let (IdpCommand::Start(order), Some(journal)) = (&req, &self.deps.journal) {
+            self.start_person = Some(journal.person(&order.number));
+        }
         match req {
             IdpCommand::Start(order) if self.order_person.is_some() => {
                 // A retry of the same order (not sent, maintenance, already in progress): the person's
@@ -423,7 +511,10 @@ impl Driver {
                     m.funnel(&idp, FunnelStep::CallConfirmed);
                 }
             }
-            Stage::Done => self.release_order(),
+            Stage::Done => {
+                self.release_order();
+                self.journal_close();
+            }
             _ => {}
         }
     }
@@ -528,6 +619,13 @@ impl Driver {
             duration,
         });
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// Runs one provider request, recording its latency and logging a failure (never a body).

@@ -18,7 +18,7 @@ use crate::outcome::{Identity, Outcome, Reason, Status};
 use crate::pnr::{Kind, ParseOptions, PersonalNumber};
 use crate::policy::{QueuePolicy, Route};
 use crate::prompts::{Language, PromptId};
-use crate::verify::{self, Initiator, Order, OrderRef, Session, Stage};
+use crate::verify::{self, Expect, Initiator, Order, OrderRef, Session, Stage};
 
 #[cfg(test)]
 mod tests;
@@ -144,6 +144,8 @@ const STOP_GUARD: Duration = Duration::from_secs(2);
 /// link's fault, never counted as the caller's attempts; past this bound the call is routed as
 /// `interrupted/pbx_lost`.
 pub const MAX_LINK_REPROMPTS: u32 = 3;
+/// Time a resumed call has beyond its order's own timeout to announce and route.
+pub const RESUME_SLACK: Duration = Duration::from_secs(30);
 
 /// One caller's way through the gate.
 pub struct Call {
@@ -205,14 +207,27 @@ impl Call {
         info: CallInfo,
         now: Instant,
     ) -> Call {
+        let mut call = Call::new_in(policy, settings, info, Phase::Prompting);
+        call.arm(Timer::Deadline, now + call.policy.gate_deadline);
+        call.emit(Command::Answer);
+        call.play(vec![PromptId::EnterNumber], now);
+        call
+    }
+
+    fn new_in(
+        policy: Arc<QueuePolicy>,
+        settings: verify::Settings,
+        info: CallInfo,
+        phase: Phase,
+    ) -> Call {
         let lang = policy.language_for(&info.channel_language);
         let max_len = max_len(&policy);
-        let mut call = Call {
+        Call {
             policy,
             settings,
             info,
             lang,
-            phase: Phase::Prompting,
+            phase,
             digits: Digits::new(max_len),
             entry_failures: 0,
             any_digit_entered: false,
@@ -233,10 +248,30 @@ impl Call {
             reprompt_on_resync: false,
             link_reprompts: 0,
             out: VecDeque::new(),
-        };
-        call.arm(Timer::Deadline, now + call.policy.gate_deadline);
-        call.emit(Command::Answer);
-        call.play(vec![PromptId::EnterNumber], now);
+        }
+    }
+
+    /// Takes over a call whose order a previous process started (it crashed or was restarted while
+    /// the caller held): hold music again and the order collected at once. The gate ends no later
+    /// than the order's own timeout plus [`RESUME_SLACK`] (and never later than `gate_deadline`).
+    pub fn resume(
+        policy: Arc<QueuePolicy>,
+        settings: verify::Settings,
+        info: CallInfo,
+        order: OrderRef,
+        expect: Expect,
+        elapsed: Duration,
+        now: Instant,
+    ) -> Call {
+        let mut call = Call::new_in(policy, settings, info, Phase::Verifying);
+        call.orders = 1;
+        let mut settings = call.settings.clone();
+        settings.verify_timeout = call.policy.verify_timeout;
+        let left = settings.verify_timeout.saturating_sub(elapsed) + RESUME_SLACK;
+        call.arm(Timer::Deadline, now + left.min(call.policy.gate_deadline));
+        call.session = Some(Session::resume(order, expect, settings, elapsed, now));
+        call.start_moh();
+        call.drain_session(now);
         call
     }
 
@@ -677,7 +712,8 @@ impl Call {
                     | Reason::Superseded
             )
         );
-        if retriable && self.orders < self.policy.max_orders {
+        // A resumed call does not know the number, so it cannot offer a new order.
+        if retriable && self.number.is_some() && self.orders < self.policy.max_orders {
             self.stop_moh();
             if self.playing.is_some() {
                 self.stop_prompt(now);

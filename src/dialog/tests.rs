@@ -559,6 +559,84 @@ fn a_lost_prompt_end_does_not_stall_the_call() {
     assert!(h.transcript().ends_with("play no-input+enter-number"));
 }
 
+fn resumed(h_policy: QueuePolicy, elapsed: Duration) -> H {
+    let key = crate::pnr::PseudonymKey::new(b"journal-key".to_vec());
+    let person = PersonalNumber::parse_swedish_12(NUMBER)
+        .unwrap()
+        .pseudonym(&key);
+    let mut h = H::new(h_policy);
+    let now = h.now;
+    h.call = Call::resume(
+        Arc::clone(&h.call.policy),
+        verify::Settings::default(),
+        h.call.info.clone(),
+        OrderRef("o-old".into()),
+        verify::Expect::Pseudonym { key, person },
+        elapsed,
+        now,
+    );
+    h.log.clear();
+    h.timers.clear();
+    h.playing.clear();
+    h.open_orders = vec![OrderRef("o-old".into())];
+    h.drain();
+    h
+}
+
+#[test]
+fn a_resumed_call_holds_polls_at_once_and_ends_verified_for_the_same_person() {
+    let mut h = resumed(policy(), Duration::from_secs(30));
+    h.input(Input::Idp(verify::Input::Polled(Ok(Poll::Complete(
+        identity(NUMBER),
+    )))));
+    h.open_orders.clear();
+    h.prompt_ends();
+    check(
+        &h,
+        "moh on
+         idp poll
+         progress done
+         moh off
+         play verified
+         finish verified -> queues,support,1",
+    );
+}
+
+#[test]
+fn a_resumed_call_fails_closed_for_another_person_and_offers_no_new_order() {
+    let mut h = resumed(policy(), Duration::from_secs(30));
+    h.input(Input::Idp(verify::Input::Polled(Ok(Poll::Complete(
+        identity(OTHER),
+    )))));
+    h.prompt_ends();
+    assert_eq!(
+        h.finishes.last().map(|f| f.0),
+        Some(Outcome::NotVerified(Reason::IdentityMismatch))
+    );
+
+    let mut h = resumed(policy(), Duration::from_secs(30));
+    h.input(Input::Idp(verify::Input::Polled(Ok(Poll::Failed(
+        Reason::UserCancelled,
+    )))));
+    h.prompt_ends();
+    assert!(!h.transcript().contains("retry-offer"));
+    assert_eq!(
+        h.finishes.last().map(|f| f.0),
+        Some(Outcome::NotVerified(Reason::UserCancelled))
+    );
+}
+
+#[test]
+fn a_resumed_call_keeps_the_order_timeout_counted_from_its_start() {
+    let p = policy();
+    let verify_timeout = p.verify_timeout;
+    let h = resumed(p, verify_timeout - Duration::from_secs(10));
+    let deadline = h.timers[&Timer::Deadline];
+    assert!(deadline <= h.now + Duration::from_secs(10) + RESUME_SLACK);
+    let order_deadline = h.timers[&Timer::Verify(verify::Timer::Deadline)];
+    assert_eq!(order_deadline, h.now + Duration::from_secs(10));
+}
+
 #[test]
 fn a_gap_that_loses_no_digit_changes_nothing() {
     let mut h = H::new(policy());

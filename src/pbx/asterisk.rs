@@ -21,7 +21,8 @@ use super::ari::rest::{Client, Error};
 use super::ari::wire::{Channel, Event, PlaybackState};
 use crate::api::ops::Readiness;
 use crate::audit;
-use crate::calls::task::{self, Deps, Setup};
+use crate::calls::journal;
+use crate::calls::task::{self, Deps, Resume, Setup};
 use crate::calls::{BoxFuture, CallControl, CallEvent, ControlError, Destination, Report};
 use crate::config::Config;
 use crate::outcome::{self, Outcome, Reason, Record};
@@ -170,6 +171,9 @@ pub struct Adapter {
     pub calls: CancellationToken,
     /// Channels whose `StasisStart` was handled recently.
     pub seen: DashMap<String, tokio::time::Instant>,
+    /// Orders the previous process left open (from the journal), settled by the first reconcile:
+    /// resumed when their caller is still in our application, cancelled otherwise.
+    pub left_open: std::sync::Mutex<Vec<journal::Entry>>,
 }
 
 impl Adapter {
@@ -292,6 +296,7 @@ impl Adapter {
             policy,
             info: task::call_info(&channel.language, task::today()),
             caller_line: channel.caller.number.clone(),
+            resume: None,
         };
         if !task::spawn(
             Arc::clone(&self.deps),
@@ -407,11 +412,21 @@ impl Adapter {
             };
             registry.send(&id, event).await;
         }
+        let mut left_open: std::collections::HashMap<String, journal::Entry> = self
+            .left_open
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_else(|p| std::mem::take(&mut *p.into_inner()))
+            .into_iter()
+            .map(|e| (e.call.clone(), e))
+            .collect();
+        let settle_journal = !left_open.is_empty();
         let strays: Vec<String> = listed
             .into_iter()
             .filter(|id| !registry.contains(id) && !self.seen.contains_key(id))
             .collect();
         if strays.is_empty() {
+            self.cancel_left_open(left_open.into_values());
             return;
         }
         // A channel that entered after the connect may be listed before its StasisStart is routed:
@@ -434,8 +449,66 @@ impl Adapter {
             }
             self.remember(&id);
             let policy = queue.and_then(|q| self.config.borrow().policy_for(q));
+            if let (Some(entry), Some(policy)) = (left_open.remove(&id), &policy) {
+                if policy.idp == entry.idp && self.deps.providers.contains_key(&entry.idp) {
+                    self.resume(channel, Arc::clone(policy), entry);
+                    continue;
+                }
+                self.cancel_left_open(std::iter::once(entry));
+            }
             tracing::warn!(channel = %id, "channel in the gate without a task (restart); routing it as interrupted");
             self.route_untracked(channel, policy, Outcome::NotVerified(Reason::Restart));
+        }
+        self.cancel_left_open(left_open.into_values());
+        if settle_journal {
+            if let Some(j) = &self.deps.journal {
+                j.compact();
+            }
+        }
+    }
+
+    /// Takes over a call whose order the previous process started: its caller still waits.
+    fn resume(&self, channel: Channel, policy: Arc<QueuePolicy>, entry: journal::Entry) {
+        let elapsed = task_wall_clock()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(Duration::from_millis(entry.started_ms));
+        tracing::info!(channel = %channel.id, order = %entry.order, "resuming an order left open by the previous run");
+        let control = Arc::new(AriControl::new(self.client.clone(), &channel));
+        let setup = Setup {
+            call_id: channel.id.clone(),
+            policy,
+            info: task::call_info(&channel.language, task::today()),
+            caller_line: channel.caller.number.clone(),
+            resume: Some(Resume { entry, elapsed }),
+        };
+        task::spawn(
+            Arc::clone(&self.deps),
+            setup,
+            control,
+            &self.tracker,
+            &self.calls,
+        );
+    }
+
+    /// Cancels orders left open by the previous run whose callers are gone (no request may stay on a
+    /// person's phone for a call that has moved on), and closes them in the journal.
+    fn cancel_left_open(&self, entries: impl Iterator<Item = journal::Entry>) {
+        for entry in entries {
+            let deps = Arc::clone(&self.deps);
+            self.tracker.spawn(async move {
+                let order = crate::verify::OrderRef(entry.order.clone());
+                match deps.providers.get(&entry.idp) {
+                    Some(p) => match p.cancel(&order).await {
+                        Ok(()) => tracing::info!(order = %entry.order, "order left open by the previous run cancelled"),
+                        Err(e) => tracing::warn!(order = %entry.order, error = ?e, "could not cancel an order left open by the previous run"),
+                    },
+                    None => tracing::warn!(order = %entry.order, idp = %entry.idp, "order left open for an identity provider no longer configured"),
+                }
+                if let Some(j) = &deps.journal {
+                    j.closed(&entry.order);
+                }
+            });
         }
     }
 }

@@ -13,7 +13,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::outcome::{Identity, Outcome, Reason};
-use crate::pnr::PersonalNumber;
+use crate::pnr::{PersonalNumber, PseudonymKey};
 
 #[cfg(test)]
 mod tests;
@@ -73,6 +73,33 @@ pub struct Order {
     pub text: Option<String>,
     /// Require PIN rather than biometrics.
     pub pin_code: bool,
+}
+
+/// Whose identity a completed order must carry.
+#[derive(Clone)]
+pub enum Expect {
+    /// The number the order was started for.
+    Number(PersonalNumber),
+    /// An order resumed after a restart: only the person's pseudonym under this key is known.
+    Pseudonym { key: PseudonymKey, person: String },
+}
+
+impl Expect {
+    fn matches(&self, number: &PersonalNumber) -> bool {
+        match self {
+            Expect::Number(n) => n == number,
+            Expect::Pseudonym { key, person } => number.pseudonym(key) == *person,
+        }
+    }
+}
+
+impl fmt::Debug for Expect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expect::Number(_) => f.write_str("Expect::Number(<redacted>)"),
+            Expect::Pseudonym { .. } => f.write_str("Expect::Pseudonym(<redacted>)"),
+        }
+    }
 }
 
 /// Progress of a check, as shown to agents and used for optional caller prompts.
@@ -212,7 +239,9 @@ enum InFlight {
 
 /// One identity check.
 pub struct Session {
-    order: Order,
+    /// What to start; `None` for an order resumed after a restart (it is never started again).
+    order: Option<Order>,
+    expect: Expect,
     settings: Settings,
     stage: Stage,
     order_ref: Option<OrderRef>,
@@ -245,7 +274,8 @@ impl Session {
     pub fn new(order: Order, settings: Settings, now: Instant) -> Session {
         let interval = settings.poll_interval.max(settings.min_poll_interval);
         let mut s = Session {
-            order,
+            expect: Expect::Number(order.number.clone()),
+            order: Some(order),
             settings,
             stage: Stage::Starting,
             order_ref: None,
@@ -264,6 +294,41 @@ impl Session {
             at: now + s.settings.verify_timeout,
         });
         s.send_start();
+        s
+    }
+
+    /// Takes over an order a previous process started (its caller still waits): polls it at once and
+    /// ends it by `verify_timeout` counted from `started` (`elapsed` ago).
+    pub fn resume(
+        order: OrderRef,
+        expect: Expect,
+        settings: Settings,
+        elapsed: Duration,
+        now: Instant,
+    ) -> Session {
+        let interval = settings.poll_interval.max(settings.min_poll_interval);
+        let left = settings.verify_timeout.saturating_sub(elapsed);
+        let mut s = Session {
+            order: None,
+            expect,
+            settings,
+            stage: Stage::OrderCreated,
+            order_ref: Some(order),
+            interval,
+            in_flight: InFlight::None,
+            next_is_start: false,
+            retries: 0,
+            unavailable_since: None,
+            already_in_progress_seen: false,
+            conclusion: None,
+            cancel_when_started: false,
+            out: VecDeque::new(),
+        };
+        s.out.push_back(Command::ArmTimer {
+            timer: Timer::Deadline,
+            at: now + left,
+        });
+        s.send_poll();
         s
     }
 
@@ -393,7 +458,7 @@ impl Session {
                 self.arm_next(now + self.interval);
             }
             Ok(Poll::Complete(identity)) => {
-                if identity.number == self.order.number {
+                if self.expect.matches(&identity.number) {
                     self.finish(Outcome::Verified, Some(identity));
                 } else {
                     self.finish(Outcome::NotVerified(Reason::IdentityMismatch), None);
@@ -487,8 +552,14 @@ impl Session {
     }
 
     fn send_start(&mut self) {
-        self.in_flight = InFlight::Start;
-        self.out.push_back(Command::Start(self.order.clone()));
+        match self.order.clone() {
+            Some(order) => {
+                self.in_flight = InFlight::Start;
+                self.out.push_back(Command::Start(order));
+            }
+            // A resumed order is never started again.
+            None => self.finish(Outcome::NotVerified(Reason::ProviderError), None),
+        }
     }
 
     fn send_poll(&mut self) {
