@@ -579,6 +579,26 @@ async fn reconnects_after_the_socket_drops_and_says_connected_again() {
 }
 
 #[tokio::test]
+async fn a_proven_connection_that_is_cut_is_replaced_at_once_whatever_the_backoff() {
+    let fake = fake(opts()).await;
+    let mut settings = fake.settings();
+    // Any backoff delay would be 30 s or more: only an immediate reconnect passes.
+    settings.reconnect_min = Duration::from_secs(60);
+    settings.reconnect_max = Duration::from_secs(60);
+    let mut conn = connect(settings);
+    for round in 1..=3u64 {
+        conn.expect(Incoming::Connected).await;
+        within(fake.wait_for_connected()).await;
+        // Proven: pings were answered on this connection.
+        within(fake.wait_for_pings(2 * round)).await;
+        fake.drop_websocket();
+        conn.expect(Incoming::Disconnected).await;
+    }
+    conn.expect(Incoming::Connected).await;
+    assert_eq!(fake.connections(), 4);
+}
+
+#[tokio::test]
 async fn malformed_frame_is_skipped_and_the_stream_continues() {
     let fake = fake(opts()).await;
     let mut conn = connect(fake.settings());
