@@ -142,6 +142,7 @@ pub async fn start(
         verify: opts.verify.clone().unwrap_or_default(),
         audit: Some(audit),
         journal: Some(journal),
+        on_shutdown: cfg.server.on_shutdown,
         metrics: Arc::clone(&metrics),
         registry: registry.clone(),
         reports: reports.clone(),

@@ -43,6 +43,8 @@ pub struct LabOptions {
     pub key_gap: Duration,
     /// `reason = "context,extension,priority"` rows of the queue's `routes_by_reason`.
     pub routes_by_reason: Vec<(String, String)>,
+    /// `server.on_shutdown = "handover"` instead of `"interrupt"`.
+    pub handover: bool,
 }
 
 impl LabOptions {
@@ -59,6 +61,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(5),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            handover: false,
         }
     }
 
@@ -75,6 +78,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(60),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            handover: false,
         }
     }
 }
@@ -144,6 +148,7 @@ impl Lab {
 [server]
 data_dir = "{data_dir}"
 shutdown_grace = "{grace}"
+on_shutdown = "{on_shutdown}"
 pseudonym_key = "lab-pseudonym-key-0123456789abcdef"
 
 [pbx]
@@ -183,6 +188,11 @@ unavailable = "queues,support-fallback,1"
 "#,
             data_dir = data_dir.display(),
             grace = ms(options.shutdown_grace),
+            on_shutdown = if options.handover {
+                "handover"
+            } else {
+                "interrupt"
+            },
             ari_url = ari.url,
             app = ari.app,
             user = ari.username,
@@ -206,36 +216,7 @@ unavailable = "queues,support-fallback,1"
         let config_path = data_dir.join("callgate.toml");
         std::fs::write(&config_path, &toml)?;
         prepare(&asterisk, &bankid, &data_dir).await;
-        let cfg = crate::config::load(&toml, &HashMap::new(), &|_| None).map_err(|issues| {
-            anyhow::anyhow!(
-                "lab config: {}",
-                issues
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
-        })?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let app = app::start(
-            cfg,
-            app::Options {
-                verify: Some(verify::Settings {
-                    poll_interval: options.poll,
-                    min_poll_interval: options.poll.min(Duration::from_millis(10)),
-                    retry_delay: options.poll,
-                    unavailable_budget: options.poll * 4,
-                    ..verify::Settings::default()
-                }),
-                ops_listener: Some(TcpListener::bind("127.0.0.1:0").await?),
-                config_path: Some(config_path.clone()),
-                sighup: false,
-            },
-            async move {
-                let _ = stopped.await;
-            },
-        )
-        .await?;
+        let (app, stop) = start_app(&toml, &options, &config_path).await?;
         let reports = app.reports.subscribe();
         asterisk.wait_for_connected().await;
         Ok(Lab {
@@ -302,12 +283,68 @@ unavailable = "queues,support-fallback,1"
         Ok(())
     }
 
+    /// Drains callgate as SIGTERM does, then starts it again on the same config, data directory and
+    /// fakes (a planned restart).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.app.done).await?;
+        self.asterisk.wait_for_disconnected().await;
+        let toml = std::fs::read_to_string(&self.config_path)?;
+        let (app, stop) = start_app(&toml, &self.options, &self.config_path).await?;
+        self.reports = app.reports.subscribe();
+        self.app = app;
+        self.stop = Some(stop);
+        self.asterisk.wait_for_connected().await;
+        Ok(())
+    }
+
     /// Triggers the drain without waiting for it.
     pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
     }
+}
+
+/// Starts callgate on the lab's config; the sender stops it.
+async fn start_app(
+    toml: &str,
+    options: &LabOptions,
+    config_path: &std::path::Path,
+) -> anyhow::Result<(Running, oneshot::Sender<()>)> {
+    let cfg = crate::config::load(toml, &HashMap::new(), &|_| None).map_err(|issues| {
+        anyhow::anyhow!(
+            "lab config: {}",
+            issues
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )
+    })?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let app = app::start(
+        cfg,
+        app::Options {
+            verify: Some(verify::Settings {
+                poll_interval: options.poll,
+                min_poll_interval: options.poll.min(Duration::from_millis(10)),
+                retry_delay: options.poll,
+                unavailable_budget: options.poll * 4,
+                ..verify::Settings::default()
+            }),
+            ops_listener: Some(TcpListener::bind("127.0.0.1:0").await?),
+            config_path: Some(config_path.to_path_buf()),
+            sighup: false,
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    )
+    .await?;
+    Ok((app, stop))
 }
 
 /// One scripted call of the demo.

@@ -419,6 +419,33 @@ async fn a_crash_mid_approval_resumes_the_waiting_caller_and_cancels_the_orphane
 }
 
 #[tokio::test]
+async fn a_planned_restart_with_handover_resumes_the_holding_caller_without_a_new_order() {
+    let mut options = LabOptions::fast();
+    options.handover = true;
+    options.shutdown_grace = Duration::ZERO;
+    // Approval takes three steps: long enough to restart while the caller holds.
+    options.step = Duration::from_secs(1);
+    let mut lab = lab(options).await;
+    let n = person(213);
+    let id = lab.asterisk.call(lab.caller_typing(&n));
+    until("hold music", || lab.asterisk.moh_on(&id)).await;
+    lab.restart().await.unwrap();
+    let report = lab.report(&id).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(route(&end), "queues,support,1");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "verified");
+    lab.bankid.wait_for_open_orders(0).await;
+    assert_eq!(
+        lab.bankid.starts(),
+        1,
+        "the order was taken over, not started again"
+    );
+    assert_eq!(lab.bankid.cancels(), 0);
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn application_replaced_stops_acting_and_cancels_the_order() {
     let mut options = LabOptions::fast();
     options.step = Duration::from_secs(2);

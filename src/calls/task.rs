@@ -22,6 +22,7 @@ use super::limits::Limits;
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
 use crate::audit::{self, Audit};
+use crate::config::OnShutdown;
 use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input, PlaybackId, Timer};
 use crate::idp::Provider;
 use crate::outcome::{self, Identity, Outcome, Reason, Record, Status};
@@ -39,6 +40,8 @@ pub struct Deps {
     pub audit: Option<Audit>,
     /// Open orders, kept durably so that a restart can resume or cancel them.
     pub journal: Option<Journal>,
+    /// What a drain does with calls still in the gate (`Handover` needs the journal).
+    pub on_shutdown: OnShutdown,
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub reports: broadcast::Sender<Report>,
@@ -187,7 +190,10 @@ impl Driver {
             let input = tokio::select! {
                 _ = cancel.cancelled(), if !interrupted => {
                     interrupted = true;
-                    Some(Input::Interrupt(Reason::Restart))
+                    Some(match self.deps.on_shutdown {
+                        OnShutdown::Interrupt => Input::Interrupt(Reason::Restart),
+                        OnShutdown::Handover => Input::Handover,
+                    })
                 }
                 event = inbox.recv() => Some(match event {
                     Some(e) => match self.translate(e) {
@@ -223,7 +229,14 @@ impl Driver {
             tracing::warn!("provider requests still running at the end of the call");
         }
         self.release_order();
-        self.journal_close();
+        if call.is_handed_over() {
+            tracing::info!(
+                order = self.journalled.as_deref().unwrap_or(""),
+                "call handed over to the next start: order left open in the journal"
+            );
+        } else {
+            self.journal_close();
+        }
     }
 
     fn resume(&mut self, resume: Resume) -> Call {

@@ -28,6 +28,7 @@
 //! | `server.ops_listen` | `127.0.0.1:9090` | socket address |
 //! | `server.data_dir` | `/var/lib/callgate` | absolute path (not checked to exist; created at startup) |
 //! | `server.shutdown_grace` | `30s` | duration, zero allowed |
+//! | `server.on_shutdown` | `interrupt` | `interrupt` or `handover` |
 //! | `server.pseudonym_key` | empty | secret, at least 16 bytes when set; required only when some queue (or `[defaults]`) discloses `pseudonym` |
 //! | `pbx.kind` | `ari` | only `ari` |
 //! | `pbx.ari.url` | `http://127.0.0.1:8088` | http(s), scheme/host/port only (`/ari` is added) |
@@ -152,6 +153,8 @@ pub struct Server {
     pub ops_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub shutdown_grace: Duration,
+    /// What a drain does with callers still holding for an order after `shutdown_grace`.
+    pub on_shutdown: OnShutdown,
     /// HMAC key for caller pseudonyms. May be empty unless a queue discloses `pseudonym`.
     pub pseudonym_key: Secret,
 }
@@ -163,9 +166,20 @@ impl Default for Server {
             ops_listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
             data_dir: PathBuf::from("/var/lib/callgate"),
             shutdown_grace: Duration::from_secs(30),
+            on_shutdown: OnShutdown::Interrupt,
             pseudonym_key: Secret::default(),
         }
     }
+}
+
+/// What a drain does with calls still in the gate once `shutdown_grace` is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnShutdown {
+    /// Cancel their orders and route them `interrupted/restart`.
+    Interrupt,
+    /// Leave callers who hold for a journalled order in place (hold music, order open) for the next
+    /// start to resume; interrupt the others.
+    Handover,
 }
 
 /// `[pbx]`: which PBX adapter to run.

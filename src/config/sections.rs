@@ -11,16 +11,17 @@ use ::config::{Map, Value};
 use reqwest::Url;
 
 use super::walk::{join, sorted_keys, Ctx};
-use super::{valid_name, Idp, Limits, Pbx, Server, NAME_RULE};
+use super::{valid_name, Idp, Limits, OnShutdown, Pbx, Server, NAME_RULE};
 use crate::idp::{BankIdSettings, ClientIdentity};
 use crate::pbx::ari;
 use crate::secret::Secret;
 
-pub const SERVER_KEYS: [&str; 5] = [
+pub const SERVER_KEYS: [&str; 6] = [
     "listen",
     "ops_listen",
     "data_dir",
     "shutdown_grace",
+    "on_shutdown",
     "pseudonym_key",
 ];
 pub const PBX_KEYS: [&str; 2] = ["kind", "ari"];
@@ -84,6 +85,15 @@ pub fn server(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Server {
         s.shutdown_grace = ctx
             .duration("server.shutdown_grace", v, true)
             .unwrap_or(s.shutdown_grace);
+    }
+    if let Some(v) = t.get("on_shutdown") {
+        s.on_shutdown = ctx
+            .parsed("server.on_shutdown", v, |x| match x {
+                "interrupt" => Ok(OnShutdown::Interrupt),
+                "handover" => Ok(OnShutdown::Handover),
+                _ => Err(format!("{x:?} is not one of \"interrupt\", \"handover\"")),
+            })
+            .unwrap_or(s.on_shutdown);
     }
     if let Some(v) = t.get("pseudonym_key") {
         if let Some(key) = ctx.text("server.pseudonym_key", v) {

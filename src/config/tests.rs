@@ -982,3 +982,22 @@ proptest! {
         prop_assert_eq!(duration::parse(&duration::format(d)), Ok(d));
     }
 }
+
+#[test]
+fn on_shutdown_is_interrupt_by_default_and_handover_on_request() {
+    assert_eq!(
+        ok(MINIMAL).server.on_shutdown,
+        crate::config::OnShutdown::Interrupt
+    );
+    let c = ok(&format!("[server]\non_shutdown = \"handover\"\n{MINIMAL}"));
+    assert_eq!(c.server.on_shutdown, crate::config::OnShutdown::Handover);
+    let issues = try_load(
+        &format!("[server]\non_shutdown = \"wait\"\n{MINIMAL}"),
+        &[],
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(issues.len(), 1);
+    assert_eq!(issues[0].path, "server.on_shutdown");
+    assert!(issues[0].message.contains("handover"));
+}

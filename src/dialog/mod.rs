@@ -69,6 +69,9 @@ pub enum Input {
     Detached(Reason),
     /// End the gate now for this reason (shutdown, restart) and route the call.
     Interrupt(Reason),
+    /// A planned restart: a caller holding for an open order is left as they are (hold music, order
+    /// open) for the next start to resume; any other call is interrupted for `restart`.
+    Handover,
     /// The link to the PBX was lost: events (typed digits, prompt ends) may be lost until `Resync`.
     LinkDown,
     /// The link is back and the call is still ours; events may have been lost: resume from a safe
@@ -181,6 +184,8 @@ pub struct Call {
     /// An entry failed while the link was down: ask again once it is back.
     reprompt_on_resync: bool,
     link_reprompts: u32,
+    /// Left for the next start: this process ends without a `Finish`.
+    handed_over: bool,
     out: VecDeque<Command>,
 }
 
@@ -247,6 +252,7 @@ impl Call {
             gap_in_entry: false,
             reprompt_on_resync: false,
             link_reprompts: 0,
+            handed_over: false,
             out: VecDeque::new(),
         }
     }
@@ -294,11 +300,18 @@ impl Call {
         self.phase == Phase::Ended
     }
 
-    /// Finished, and nothing is left to tell the provider: the driver may stop.
+    /// Handed over to the next start (see [`Input::Handover`]): no `Finish` was emitted, the order
+    /// stays open.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// Finished (or handed over), and nothing is left to tell the provider: the driver may stop.
     pub fn is_done(&self) -> bool {
-        self.phase == Phase::Ended
-            && self.out.is_empty()
-            && self.session.as_ref().is_none_or(Session::is_quiescent)
+        self.handed_over
+            || self.phase == Phase::Ended
+                && self.out.is_empty()
+                && self.session.as_ref().is_none_or(Session::is_quiescent)
     }
 
     pub fn poll_command(&mut self) -> Option<Command> {
@@ -313,6 +326,7 @@ impl Call {
             Input::Hangup => self.on_gone(Reason::CallerHungUp, now),
             Input::Detached(reason) => self.on_gone(reason, now),
             Input::Interrupt(reason) => self.on_interrupt(reason, now),
+            Input::Handover => self.on_handover(now),
             Input::LinkDown => self.on_link_down(),
             Input::Resync => self.on_resync(now),
             Input::Idp(i) => self.on_idp(i, now),
@@ -478,6 +492,22 @@ impl Call {
                 self.conclude(Outcome::NotVerified(reason), None, false, now);
             }
         }
+    }
+
+    fn on_handover(&mut self, now: Instant) {
+        let holding = self.phase == Phase::Verifying
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.conclusion().is_none() && s.order_ref().is_some());
+        if !holding {
+            self.on_interrupt(Reason::Restart, now);
+            return;
+        }
+        // Nothing more is said to the PBX or the provider: the next start resumes the order.
+        self.out.clear();
+        self.handed_over = true;
+        self.phase = Phase::Ended;
     }
 
     fn on_link_down(&mut self) {

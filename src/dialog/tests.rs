@@ -638,6 +638,43 @@ fn a_resumed_call_keeps_the_order_timeout_counted_from_its_start() {
 }
 
 #[test]
+fn a_handover_leaves_a_holding_caller_and_the_open_order_to_the_next_start() {
+    let mut h = H::new(policy());
+    to_holding(&mut h);
+    let before = h.transcript();
+    h.input(Input::Handover);
+    assert_eq!(
+        h.transcript(),
+        before,
+        "nothing is said to the PBX or the provider"
+    );
+    assert!(h.call.is_handed_over() && h.call.is_done());
+    assert!(h.finishes.is_empty());
+    assert_eq!(h.open_orders.len(), 1);
+}
+
+#[test]
+fn a_handover_interrupts_a_caller_who_is_not_holding_for_an_order() {
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    h.keys("1999");
+    h.input(Input::Handover);
+    assert!(!h.call.is_handed_over());
+    assert_eq!(
+        h.finishes.last().map(|f| f.0),
+        Some(Outcome::NotVerified(Reason::Restart))
+    );
+    // A start in flight is not holding yet: interrupted, and the order cancelled once it exists.
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    h.keys(&format!("{NUMBER}#"));
+    h.input(Input::Handover);
+    h.started();
+    assert!(!h.call.is_handed_over());
+    assert!(h.open_orders.is_empty());
+}
+
+#[test]
 fn a_gap_that_loses_no_digit_changes_nothing() {
     let mut h = H::new(policy());
     h.prompt_ends();
