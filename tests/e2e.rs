@@ -307,27 +307,58 @@ async fn unknown_queue_without_defaults_continues_in_the_dialplan() {
     lab.shutdown().await.unwrap();
 }
 
+/// A callgate run before the one under test: it holds the ARI application until it dies.
+struct PreviousRun {
+    events: tokio::sync::mpsc::Receiver<callgate::pbx::ari::events::Incoming>,
+    token: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PreviousRun {
+    async fn connect(asterisk: &callgate::pbx::sim::FakeAsterisk) -> PreviousRun {
+        let (tx, events) = tokio::sync::mpsc::channel(64);
+        let token = tokio_util::sync::CancellationToken::new();
+        let (task, _) = callgate::pbx::ari::events::spawn(asterisk.settings(), tx, token.clone());
+        asterisk.wait_for_connected().await;
+        PreviousRun {
+            events,
+            token,
+            task,
+        }
+    }
+
+    /// Places a call and waits until it is in the previous run's application.
+    async fn takes(
+        &mut self,
+        asterisk: &callgate::pbx::sim::FakeAsterisk,
+        caller: Caller,
+    ) -> String {
+        let id = asterisk.call(caller);
+        while let Some(i) = self.events.recv().await {
+            if matches!(i, callgate::pbx::ari::events::Incoming::Event(ref e) if e.kind() == "StasisStart")
+            {
+                break;
+            }
+        }
+        id
+    }
+
+    async fn dies(self, asterisk: &callgate::pbx::sim::FakeAsterisk) {
+        self.token.cancel();
+        self.task.await.unwrap();
+        asterisk.wait_for_disconnected().await;
+    }
+}
+
 #[tokio::test]
 async fn after_our_restart_callers_left_in_stasis_are_routed_as_interrupted() {
     logs();
     let mut stranded = String::new();
     let mut lab = Lab::start_after(LabOptions::fast(), async |asterisk, _, _| {
         // A previous callgate took the call into Stasis, then died.
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let token = tokio_util::sync::CancellationToken::new();
-        let (task, _) =
-            callgate::pbx::ari::events::spawn(asterisk.settings(), tx, token.clone());
-        asterisk.wait_for_connected().await;
-        stranded = asterisk.call(Caller::new("46700000206"));
-        while let Some(i) = rx.recv().await {
-            if matches!(i, callgate::pbx::ari::events::Incoming::Event(ref e) if e.kind() == "StasisStart")
-            {
-                break;
-            }
-        }
-        token.cancel();
-        task.await.unwrap();
-        asterisk.wait_for_disconnected().await;
+        let mut previous = PreviousRun::connect(asterisk).await;
+        stranded = previous.takes(asterisk, Caller::new("46700000206")).await;
+        previous.dies(asterisk).await;
     })
     .await
     .unwrap();
@@ -357,21 +388,15 @@ async fn a_crash_mid_approval_resumes_the_waiting_caller_and_cancels_the_orphane
     let mut lab = Lab::start_after(options, async |asterisk, bankid, data_dir| {
         // The previous run: took the caller into Stasis, started and journalled two orders (the other
         // caller hung up while it was down), then was killed.
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let token = tokio_util::sync::CancellationToken::new();
-        let (task, _) = callgate::pbx::ari::events::spawn(asterisk.settings(), tx, token.clone());
-        asterisk.wait_for_connected().await;
-        waiting = asterisk.call(Caller::new("46700000211"));
-        while let Some(i) = rx.recv().await {
-            if matches!(i, callgate::pbx::ari::events::Incoming::Event(ref e) if e.kind() == "StasisStart")
-            {
-                break;
-            }
-        }
+        let mut previous = PreviousRun::connect(asterisk).await;
+        waiting = previous.takes(asterisk, Caller::new("46700000211")).await;
         let client = callgate::idp::bankid::Client::new(&bankid.settings()).unwrap();
         let (journal, left) = Journal::open(data_dir).unwrap();
         assert!(left.is_empty());
-        for (number, call) in [(&waiting_number, waiting.clone()), (&gone_number, "gone.1".into())] {
+        for (number, call) in [
+            (&waiting_number, waiting.clone()),
+            (&gone_number, "gone.1".into()),
+        ] {
             let number = PersonalNumber::parse_swedish_12(number).unwrap();
             let started = client
                 .start(&Order {
@@ -397,9 +422,7 @@ async fn a_crash_mid_approval_resumes_the_waiting_caller_and_cancels_the_orphane
             );
         }
         assert_eq!(bankid.open_orders(), 2);
-        token.cancel();
-        task.await.unwrap();
-        asterisk.wait_for_disconnected().await;
+        previous.dies(asterisk).await;
     })
     .await
     .unwrap();

@@ -290,22 +290,9 @@ impl Adapter {
             );
             return;
         }
-        let control = Arc::new(AriControl::new(self.client.clone(), &channel));
-        let setup = Setup {
-            call_id: channel.id.clone(),
-            policy,
-            info: task::call_info(&channel.language, task::today()),
-            caller_line: channel.caller.number.clone(),
-            resume: None,
-        };
-        if !task::spawn(
-            Arc::clone(&self.deps),
-            setup,
-            control,
-            &self.tracker,
-            &self.calls,
-        ) {
-            tracing::warn!(channel = %channel.id, "duplicate StasisStart ignored");
+        let id = channel.id.clone();
+        if !self.spawn_call(channel, policy, None) {
+            tracing::warn!(channel = %id, "duplicate StasisStart ignored");
         }
     }
 
@@ -474,13 +461,23 @@ impl Adapter {
             .unwrap_or_default()
             .saturating_sub(Duration::from_millis(entry.started_ms));
         tracing::info!(channel = %channel.id, order = %entry.order, "resuming an order left open by the previous run");
+        self.spawn_call(channel, policy, Some(Resume { entry, elapsed }));
+    }
+
+    /// Starts the task of a gated call. `false` if the call has one already.
+    fn spawn_call(
+        &self,
+        channel: Channel,
+        policy: Arc<QueuePolicy>,
+        resume: Option<Resume>,
+    ) -> bool {
         let control = Arc::new(AriControl::new(self.client.clone(), &channel));
         let setup = Setup {
-            call_id: channel.id.clone(),
+            call_id: channel.id,
             policy,
             info: task::call_info(&channel.language, task::today()),
-            caller_line: channel.caller.number.clone(),
-            resume: Some(Resume { entry, elapsed }),
+            caller_line: channel.caller.number,
+            resume,
         };
         task::spawn(
             Arc::clone(&self.deps),
@@ -488,7 +485,7 @@ impl Adapter {
             control,
             &self.tracker,
             &self.calls,
-        );
+        )
     }
 
     /// Cancels orders left open by the previous run whose callers are gone (no request may stay on a

@@ -272,23 +272,8 @@ impl fmt::Debug for Session {
 impl Session {
     /// Creates a session and emits the start of its first order.
     pub fn new(order: Order, settings: Settings, now: Instant) -> Session {
-        let interval = settings.poll_interval.max(settings.min_poll_interval);
-        let mut s = Session {
-            expect: Expect::Number(order.number.clone()),
-            order: Some(order),
-            settings,
-            stage: Stage::Starting,
-            order_ref: None,
-            interval,
-            in_flight: InFlight::None,
-            next_is_start: true,
-            retries: 0,
-            unavailable_since: None,
-            already_in_progress_seen: false,
-            conclusion: None,
-            cancel_when_started: false,
-            out: VecDeque::new(),
-        };
+        let expect = Expect::Number(order.number.clone());
+        let mut s = Session::blank(Some(order), expect, settings);
         s.out.push_back(Command::ArmTimer {
             timer: Timer::Deadline,
             at: now + s.settings.verify_timeout,
@@ -298,7 +283,7 @@ impl Session {
     }
 
     /// Takes over an order a previous process started (its caller still waits): polls it at once and
-    /// ends it by `verify_timeout` counted from `started` (`elapsed` ago).
+    /// ends it by `verify_timeout` counted from its start (`elapsed` ago).
     pub fn resume(
         order: OrderRef,
         expect: Expect,
@@ -306,30 +291,36 @@ impl Session {
         elapsed: Duration,
         now: Instant,
     ) -> Session {
-        let interval = settings.poll_interval.max(settings.min_poll_interval);
         let left = settings.verify_timeout.saturating_sub(elapsed);
-        let mut s = Session {
-            order: None,
-            expect,
-            settings,
-            stage: Stage::OrderCreated,
-            order_ref: Some(order),
-            interval,
-            in_flight: InFlight::None,
-            next_is_start: false,
-            retries: 0,
-            unavailable_since: None,
-            already_in_progress_seen: false,
-            conclusion: None,
-            cancel_when_started: false,
-            out: VecDeque::new(),
-        };
+        let mut s = Session::blank(None, expect, settings);
+        s.stage = Stage::OrderCreated;
+        s.order_ref = Some(order);
+        s.next_is_start = false;
         s.out.push_back(Command::ArmTimer {
             timer: Timer::Deadline,
             at: now + left,
         });
         s.send_poll();
         s
+    }
+
+    fn blank(order: Option<Order>, expect: Expect, settings: Settings) -> Session {
+        Session {
+            order,
+            expect,
+            interval: settings.poll_interval.max(settings.min_poll_interval),
+            settings,
+            stage: Stage::Starting,
+            order_ref: None,
+            in_flight: InFlight::None,
+            next_is_start: true,
+            retries: 0,
+            unavailable_since: None,
+            already_in_progress_seen: false,
+            conclusion: None,
+            cancel_when_started: false,
+            out: VecDeque::new(),
+        }
     }
 
     pub fn stage(&self) -> Stage {
