@@ -30,6 +30,7 @@ use crate::config::{self, Config, Idp, Pbx};
 use crate::idp::{self, Provider};
 use crate::pbx::ari;
 use crate::pbx::asterisk::Adapter;
+use crate::pbx::routecheck::RouteCheck;
 use crate::pnr::PseudonymKey;
 use crate::telemetry::Metrics;
 use crate::verify;
@@ -162,6 +163,7 @@ pub async fn start(
         client,
         app: ari_settings.app.clone(),
         deps: Arc::clone(&deps),
+        routes: Arc::new(RouteCheck::new(config_rx.clone())),
         config: config_rx,
         readiness: Arc::clone(&readiness),
         tracker: tracker.clone(),

@@ -741,3 +741,59 @@ async fn slow_rest_and_a_malformed_frame_do_not_derail_a_call() {
     lab.asterisk.set_rest_delay(Duration::ZERO);
     lab.shutdown().await.unwrap();
 }
+
+// ---- ARI requests per call ----
+
+/// The ARI requests a verified call made: those on its channel and on its playbacks.
+fn requests_of(lab: &Lab, call: &str, reference: &str) -> Vec<String> {
+    lab.asterisk
+        .rest_log()
+        .into_iter()
+        .filter(|e| e.path.contains(call) || e.path.contains(reference))
+        .map(|e| format!("{} {} {}", e.method, e.path, e.status))
+        .collect()
+}
+
+/// Counts the requests of one verified call (progress prompts and outcome announcement on), so that
+/// a request added per call shows up here. Routes are checked once per connection: only the first call
+/// after the connect makes that request.
+#[tokio::test]
+async fn a_verified_call_makes_fifteen_ari_requests_and_checks_routes_once() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let mut counts = Vec::new();
+    for serial in [301, 302] {
+        let (report, end) = lab
+            .run_call(lab.caller_typing(&person(serial)))
+            .await
+            .unwrap();
+        assert_eq!(report.outcome, Outcome::Verified);
+        assert_eq!(route(&end), "queues,support,1");
+        assert_eq!(var(&end, "TIMEOUT(absolute)"), "0");
+        assert_eq!(var(&end, "CALLGATE_STATUS"), "verified");
+        counts.push(requests_of(&lab, &report.call_id, &report.reference));
+    }
+    let [first, second] = &counts[..] else {
+        unreachable!()
+    };
+    let route_checks = |r: &[String]| r.iter().filter(|e| e.contains("/variable ")).count();
+    assert_eq!(route_checks(first), 1, "{first:#?}");
+    assert_eq!(route_checks(second), 0, "{second:#?}");
+    // answer, enter-number, stopped by the first key, open-app, hold music, 2 × (stop hold music,
+    // progress prompt, hold music again), stop hold music, announcement, metadata and the safety-net
+    // timeout in one request, continue. (Before: 7 variables, the timeout and the route check were
+    // 9 requests instead of 1: 23 in all.)
+    assert_eq!(second.len(), 15, "{second:#?}");
+    assert_eq!(
+        second.iter().filter(|e| e.contains("/variables ")).count(),
+        1,
+        "{second:#?}"
+    );
+    assert_eq!(first.len(), second.len() + 1, "{first:#?}");
+    assert!(
+        second
+            .iter()
+            .all(|e| e.ends_with(" 204") || e.ends_with(" 201")),
+        "{second:#?}"
+    );
+    lab.shutdown().await.unwrap();
+}

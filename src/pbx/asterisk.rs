@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::ari::events::Incoming;
 use super::ari::rest::{Client, Error};
 use super::ari::wire::{Channel, Event, PlaybackState};
+use super::routecheck::RouteCheck;
 use crate::api::ops::Readiness;
 use crate::audit;
 use crate::calls::journal;
@@ -32,6 +33,7 @@ use crate::prompts::Language;
 /// `CallControl` for one ARI channel.
 pub struct AriControl {
     client: Client,
+    routes: Arc<RouteCheck>,
     channel: String,
     /// Where the channel sits in the dialplan (the `Stasis()` priority), for "continue at the next
     /// priority" when no route can be used.
@@ -39,31 +41,25 @@ pub struct AriControl {
 }
 
 impl AriControl {
-    pub fn new(client: Client, channel: &Channel) -> AriControl {
+    pub fn new(client: Client, routes: Arc<RouteCheck>, channel: &Channel) -> AriControl {
         let d = &channel.dialplan;
         let stasis_at = (!d.context.is_empty())
             .then(|| (d.context.clone(), d.exten.clone(), d.priority.max(1) as u32));
         AriControl {
             client,
+            routes,
             channel: channel.id.clone(),
             stasis_at,
         }
     }
 
+    /// Whether the route exists, from the answers [`RouteCheck`] remembers (one request for every
+    /// configured route when it has none). A check that cannot be made trusts the validated config.
     async fn route_exists(&self, route: &Route) -> Result<bool, ControlError> {
-        let expr = format!(
-            "DIALPLAN_EXISTS({},{},{})",
-            route.context, route.extension, route.priority
-        );
-        match self.client.get_variable(&self.channel, &expr).await {
-            Ok(v) => Ok(v.as_deref() == Some("1")),
-            Err(e) if e.is_gone() => Err(ControlError::Gone),
-            // If the check itself fails, trust the validated config rather than strand the caller.
-            Err(e) => {
-                tracing::warn!(error = %e, "could not check the route; using it");
-                Ok(true)
-            }
-        }
+        self.routes
+            .exists(&self.client, &self.channel, route)
+            .await
+            .map_err(map)
     }
 }
 
@@ -174,6 +170,8 @@ pub struct Adapter {
     /// Orders the previous process left open (from the journal), settled by the first reconcile:
     /// resumed when their caller is still in our application, cancelled otherwise.
     pub left_open: std::sync::Mutex<Vec<journal::Entry>>,
+    /// Which configured routes exist in the dialplan (checked once, not per call).
+    pub routes: Arc<RouteCheck>,
 }
 
 impl Adapter {
@@ -196,6 +194,7 @@ impl Adapter {
                     tracing::info!("ari connected; reconciling");
                     self.readiness.pbx_connected.store(true, Ordering::SeqCst);
                     self.deps.metrics.set_pbx_connected(true);
+                    self.routes.forget();
                     // Only calls that existed before this connect can have missed events.
                     let before = self.deps.registry.ids();
                     let me = Arc::clone(&self);
@@ -305,7 +304,7 @@ impl Adapter {
     ) {
         let me = Arc::clone(self);
         self.tracker.spawn(async move {
-            let control = AriControl::new(me.client.clone(), &channel);
+            let control = AriControl::new(me.client.clone(), Arc::clone(&me.routes), &channel);
             let record = Record {
                 reference: uuid::Uuid::new_v4().to_string(),
                 method: String::new(),
@@ -471,7 +470,11 @@ impl Adapter {
         policy: Arc<QueuePolicy>,
         resume: Option<Resume>,
     ) -> bool {
-        let control = Arc::new(AriControl::new(self.client.clone(), &channel));
+        let control = Arc::new(AriControl::new(
+            self.client.clone(),
+            Arc::clone(&self.routes),
+            &channel,
+        ));
         let setup = Setup {
             call_id: channel.id,
             policy,
@@ -529,29 +532,24 @@ impl AriControl {
     /// Sets the call metadata (inheritable, so the agent's channel created through the queue carries
     /// it) and clears the dialplan's safety-net timeout: we decided in time.
     async fn set_metadata(&self, vars: &[(&'static str, String)]) -> Result<(), ControlError> {
-        for (name, value) in vars {
-            match self
-                .client
-                .set_variable(&self.channel, &format!("__{name}"), value)
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.is_gone() => return Err(ControlError::Gone),
-                // Routing the caller matters more than the metadata: go on without this variable.
-                Err(e) => {
+        let mut all: Vec<(String, String)> = vars
+            .iter()
+            .map(|(name, value)| (format!("__{name}"), value.clone()))
+            .collect();
+        all.push(("TIMEOUT(absolute)".to_owned(), "0".to_owned()));
+        let failed = self
+            .client
+            .set_all_variables(&self.channel, &all)
+            .await
+            .map_err(map)?;
+        // Routing the caller matters more than the metadata: go on without what could not be set.
+        for (i, e) in failed {
+            match vars.get(i) {
+                Some((name, _)) => {
                     tracing::error!(variable = name, error = %e, "could not set call metadata")
                 }
+                None => tracing::warn!(error = %e, "could not clear the safety-net timeout"),
             }
-        }
-        if let Err(e) = self
-            .client
-            .set_variable(&self.channel, "TIMEOUT(absolute)", "0")
-            .await
-        {
-            if e.is_gone() {
-                return Err(ControlError::Gone);
-            }
-            tracing::warn!(error = %e, "could not clear the safety-net timeout");
         }
         Ok(())
     }

@@ -3,4 +3,5 @@
 
 pub mod ari;
 pub mod asterisk;
+pub mod routecheck;
 pub mod sim;

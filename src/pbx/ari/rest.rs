@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode, Url};
@@ -17,6 +19,16 @@ use crate::secret::Secret;
 
 /// Longest `message` kept from an error body.
 const MAX_MESSAGE: usize = 200;
+/// Asterisk's message for a path it has no resource for (an older Asterisk without a newer call).
+const RESOURCE_NOT_FOUND: &str = "Resource not found";
+/// Requests in flight at once. Each needs its own HTTP connection, and Asterisk serves at most
+/// `sessionlimit` (http.conf, default 100) sessions, the events websocket included: beyond that it
+/// drops new connections and the requests fail. Further requests wait for a slot (within their
+/// timeout).
+const MAX_IN_FLIGHT: usize = 48;
+/// Idle pooled connections are closed before Asterisk closes them (`session_keep_alive`, default
+/// 15 s), so a request is never sent on a connection Asterisk is closing.
+const POOL_IDLE: Duration = Duration::from_secs(10);
 
 /// What went wrong with an ARI request. Says which side failed and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,7 +148,15 @@ pub struct Client {
     username: String,
     password: Secret,
     timeout: Duration,
+    /// Whether this Asterisk has `POST /channels/{id}/variables`: unknown until the first try, then
+    /// shared by every clone.
+    batch_variables: Arc<AtomicU8>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+const BATCH_UNKNOWN: u8 = 0;
+const BATCH_YES: u8 = 1;
+const BATCH_NO: u8 = 2;
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -213,6 +233,8 @@ impl Client {
             .tls_backend_preconfigured((*tls).clone())
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout)
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(MAX_IN_FLIGHT)
             .build()
             .map_err(|e| Error::Config(e.without_url().to_string()))?;
         Ok(Client {
@@ -222,6 +244,8 @@ impl Client {
             username: settings.username.clone(),
             password: settings.password.clone(),
             timeout: settings.request_timeout,
+            batch_variables: Arc::new(AtomicU8::new(BATCH_UNKNOWN)),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
         })
     }
 
@@ -276,6 +300,8 @@ impl Client {
             request = request.json(body);
         }
         let exchange = async {
+            // Never closed, so acquiring cannot fail; without a permit the request goes anyway.
+            let _slot = self.in_flight.acquire().await.ok();
             let response = request.send().await?;
             let status = response.status();
             let body = response.bytes().await?;
@@ -373,6 +399,68 @@ impl Client {
         )
         .await?
         .empty(Target::Channel)
+    }
+
+    /// Sets `vars` on the channel in as few requests as this Asterisk allows: one
+    /// `POST /channels/{ch}/variables` (22.10+), else one `POST …/variable` each. Returns, per
+    /// variable, the error that kept it from being set (empty: all set). A channel found gone is
+    /// `Err` at once.
+    pub async fn set_all_variables(
+        &self,
+        ch: &str,
+        vars: &[(String, String)],
+    ) -> Result<Vec<(usize, Error)>, Error> {
+        if self.batch_variables.load(Ordering::Relaxed) != BATCH_NO {
+            match self.set_variables(ch, vars).await {
+                Ok(true) => {
+                    self.batch_variables.store(BATCH_YES, Ordering::Relaxed);
+                    return Ok(Vec::new());
+                }
+                Ok(false) => {
+                    if self.batch_variables.swap(BATCH_NO, Ordering::Relaxed) != BATCH_NO {
+                        tracing::info!("this Asterisk has no POST /channels/{{id}}/variables (before 22.10); setting variables one by one");
+                    }
+                }
+                Err(e) if e.is_gone() => return Err(e),
+                // Timed out or refused: one by one, so that what can be set is set.
+                Err(e) => {
+                    tracing::warn!(error = %e, "setting the variables in one request failed; setting them one by one")
+                }
+            }
+        }
+        let mut failed = Vec::new();
+        for (i, (name, value)) in vars.iter().enumerate() {
+            match self.set_variable(ch, name, value).await {
+                Ok(()) => {}
+                Err(e) if e.is_gone() => return Err(e),
+                Err(e) => failed.push((i, e)),
+            }
+        }
+        Ok(failed)
+    }
+
+    /// `POST /channels/{ch}/variables` with body `{"variables":{…}}` (Asterisk 22.10+): sets every
+    /// variable (and writable function, e.g. `TIMEOUT(absolute)`) in one request. `Ok(false)` when
+    /// this Asterisk has no such resource (404 `Resource not found`, or 405): set them one by one.
+    pub async fn set_variables(&self, ch: &str, vars: &[(String, String)]) -> Result<bool, Error> {
+        let map: serde_json::Map<String, serde_json::Value> = vars
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        let answer = self
+            .send(
+                Method::POST,
+                &["channels", ch, "variables"],
+                &[],
+                Some(serde_json::json!({ "variables": map })),
+            )
+            .await?;
+        let unsupported = answer.status == StatusCode::METHOD_NOT_ALLOWED
+            || (answer.status == StatusCode::NOT_FOUND && answer.message() == RESOURCE_NOT_FOUND);
+        if unsupported {
+            return Ok(false);
+        }
+        answer.empty(Target::Channel).map(|()| true)
     }
 
     /// `GET /channels/{ch}/variable?variable=…` (also dialplan functions such as

@@ -687,3 +687,164 @@ async fn shutdown_stops_the_task() {
     assert_eq!(*conn.state.borrow(), ConnState::Disconnected);
     within(fake.wait_for_disconnected()).await;
 }
+
+// ---------------------------------------------------------------- variables and route checks
+
+/// A call in the application, answered, with a client for it.
+async fn call_in_app(opts: SimOptions) -> (FakeAsterisk, Conn, Client, String) {
+    let fake = fake(opts).await;
+    let mut conn = connect(fake.settings());
+    conn.expect(Incoming::Connected).await;
+    within(fake.wait_for_connected()).await;
+    let client = Client::new(&fake.settings()).unwrap();
+    let id = fake.call(Caller::new("46701234567"));
+    conn.event("StasisStart").await;
+    (fake, conn, client, id)
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn variable_requests(fake: &FakeAsterisk) -> Vec<String> {
+    fake.rest_log()
+        .into_iter()
+        .filter(|e| e.path.contains("/variable"))
+        .map(|e| format!("{} {}", e.path.rsplit('/').next().unwrap_or(""), e.status))
+        .collect()
+}
+
+#[tokio::test]
+async fn variables_and_the_safety_net_timeout_are_set_in_one_request() {
+    let (fake, _conn, client, id) = call_in_app(opts()).await;
+    let set = vars(&[
+        ("__CALLGATE_STATUS", "verified"),
+        ("__CALLGATE_NAME", "Anna, Andersson"),
+        ("TIMEOUT(absolute)", "0"),
+    ]);
+    assert_eq!(client.set_all_variables(&id, &set).await, Ok(Vec::new()));
+    let got = fake.channel_vars(&id).unwrap();
+    assert_eq!(got["CALLGATE_STATUS"], "verified");
+    assert_eq!(got["CALLGATE_NAME"], "Anna, Andersson");
+    assert_eq!(got["TIMEOUT(absolute)"], "0");
+    assert_eq!(variable_requests(&fake), ["variables 204"]);
+    // A channel that is gone is reported at once.
+    fake.hang_up(&id);
+    within(fake.wait_for_channel_gone(&id)).await;
+    assert_eq!(
+        client.set_all_variables(&id, &set).await,
+        Err(Error::ChannelGone)
+    );
+}
+
+#[tokio::test]
+async fn an_asterisk_without_the_variables_resource_gets_one_request_per_variable() {
+    let (fake, _conn, client, id) = call_in_app(SimOptions {
+        multi_variables: false,
+        ..opts()
+    })
+    .await;
+    let set = vars(&[("__CALLGATE_STATUS", "failed"), ("TIMEOUT(absolute)", "0")]);
+    assert_eq!(client.set_all_variables(&id, &set).await, Ok(Vec::new()));
+    assert_eq!(fake.channel_vars(&id).unwrap()["CALLGATE_STATUS"], "failed");
+    // Learnt once: the next call does not try the batch again.
+    assert_eq!(client.set_all_variables(&id, &set).await, Ok(Vec::new()));
+    assert_eq!(
+        variable_requests(&fake),
+        [
+            "variables 404",
+            "variable 204",
+            "variable 204",
+            "variable 204",
+            "variable 204"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn dialplan_functions_are_evaluated_on_a_channel_only() {
+    let (fake, _conn, client, id) = call_in_app(opts()).await;
+    // As measured on Asterisk 22.10.1: EVAL substitutes several functions in one request ...
+    assert_eq!(
+        client
+            .get_variable(
+                &id,
+                "EVAL(${DIALPLAN_EXISTS(acc-routes,verified,1)},${DIALPLAN_EXISTS(acc-routes,nope,1)})"
+            )
+            .await,
+        Ok(Some("1,0".into()))
+    );
+    // ... and the global-variable resource evaluates no function at all.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(fake.addr()).await.unwrap();
+    let auth = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        "callgate:sim-secret",
+    );
+    let request = format!(
+        "GET /ari/asterisk/variable?variable=DIALPLAN_EXISTS(acc-routes,verified,1) HTTP/1.1\r\n\
+         Host: x\r\nAuthorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert_eq!(body, r#"{"value":""}"#);
+}
+
+#[tokio::test]
+async fn routes_are_checked_once_in_one_request_and_missing_ones_are_reported() {
+    use crate::pbx::routecheck::RouteCheck;
+    use crate::policy::Route;
+    let (fake, _conn, client, id) = call_in_app(opts()).await;
+    let toml = r#"
+[pbx]
+kind = "ari"
+[pbx.ari]
+url = "http://127.0.0.1:1"
+password = "x"
+[idp.sim]
+kind = "simulator"
+[queues.support]
+idp = "sim"
+[queues.support.routes]
+verified = "acc-routes,verified,1"
+failed = "acc-routes,failed,1"
+unavailable = "acc-routes,verified,1"
+"#;
+    let config = crate::config::load(toml, &Default::default(), &|_| None).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(std::sync::Arc::new(config));
+    let check = RouteCheck::new(rx);
+    let verified = Route::parse("acc-routes,verified,1").unwrap();
+    let failed = Route::parse("acc-routes,failed,1").unwrap();
+    assert_eq!(check.exists(&client, &id, &verified).await, Ok(true));
+    assert_eq!(check.exists(&client, &id, &failed).await, Ok(false));
+    assert_eq!(check.exists(&client, &id, &verified).await, Ok(true));
+    assert_eq!(variable_requests(&fake), ["variable 200"]);
+    // A new connection checks again.
+    check.forget();
+    assert_eq!(check.exists(&client, &id, &failed).await, Ok(false));
+    assert_eq!(variable_requests(&fake), ["variable 200", "variable 200"]);
+    // A check that cannot be made (here: nothing listens) trusts the config, for a short while.
+    check.forget();
+    let unreachable = Client::new(&super::Settings {
+        url: "http://127.0.0.1:1".into(),
+        ..fake.settings()
+    })
+    .unwrap();
+    assert_eq!(check.exists(&unreachable, &id, &failed).await, Ok(true));
+    assert_eq!(check.exists(&client, &id, &failed).await, Ok(true));
+    assert_eq!(variable_requests(&fake).len(), 2);
+    // A channel found gone is the caller's problem alone.
+    check.forget();
+    fake.hang_up(&id);
+    within(fake.wait_for_channel_gone(&id)).await;
+    assert_eq!(
+        check.exists(&client, &id, &failed).await,
+        Err(Error::ChannelGone)
+    );
+}

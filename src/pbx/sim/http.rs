@@ -186,6 +186,11 @@ fn dispatch(
                 "version": "22.10.1-sim" } }),
             ),
         ),
+        // Global variables only: Asterisk evaluates no dialplan function here (`""` for any).
+        ("GET", ["asterisk", "variable"]) => match p("variable") {
+            None | Some("") => error(400, "Variable name is required"),
+            Some(_) => (200, Some(json!({ "value": "" }))),
+        },
         ("GET", ["applications", app]) => ctx.application(app),
         ("GET", ["channels"]) => {
             let all: Vec<_> = ctx.st.channels.values().map(|c| &c.snapshot).collect();
@@ -242,6 +247,14 @@ fn dispatch(
             p("variable").unwrap_or_default(),
             p("value").unwrap_or_default(),
         ),
+        (_, ["channels", _, "variables"]) if !ctx.shared.opts.multi_variables => {
+            error(404, "Resource not found")
+        }
+        ("POST", ["channels", id, "variables"]) => ctx.set_variables(id, body.get("variables")),
+        ("GET", ["channels", id, "variables"]) => {
+            ctx.get_variables(id, p("variables").unwrap_or_default())
+        }
+        (_, ["channels", _, "variables"]) => error(405, "Invalid method"),
         ("GET", ["channels", id, "variable"]) => {
             ctx.get_variable(id, p("variable").unwrap_or_default())
         }

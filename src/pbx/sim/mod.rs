@@ -43,6 +43,9 @@ pub struct SimOptions {
     pub missing_media: BTreeSet<String>,
     /// Existing dialplan locations `(context, extension, priority)`, for `DIALPLAN_EXISTS(…)`.
     pub dialplan: BTreeSet<(String, String, u32)>,
+    /// Whether `POST`/`GET /channels/{id}/variables` exist (Asterisk 22.10+); `false` answers them
+    /// 404 `Resource not found`, as an older Asterisk does.
+    pub multi_variables: bool,
     /// `duration_ms` reported for each DTMF digit.
     pub dtmf_duration_ms: u32,
     /// How long a continued channel stays in the dialplan (answering 409 to control calls)
@@ -63,6 +66,7 @@ impl Default for SimOptions {
             prompt_duration: Duration::from_millis(50),
             missing_media: BTreeSet::new(),
             dialplan: BTreeSet::new(),
+            multi_variables: true,
             dtmf_duration_ms: 100,
             dialplan_linger: Duration::from_millis(500),
             inbound_context: "callgate-in".into(),

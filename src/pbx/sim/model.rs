@@ -523,6 +523,39 @@ impl Ctx<'_> {
         (204, None)
     }
 
+    /// `POST /channels/{id}/variables`: every name in the `variables` object, in one request.
+    pub fn set_variables(&mut self, id: &str, vars: Option<&Value>) -> Reply {
+        if let Err(e) = self.control(id, false) {
+            return e;
+        }
+        let Some(vars) = vars.and_then(Value::as_object) else {
+            return error(400, "The 'variables' field is required");
+        };
+        for (name, value) in vars {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            self.set_variable(id, name, &value);
+        }
+        (204, None)
+    }
+
+    /// `GET /channels/{id}/variables?variables=a,b`: the ones that are set.
+    pub fn get_variables(&self, id: &str, names: &str) -> Reply {
+        if let Err(e) = self.control(id, false) {
+            return e;
+        }
+        let Some(chan) = self.st.channels.get(id) else {
+            return error(404, NO_CHANNEL);
+        };
+        let found: BTreeMap<&str, &String> = names
+            .split(',')
+            .filter_map(|n| chan.vars.get(n).map(|v| (n, v)))
+            .collect();
+        (200, Some(json!({ "variables": found })))
+    }
+
     pub fn get_variable(&self, id: &str, name: &str) -> Reply {
         if let Err(e) = self.control(id, false) {
             return e;
@@ -530,7 +563,20 @@ impl Ctx<'_> {
         let Some(chan) = self.st.channels.get(id) else {
             return error(404, NO_CHANNEL);
         };
-        let value = if let Some(inner) = function_args(name, "DIALPLAN_EXISTS") {
+        let value = if let Some(inner) = function_args(name, "EVAL") {
+            Some(self.substitute(chan, inner))
+        } else {
+            self.evaluate(chan, name)
+        };
+        match value {
+            Some(value) => (200, Some(json!({ "value": value }))),
+            None => error(404, NO_VARIABLE),
+        }
+    }
+
+    /// One variable or the functions the fake knows (`DIALPLAN_EXISTS`, `CHANNEL(language)`).
+    fn evaluate(&self, chan: &Chan, name: &str) -> Option<String> {
+        if let Some(inner) = function_args(name, "DIALPLAN_EXISTS") {
             let mut parts = inner.split(',').map(str::trim);
             let context = parts.next().unwrap_or_default().to_owned();
             let exten = parts
@@ -545,11 +591,25 @@ impl Ctx<'_> {
             Some(chan.snapshot.language.clone())
         } else {
             chan.vars.get(name.trim_start_matches('_')).cloned()
-        };
-        match value {
-            Some(value) => (200, Some(json!({ "value": value }))),
-            None => error(404, NO_VARIABLE),
         }
+    }
+
+    /// `EVAL`'s argument with every `${…}` replaced (unset: empty), as Asterisk substitutes it.
+    fn substitute(&self, chan: &Chan, text: &str) -> String {
+        let mut out = String::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[start..]);
+                return out;
+            };
+            out.push_str(&self.evaluate(chan, &after[..end]).unwrap_or_default());
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
     }
 
     pub fn continue_in_dialplan(
