@@ -43,6 +43,8 @@ pub struct LabOptions {
     pub key_gap: Duration,
     /// `reason = "context,extension,priority"` rows of the queue's `routes_by_reason`.
     pub routes_by_reason: Vec<(String, String)>,
+    /// The ARI URL callgate is given instead of the fake Asterisk's own, e.g. a proxy in front of it.
+    pub ari_url: Option<String>,
 }
 
 impl LabOptions {
@@ -59,6 +61,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(5),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            ari_url: None,
         }
     }
 
@@ -75,6 +78,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(60),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            ari_url: None,
         }
     }
 }
@@ -182,7 +186,7 @@ unavailable = "queues,support-fallback,1"
 "#,
             data_dir = data_dir.display(),
             grace = ms(options.shutdown_grace),
-            ari_url = ari.url,
+            ari_url = options.ari_url.as_deref().unwrap_or(&ari.url),
             app = ari.app,
             user = ari.username,
             password = ari.password.expose(),
