@@ -45,6 +45,8 @@ pub struct LabOptions {
     pub routes_by_reason: Vec<(String, String)>,
     /// `server.on_shutdown = "handover"` instead of `"interrupt"`.
     pub handover: bool,
+    /// The ARI URL callgate is given instead of the fake Asterisk's own, e.g. a proxy in front of it.
+    pub ari_url: Option<String>,
 }
 
 impl LabOptions {
@@ -62,6 +64,7 @@ impl LabOptions {
             key_gap: Duration::from_millis(5),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
             handover: false,
+            ari_url: None,
         }
     }
 
@@ -79,6 +82,7 @@ impl LabOptions {
             key_gap: Duration::from_millis(60),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
             handover: false,
+            ari_url: None,
         }
     }
 }
@@ -193,7 +197,7 @@ unavailable = "queues,support-fallback,1"
             } else {
                 "interrupt"
             },
-            ari_url = ari.url,
+            ari_url = options.ari_url.as_deref().unwrap_or(&ari.url),
             app = ari.app,
             user = ari.username,
             password = ari.password.expose(),

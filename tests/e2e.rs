@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -15,6 +17,7 @@ use callgate::demo::{self, Lab, LabOptions};
 use callgate::idp::sim::{number_with_serial, Scenario, TABLE_DATE};
 use callgate::outcome::{Outcome, Reason};
 use callgate::pbx::sim::{Caller, ChannelEnd};
+use support::proxy::Proxy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 // ---- log capture ----
@@ -204,6 +207,100 @@ async fn websocket_dropped_while_typing_reprompts_and_verifies() {
     assert!(lab.asterisk.connections() >= 2);
     // The caller was asked again after the gap (the partial entry was not trusted).
     assert!(lab.asterisk.media_started(&id).len() >= 2);
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+/// A proxy between callgate and the fake Asterisk resets every connection (websocket and REST) again
+/// and again, each time once callgate has reconnected and resynced the calls. Callers who type the
+/// number again whenever asked are all verified and none is charged an invalid number; a caller who
+/// never types is ended by the link's own bound (`interrupted/pbx_lost`), long before the deadline.
+/// (That a proven connection is replaced at once is tested in `pbx::ari` without timing.)
+#[tokio::test]
+async fn flapping_link_callers_who_type_again_are_verified_and_a_silent_one_ends_pbx_lost() {
+    logs();
+    let proxy = Proxy::start(None).await.unwrap();
+    let mut options = LabOptions::fast();
+    options.ari_url = Some(proxy.url());
+    // Entry timers short enough for the silent caller to use up the link's bound well before the
+    // gate deadline.
+    options.first_digit_timeout = Duration::from_secs(1);
+    options.inter_digit_timeout = Duration::from_secs(1);
+    options.key_gap = Duration::from_millis(20);
+    options.step = Duration::from_millis(200);
+    let mut lab = Lab::start_after(options, async |asterisk, _, _| {
+        proxy.set_target(asterisk.addr())
+    })
+    .await
+    .unwrap();
+    let ask = "sound:callgate/enter-number";
+    let typists: Vec<(String, String)> = (0..4u16)
+        .map(|i| {
+            let n = person(230 + i);
+            let mut caller = Caller::new(&format!("4670000023{i}"));
+            for _ in 0..8 {
+                caller = caller
+                    .await_media(ask)
+                    .press(&format!("{n}#"), lab.options.key_gap);
+            }
+            (lab.asterisk.call(caller), n)
+        })
+        .collect();
+    let silent = lab.asterisk.call(Caller::new("46700000239"));
+    // Asked for the number: `enter-number` alone, or after `start-again` / `invalid-number`.
+    let asked = |id: &str| {
+        lab.asterisk
+            .media_started(id)
+            .iter()
+            .filter(|m| m.split(',').any(|one| one == ask))
+            .count()
+    };
+    until("every caller asked for the number", || {
+        typists.iter().all(|(id, _)| asked(id) > 0) && asked(&silent) > 0
+    })
+    .await;
+    // First reset while the typists are typing; then one reset each time callgate has reconnected
+    // and asked the silent caller again, until that caller has left the gate.
+    for _ in 0..12 {
+        if !lab.asterisk.in_application(&silent) {
+            break;
+        }
+        let connections = lab.asterisk.connections();
+        let asked_before = asked(&silent);
+        proxy.reset_all();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            lab.asterisk.wait_for_connections(connections + 1),
+        )
+        .await
+        .expect("callgate never reconnected");
+        until("the silent caller asked again, or gone", || {
+            asked(&silent) > asked_before || !lab.asterisk.in_application(&silent)
+        })
+        .await;
+    }
+    for (id, _) in &typists {
+        let report = lab.report(id).await.unwrap();
+        assert_eq!(report.outcome, Outcome::Verified, "{id}");
+        let end = lab.asterisk.wait_for_channel_end(id).await;
+        assert_eq!(route(&end), "queues,support,1");
+    }
+    let report = lab.report(&silent).await.unwrap();
+    assert_eq!(
+        report.outcome,
+        Outcome::NotVerified(Reason::PbxLost),
+        "the silent caller after {:?}",
+        report.duration
+    );
+    assert!(
+        report.duration < lab.options.gate_deadline / 2,
+        "{:?}",
+        report.duration
+    );
+    for (id, _) in &typists {
+        let end = lab.asterisk.wait_for_channel_end(id).await;
+        assert_ne!(var(&end, "CALLGATE_REASON"), "invalid_number");
+    }
     no_open_orders(&lab).await;
     lab.shutdown().await.unwrap();
 }

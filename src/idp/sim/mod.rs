@@ -58,6 +58,7 @@ pub use scenario::{
 };
 
 use crate::idp::BankIdSettings;
+pub use server::OrderCounts;
 use server::Shared;
 
 /// How to run the simulator.
@@ -208,6 +209,11 @@ impl Simulator {
         let _ = rx.wait_for(|open| *open == n).await;
     }
 
+    /// The order figures, updated after every request and every expiry.
+    pub fn counts(&self) -> tokio::sync::watch::Receiver<OrderCounts> {
+        self.shared.counts.subscribe()
+    }
+
     /// When each collect of `order_ref` arrived.
     pub fn collect_times(&self, order_ref: &str) -> Vec<Instant> {
         self.shared
@@ -273,7 +279,25 @@ pub async fn run_cli(
     for (number, description) in scenario_table() {
         println!("  {number}  {description}");
     }
-    shutdown.await;
+    // One line whenever the figures change, so a supervising process (e.g. a test) can tell which
+    // orders are still open without talking to the simulator.
+    let mut counts = sim.counts();
+    let report = async {
+        loop {
+            let c = *counts.borrow_and_update();
+            println!(
+                "orders: open {}, starts {}, cancels {}",
+                c.open, c.starts, c.cancels
+            );
+            if counts.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = report => {}
+    }
     token.cancel();
     Ok(())
 }

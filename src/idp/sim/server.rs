@@ -63,6 +63,14 @@ struct SimOrder {
     end: Option<(CollectResponse, Instant)>,
 }
 
+/// The simulator's order figures: open orders, `phone/auth` and `cancel` requests received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderCounts {
+    pub open: usize,
+    pub starts: usize,
+    pub cancels: usize,
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     orders: HashMap<String, SimOrder>,
@@ -82,6 +90,8 @@ pub(crate) struct Shared {
     pub(crate) step: Duration,
     state: Mutex<State>,
     pub(crate) open: watch::Sender<usize>,
+    /// Open orders and requests received so far, republished after every change.
+    pub(crate) counts: watch::Sender<OrderCounts>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -91,6 +101,7 @@ impl Shared {
             step,
             state: Mutex::new(State::default()),
             open: watch::Sender::new(0),
+            counts: watch::Sender::new(OrderCounts::default()),
             shutdown,
         }
     }
@@ -105,7 +116,21 @@ impl Shared {
 
     /// Publishes the open-order count (call after every change, without holding the lock).
     fn publish(&self) {
-        let open = self.lock().open_orders();
+        let (open, counts) = {
+            let state = self.lock();
+            let open = state.open_orders();
+            let counts = OrderCounts {
+                open,
+                starts: state.starts,
+                cancels: state.cancels,
+            };
+            (open, counts)
+        };
+        self.counts.send_if_modified(|v| {
+            let changed = *v != counts;
+            *v = counts;
+            changed
+        });
         self.open.send_if_modified(|v| {
             let changed = *v != open;
             *v = open;

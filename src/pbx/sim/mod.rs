@@ -167,7 +167,8 @@ impl Caller {
         self
     }
 
-    /// Waits until a playback of exactly `media` (e.g. `sound:callgate/retry-offer`) starts.
+    /// Waits until a playback whose media list includes `media` (e.g. `sound:callgate/retry-offer`)
+    /// starts.
     pub fn await_media(mut self, media: &str) -> Caller {
         self.steps.push(Step::AwaitMedia(media.to_owned()));
         self
@@ -432,7 +433,7 @@ async fn run_script(shared: Arc<Shared>, id: String, steps: Vec<Step>) {
                     c.media_started
                         .iter()
                         .skip(prompts_seen)
-                        .position(|m| *m == media)
+                        .position(|m| m.split(',').any(|one| one == media))
                         .map(|i| prompts_seen + i + 1)
                 })
                 .await;
