@@ -43,6 +43,8 @@ pub struct LabOptions {
     pub key_gap: Duration,
     /// `reason = "context,extension,priority"` rows of the queue's `routes_by_reason`.
     pub routes_by_reason: Vec<(String, String)>,
+    /// `[limits] max_concurrent_orders` (the bench raises it to its load).
+    pub max_concurrent_orders: usize,
 }
 
 impl LabOptions {
@@ -59,6 +61,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(5),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            max_concurrent_orders: 200,
         }
     }
 
@@ -75,6 +78,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(60),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
+            max_concurrent_orders: 200,
         }
     }
 }
@@ -137,70 +141,7 @@ impl Lab {
         .await?;
         let data_dir = std::env::temp_dir().join(format!("callgate-lab-{}", uuid::Uuid::new_v4()));
         let ari = asterisk.settings();
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let toml = format!(
-            r#"
-[server]
-data_dir = "{data_dir}"
-shutdown_grace = "{grace}"
-pseudonym_key = "lab-pseudonym-key-0123456789abcdef"
-
-[pbx]
-kind = "ari"
-
-[pbx.ari]
-url = "{ari_url}"
-app = "{app}"
-username = "{user}"
-password = "{password}"
-request_timeout = "2s"
-ping_interval = "{ping}"
-reconnect_min = "{rmin}"
-reconnect_max = "{rmax}"
-
-[idp.bankid]
-kind = "bankid"
-url = "{idp_url}"
-request_timeout = "2s"
-
-[queues.support]
-languages = ["sv", "en"]
-first_digit_timeout = "{first}"
-inter_digit_timeout = "{inter}"
-verify_timeout = "{verify}"
-gate_deadline = "{deadline}"
-user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
-disclose = ["name", "masked_number"]
-
-[queues.support.routes]
-verified = "queues,support,1"
-failed = "queues,support-unverified,1"
-unavailable = "queues,support-fallback,1"
-
-[queues.support.routes_by_reason]
-{by_reason}
-"#,
-            data_dir = data_dir.display(),
-            grace = ms(options.shutdown_grace),
-            ari_url = ari.url,
-            app = ari.app,
-            user = ari.username,
-            password = ari.password.expose(),
-            ping = ms(ari.ping_interval),
-            rmin = ms(ari.reconnect_min),
-            rmax = ms(ari.reconnect_max),
-            idp_url = bankid.url(),
-            first = ms(options.first_digit_timeout),
-            inter = ms(options.inter_digit_timeout),
-            verify = ms(options.verify_timeout),
-            deadline = ms(options.gate_deadline),
-            by_reason = options
-                .routes_by_reason
-                .iter()
-                .map(|(k, v)| format!("{k} = \"{v}\""))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
+        let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;
         let config_path = data_dir.join("callgate.toml");
         std::fs::write(&config_path, &toml)?;
@@ -307,6 +248,88 @@ unavailable = "queues,support-fallback,1"
             let _ = stop.send(());
         }
     }
+}
+
+/// The config of a lab's callgate: the fake Asterisk at `ari`, the BankID simulator at `idp_url`, one
+/// gated queue `support` whose routes are [`ROUTES`]. `ops_listen` is left at its default when `None`.
+pub fn lab_toml(
+    options: &LabOptions,
+    ari: &crate::pbx::ari::Settings,
+    idp_url: &str,
+    data_dir: &std::path::Path,
+    ops_listen: Option<std::net::SocketAddr>,
+) -> String {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let ops = ops_listen
+        .map(|a| format!("ops_listen = \"{a}\""))
+        .unwrap_or_default();
+    format!(
+        r#"
+[server]
+data_dir = "{data_dir}"
+shutdown_grace = "{grace}"
+pseudonym_key = "lab-pseudonym-key-0123456789abcdef"
+{ops}
+
+[pbx]
+kind = "ari"
+
+[pbx.ari]
+url = "{ari_url}"
+app = "{app}"
+username = "{user}"
+password = "{password}"
+request_timeout = "2s"
+ping_interval = "{ping}"
+reconnect_min = "{rmin}"
+reconnect_max = "{rmax}"
+
+[idp.bankid]
+kind = "bankid"
+url = "{idp_url}"
+request_timeout = "2s"
+
+[limits]
+max_concurrent_orders = {orders}
+
+[queues.support]
+languages = ["sv", "en"]
+first_digit_timeout = "{first}"
+inter_digit_timeout = "{inter}"
+verify_timeout = "{verify}"
+gate_deadline = "{deadline}"
+user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
+disclose = ["name", "masked_number"]
+
+[queues.support.routes]
+verified = "queues,support,1"
+failed = "queues,support-unverified,1"
+unavailable = "queues,support-fallback,1"
+
+[queues.support.routes_by_reason]
+{by_reason}
+"#,
+        data_dir = data_dir.display(),
+        grace = ms(options.shutdown_grace),
+        ari_url = ari.url,
+        app = ari.app,
+        user = ari.username,
+        password = ari.password.expose(),
+        ping = ms(ari.ping_interval),
+        rmin = ms(ari.reconnect_min),
+        rmax = ms(ari.reconnect_max),
+        orders = options.max_concurrent_orders,
+        first = ms(options.first_digit_timeout),
+        inter = ms(options.inter_digit_timeout),
+        verify = ms(options.verify_timeout),
+        deadline = ms(options.gate_deadline),
+        by_reason = options
+            .routes_by_reason
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 /// One scripted call of the demo.

@@ -203,6 +203,24 @@ impl Answer {
     }
 }
 
+/// A transport failure with its root cause (e.g. `connection closed before message completed`,
+/// `Connection reset by peer`), which says more than reqwest's own message; never the URL.
+fn transport_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(root) = root {
+        msg.push_str(": ");
+        msg.push_str(&root);
+    }
+    msg
+}
+
 impl Client {
     /// Builds a client for `settings.url` + `/ari`.
     pub fn new(settings: &Settings) -> Result<Client, Error> {
@@ -272,7 +290,7 @@ impl Client {
         let answer = match tokio::time::timeout(self.timeout, exchange).await {
             Err(_) => Err(Error::Timeout),
             Ok(Err(e)) if e.is_timeout() => Err(Error::Timeout),
-            Ok(Err(e)) => Err(Error::Transport(e.without_url().to_string())),
+            Ok(Err(e)) => Err(Error::Transport(transport_error(e))),
             Ok(Ok(answer)) => Ok(answer),
         };
         match &answer {
