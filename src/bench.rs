@@ -156,6 +156,32 @@ async fn measure(
     tokio::time::timeout(Duration::from_secs(30), fakes.asterisk.wait_for_connected())
         .await
         .map_err(|_| anyhow::anyhow!("callgate did not connect to the fake Asterisk"))?;
+    // Memory first, while the process is fresh: growth is then not hidden by memory freed earlier.
+    for &n in hold.iter().filter(|n| **n > 0) {
+        let before = child.memory_kib("VmRSS")?;
+        let ids: Vec<String> = (0..n)
+            .map(|i| {
+                fakes.asterisk.call(
+                    Caller::new(&format!("4671{i:07}"))
+                        .await_answer()
+                        .wait(Duration::from_secs(3600)),
+                )
+            })
+            .collect();
+        child.wait_active(n).await?;
+        let during = child.memory_kib("VmRSS")?;
+        for id in &ids {
+            fakes.asterisk.hang_up(id);
+        }
+        child.wait_active(0).await?;
+        let _ = writeln!(
+            out,
+            "memory: {n} silent callers in the gate at once: callgate RSS {:.1} → {:.1} MiB = {:.1} KiB per in-flight call",
+            before as f64 / 1024.0,
+            during as f64 / 1024.0,
+            during.saturating_sub(before) as f64 / n as f64,
+        );
+    }
     let (cpu0, own0) = (child.cpu()?, own_cpu()?);
     let start = Instant::now();
     let mut ids = Vec::with_capacity(calls);
@@ -216,31 +242,6 @@ async fn measure(
         per_call(own),
         child.memory_kib("VmHWM")? as f64 / 1024.0,
     );
-    for &n in hold.iter().filter(|n| **n > 0) {
-        let before = child.memory_kib("VmRSS")?;
-        let ids: Vec<String> = (0..n)
-            .map(|i| {
-                fakes.asterisk.call(
-                    Caller::new(&format!("4671{i:07}"))
-                        .await_answer()
-                        .wait(Duration::from_secs(3600)),
-                )
-            })
-            .collect();
-        child.wait_active(n).await?;
-        let during = child.memory_kib("VmRSS")?;
-        for id in &ids {
-            fakes.asterisk.hang_up(id);
-        }
-        child.wait_active(0).await?;
-        let _ = writeln!(
-            out,
-            "memory: {n} callers in the gate at once: callgate RSS {:.1} → {:.1} MiB = {:.1} KiB per call",
-            before as f64 / 1024.0,
-            during as f64 / 1024.0,
-            during.saturating_sub(before) as f64 / n as f64,
-        );
-    }
     Ok(out)
 }
 

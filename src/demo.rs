@@ -43,7 +43,8 @@ pub struct LabOptions {
     pub key_gap: Duration,
     /// `reason = "context,extension,priority"` rows of the queue's `routes_by_reason`.
     pub routes_by_reason: Vec<(String, String)>,
-    /// `[limits] max_concurrent_orders` (the bench raises it to its load).
+    /// `[limits] max_concurrent_orders` (the bench raises it to its load; written only when it is not
+    /// the default).
     pub max_concurrent_orders: usize,
 }
 
@@ -61,7 +62,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(5),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
-            max_concurrent_orders: 200,
+            max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
         }
     }
 
@@ -78,7 +79,7 @@ impl LabOptions {
             missing_media: BTreeSet::new(),
             key_gap: Duration::from_millis(60),
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
-            max_concurrent_orders: 200,
+            max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
         }
     }
 }
@@ -263,6 +264,17 @@ pub fn lab_toml(
     let ops = ops_listen
         .map(|a| format!("ops_listen = \"{a}\""))
         .unwrap_or_default();
+    // Only when it differs from the default, so that tests can append a `[limits]` table.
+    let limits = if options.max_concurrent_orders
+        == crate::config::Limits::default().max_concurrent_orders
+    {
+        String::new()
+    } else {
+        format!(
+            "[limits]\nmax_concurrent_orders = {}\n",
+            options.max_concurrent_orders
+        )
+    };
     format!(
         r#"
 [server]
@@ -289,9 +301,7 @@ kind = "bankid"
 url = "{idp_url}"
 request_timeout = "2s"
 
-[limits]
-max_concurrent_orders = {orders}
-
+{limits}
 [queues.support]
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
@@ -318,7 +328,7 @@ unavailable = "queues,support-fallback,1"
         ping = ms(ari.ping_interval),
         rmin = ms(ari.reconnect_min),
         rmax = ms(ari.reconnect_max),
-        orders = options.max_concurrent_orders,
+        limits = limits,
         first = ms(options.first_digit_timeout),
         inter = ms(options.inter_digit_timeout),
         verify = ms(options.verify_timeout),

@@ -516,6 +516,23 @@ impl Client {
         answer.json(Target::Other).map(Some)
     }
 
+    /// `PUT /applications/{app}/eventFilter`: Asterisk stops sending the application events of the
+    /// `disallowed` types (for every channel it has). The application must exist (be connected).
+    pub async fn set_event_filter(&self, app: &str, disallowed: &[&str]) -> Result<(), Error> {
+        let types: Vec<serde_json::Value> = disallowed
+            .iter()
+            .map(|t| serde_json::json!({ "type": t }))
+            .collect();
+        self.send(
+            Method::PUT,
+            &["applications", app, "eventFilter"],
+            &[],
+            Some(serde_json::json!({ "disallowed": types })),
+        )
+        .await?
+        .empty(Target::Other)
+    }
+
     /// `GET /asterisk/ping`: Asterisk is up and the credentials work.
     pub async fn ping(&self) -> Result<(), Error> {
         self.send(Method::GET, &["asterisk", "ping"], &[], None)
