@@ -2,20 +2,25 @@
 //! whole calls through callgate against the loopback fakes. Figures, not assertions: speed goals are
 //! judged by reading them, never by a timed test.
 
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::demo::{Lab, LabOptions};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::demo::{lab_toml, LabOptions, ROUTES};
 use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input};
-use crate::idp::sim::{number_with_serial, TABLE_DATE};
+use crate::idp::sim::{self as idp_sim, number_with_serial, TABLE_DATE};
 use crate::outcome::{Identity, Outcome};
-use crate::pbx::sim::Caller;
+use crate::pbx::sim::{self as pbx_sim, Caller, FakeAsterisk};
 use crate::pnr::PersonalNumber;
 use crate::policy::{QueuePolicy, Routes};
 use crate::verify::{self, Initiator, OrderRef, Poll, Stage, Started};
 
 /// Runs both measurements and prints the figures.
-pub async fn run(calls: usize) -> anyhow::Result<()> {
+pub async fn run(calls: usize, hold: &[usize]) -> anyhow::Result<()> {
     println!(
         "callgate bench (debug builds are several times slower; use --release for real figures)\n"
     );
@@ -25,8 +30,8 @@ pub async fn run(calls: usize) -> anyhow::Result<()> {
         took.as_secs_f64(),
         flows as f64 / took.as_secs_f64()
     );
-    let figures = whole_calls(calls).await?;
-    println!("{figures}");
+    let figures = whole_calls(calls, hold).await?;
+    print!("{figures}");
     Ok(())
 }
 
@@ -117,57 +122,317 @@ pub fn core_flows(budget: Duration) -> anyhow::Result<(u64, Duration)> {
     Ok((flows, start.elapsed()))
 }
 
-/// Places `calls` verifying callers at once through callgate and the fakes; reports throughput and the
-/// spread of gate durations (dominated by the simulated prompts, keypresses and approvals).
+/// Places `calls` verifying callers at once through a callgate process of its own (`callgate serve`,
+/// started from this binary) against the loopback fakes running in this process, so that the CPU and
+/// memory figures are callgate's alone. Then, for each count in `hold`, keeps that many silent callers
+/// in the gate at once and reports the growth of callgate's resident memory per call.
 #[allow(clippy::disallowed_methods)] // the benchmark is the driver: it reads the clock
-pub async fn whole_calls(calls: usize) -> anyhow::Result<String> {
+pub async fn whole_calls(calls: usize, hold: &[usize]) -> anyhow::Result<String> {
     let mut options = LabOptions::fast();
-    options.gate_deadline = Duration::from_secs(60);
-    let mut lab = Lab::start(options).await?;
+    options.gate_deadline = Duration::from_secs(300);
+    options.verify_timeout = Duration::from_secs(60);
+    // Silent callers stay in the gate for the memory figure.
+    options.first_digit_timeout = Duration::from_secs(120);
+    // Sized to the load: every caller may hold an order at once.
+    options.max_concurrent_orders = calls.max(1);
+    // callgate polls at its production pace (every 2 s); the simulator expires an order nobody
+    // collects for 30 steps, so a step must be well above 2 s / 30.
+    options.step = Duration::from_millis(200);
+    let fakes = Fakes::start(&options).await?;
+    let mut child = fakes.spawn_callgate(&options)?;
+    let result = measure(&fakes, &mut child, calls, hold).await;
+    child.stop();
+    result
+}
+
+#[allow(clippy::disallowed_methods)] // the benchmark is the driver: it reads the clock
+async fn measure(
+    fakes: &Fakes,
+    child: &mut Callgate,
+    calls: usize,
+    hold: &[usize],
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(30), fakes.asterisk.wait_for_connected())
+        .await
+        .map_err(|_| anyhow::anyhow!("callgate did not connect to the fake Asterisk"))?;
+    // Memory first, while the process is fresh: growth is then not hidden by memory freed earlier.
+    for &n in hold.iter().filter(|n| **n > 0) {
+        let before = child.memory_kib("VmRSS")?;
+        let ids: Vec<String> = (0..n)
+            .map(|i| {
+                fakes.asterisk.call(
+                    Caller::new(&format!("4671{i:07}"))
+                        .await_answer()
+                        .wait(Duration::from_secs(3600)),
+                )
+            })
+            .collect();
+        child.wait_active(n).await?;
+        let during = child.memory_kib("VmRSS")?;
+        for id in &ids {
+            fakes.asterisk.hang_up(id);
+        }
+        child.wait_active(0).await?;
+        let _ = writeln!(
+            out,
+            "memory: {n} silent callers in the gate at once: callgate RSS {:.1} → {:.1} MiB = {:.1} KiB per in-flight call",
+            before as f64 / 1024.0,
+            during as f64 / 1024.0,
+            during.saturating_sub(before) as f64 / n as f64,
+        );
+    }
+    let (cpu0, own0) = (child.cpu()?, own_cpu()?);
     let start = Instant::now();
     let mut ids = Vec::with_capacity(calls);
     for i in 0..calls {
         let serial = 100 + u16::try_from(i % 800).unwrap_or(0);
         let number = number_with_serial(&format!("19{:02}0101", 50 + i / 800), serial);
         ids.push(
-            lab.asterisk.call(
+            fakes.asterisk.call(
                 Caller::new(&format!("4670{i:07}"))
                     .await_prompt()
-                    .press(&format!("{number}#"), lab.options.key_gap),
+                    .press(&format!("{number}#"), Duration::from_millis(5)),
             ),
         );
     }
-    let mut durations = Vec::with_capacity(calls);
     let mut verified = 0;
+    let mut others: std::collections::BTreeMap<String, usize> = Default::default();
     for id in &ids {
-        let r = lab.report(id).await?;
-        if r.outcome == Outcome::Verified {
+        let end = tokio::time::timeout(
+            Duration::from_secs(600),
+            fakes.asterisk.wait_for_channel_end(id),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("a call never left the gate"))?;
+        let var = |n: &str| end.variables.get(n).cloned().unwrap_or_default();
+        if var("CALLGATE_STATUS") == "verified" {
             verified += 1;
+        } else {
+            *others
+                .entry(format!(
+                    "{}/{}",
+                    var("CALLGATE_STATUS"),
+                    var("CALLGATE_REASON")
+                ))
+                .or_default() += 1;
         }
-        durations.push(r.duration);
     }
+    child.wait_active(0).await?;
     let took = start.elapsed();
-    durations.sort();
-    let pct = |p: f64| {
-        let i = ((durations.len() as f64 - 1.0) * p).round() as usize;
-        durations.get(i).copied().unwrap_or_default()
-    };
-    let orders_left = lab.bankid.open_orders();
-    lab.shutdown().await?;
-    Ok(format!(
-        "calls: {calls} concurrent verifying callers, {verified} verified, in {:.2} s = {:.1} calls/s; \
-         gate duration p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms; orders left open: {orders_left}",
+    let (cpu, own) = (child.cpu()? - cpu0, own_cpu()? - own0);
+    let per_call = |s: f64| s * 1000.0 / calls.max(1) as f64;
+    let _ = writeln!(
+        out,
+        "calls: {calls} concurrent verifying callers, {verified} verified{}, in {:.2} s = {:.1} calls/s; \
+         orders left open: {}",
+        others
+            .iter()
+            .map(|(k, n)| format!(", {n} {k}"))
+            .collect::<String>(),
         took.as_secs_f64(),
         calls as f64 / took.as_secs_f64(),
-        pct(0.5).as_secs_f64() * 1000.0,
-        pct(0.95).as_secs_f64() * 1000.0,
-        pct(1.0).as_secs_f64() * 1000.0,
-    ))
+        fakes.bankid.open_orders(),
+    );
+    let _ = writeln!(
+        out,
+        "cpu: callgate {cpu:.2} CPU-s = {:.2} ms per call (its own process, fakes excluded); \
+         fakes and driver {own:.2} CPU-s = {:.2} ms per call; callgate peak RSS {:.1} MiB",
+        per_call(cpu),
+        per_call(own),
+        child.memory_kib("VmHWM")? as f64 / 1024.0,
+    );
+    Ok(out)
+}
+
+/// The fake Asterisk and the BankID simulator, in this process.
+struct Fakes {
+    asterisk: FakeAsterisk,
+    bankid: idp_sim::Simulator,
+    data_dir: PathBuf,
+    _token: CancellationToken,
+}
+
+impl Fakes {
+    async fn start(options: &LabOptions) -> anyhow::Result<Fakes> {
+        let asterisk = pbx_sim::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            pbx_sim::SimOptions {
+                prompt_duration: options.prompt,
+                dialplan: ROUTES
+                    .iter()
+                    .map(|(c, e, p)| ((*c).to_owned(), (*e).to_owned(), *p))
+                    .collect(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let token = CancellationToken::new();
+        let bankid = idp_sim::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            idp_sim::SimOptions {
+                step: options.step,
+                ..Default::default()
+            },
+            token.clone(),
+        )
+        .await?;
+        let data_dir =
+            std::env::temp_dir().join(format!("callgate-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&data_dir)?;
+        Ok(Fakes {
+            asterisk,
+            bankid,
+            data_dir,
+            _token: token,
+        })
+    }
+
+    /// Starts `callgate serve` (this binary) against the fakes; its log goes to the data directory.
+    fn spawn_callgate(&self, options: &LabOptions) -> anyhow::Result<Callgate> {
+        let ops = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let toml = lab_toml(
+            options,
+            &self.asterisk.settings(),
+            &self.bankid.url(),
+            &self.data_dir,
+            Some(ops),
+        );
+        let config = self.data_dir.join("callgate.toml");
+        std::fs::write(&config, toml)?;
+        let log = std::fs::File::create(self.data_dir.join("callgate.log"))?;
+        let process = std::process::Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("CALLGATE_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        Ok(Callgate {
+            process,
+            ops,
+            data_dir: self.data_dir.clone(),
+        })
+    }
+}
+
+impl Drop for Fakes {
+    fn drop(&mut self) {
+        if std::env::var_os("CALLGATE_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+    }
+}
+
+/// The callgate process under measurement.
+struct Callgate {
+    process: std::process::Child,
+    ops: std::net::SocketAddr,
+    data_dir: PathBuf,
+}
+
+impl Callgate {
+    fn proc_file(&self, name: &str) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(format!(
+            "/proc/{}/{name}",
+            self.process.id()
+        ))?)
+    }
+
+    /// CPU seconds (user + system) the process used so far.
+    fn cpu(&self) -> anyhow::Result<f64> {
+        cpu_of(&self.proc_file("stat")?)
+    }
+
+    /// A `/proc/<pid>/status` memory line (`VmRSS`, `VmHWM`) in KiB.
+    fn memory_kib(&self, key: &str) -> anyhow::Result<u64> {
+        let status = self.proc_file("status")?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no {key} in /proc status"))
+    }
+
+    /// Waits until `callgate_calls_active` is `n`.
+    #[allow(clippy::disallowed_methods)] // the benchmark is the driver: it reads the clock
+    async fn wait_active(&mut self, n: usize) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                anyhow::bail!(
+                    "callgate exited ({status}); see {}",
+                    self.data_dir.join("callgate.log").display()
+                );
+            }
+            if active_calls(self.ops).await == Some(n) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "calls in the gate never reached {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// `callgate_calls_active` from the ops listener's `/metrics`.
+async fn active_calls(addr: std::net::SocketAddr) -> Option<usize> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.ok()?;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix("callgate_calls_active "))?;
+    value.trim().parse::<f64>().ok().map(|v| v as usize)
+}
+
+/// CPU seconds of this process (the fakes and the driver).
+fn own_cpu() -> anyhow::Result<f64> {
+    cpu_of(&std::fs::read_to_string("/proc/self/stat")?)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in seconds (Linux counts them in USER_HZ = 100).
+fn cpu_of(stat: &str) -> anyhow::Result<f64> {
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // After the name: state is field 3 of the line; utime and stime are fields 14 and 15.
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("short /proc stat line"))?
+            .parse::<f64>()?)
+    };
+    Ok((tick(11)? + tick(12)?) / 100.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_process_name() {
+        let stat = "4242 (call gate) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0";
+        assert_eq!(cpu_of(stat).unwrap(), 3.0);
+    }
 
     #[test]
     fn the_core_benchmark_runs_verified_dialogues() {

@@ -47,6 +47,9 @@ pub struct LabOptions {
     pub handover: bool,
     /// The ARI URL callgate is given instead of the fake Asterisk's own, e.g. a proxy in front of it.
     pub ari_url: Option<String>,
+    /// `[limits] max_concurrent_orders` (the bench raises it to its load; written only when it is not
+    /// the default).
+    pub max_concurrent_orders: usize,
 }
 
 impl LabOptions {
@@ -65,6 +68,7 @@ impl LabOptions {
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
             handover: false,
             ari_url: None,
+            max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
         }
     }
 
@@ -83,6 +87,7 @@ impl LabOptions {
             routes_by_reason: vec![("declined_call".into(), "queues,fraud-desk,1".into())],
             handover: false,
             ari_url: None,
+            max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
         }
     }
 }
@@ -146,76 +151,7 @@ impl Lab {
         .await?;
         let data_dir = std::env::temp_dir().join(format!("callgate-lab-{}", uuid::Uuid::new_v4()));
         let ari = asterisk.settings();
-        let ms = |d: Duration| format!("{}ms", d.as_millis());
-        let toml = format!(
-            r#"
-[server]
-data_dir = "{data_dir}"
-shutdown_grace = "{grace}"
-on_shutdown = "{on_shutdown}"
-pseudonym_key = "lab-pseudonym-key-0123456789abcdef"
-
-[pbx]
-kind = "ari"
-
-[pbx.ari]
-url = "{ari_url}"
-app = "{app}"
-username = "{user}"
-password = "{password}"
-request_timeout = "2s"
-ping_interval = "{ping}"
-reconnect_min = "{rmin}"
-reconnect_max = "{rmax}"
-
-[idp.bankid]
-kind = "bankid"
-url = "{idp_url}"
-request_timeout = "2s"
-
-[queues.support]
-languages = ["sv", "en"]
-first_digit_timeout = "{first}"
-inter_digit_timeout = "{inter}"
-verify_timeout = "{verify}"
-gate_deadline = "{deadline}"
-user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
-disclose = ["name", "masked_number"]
-
-[queues.support.routes]
-verified = "queues,support,1"
-failed = "queues,support-unverified,1"
-unavailable = "queues,support-fallback,1"
-
-[queues.support.routes_by_reason]
-{by_reason}
-"#,
-            data_dir = data_dir.display(),
-            grace = ms(options.shutdown_grace),
-            on_shutdown = if options.handover {
-                "handover"
-            } else {
-                "interrupt"
-            },
-            ari_url = options.ari_url.as_deref().unwrap_or(&ari.url),
-            app = ari.app,
-            user = ari.username,
-            password = ari.password.expose(),
-            ping = ms(ari.ping_interval),
-            rmin = ms(ari.reconnect_min),
-            rmax = ms(ari.reconnect_max),
-            idp_url = bankid.url(),
-            first = ms(options.first_digit_timeout),
-            inter = ms(options.inter_digit_timeout),
-            verify = ms(options.verify_timeout),
-            deadline = ms(options.gate_deadline),
-            by_reason = options
-                .routes_by_reason
-                .iter()
-                .map(|(k, v)| format!("{k} = \"{v}\""))
-                .collect::<Vec<_>>()
-                .join("\n"),
-        );
+        let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;
         let config_path = data_dir.join("callgate.toml");
         std::fs::write(&config_path, &toml)?;
@@ -349,6 +285,103 @@ async fn start_app(
     )
     .await?;
     Ok((app, stop))
+}
+
+/// The config of a lab's callgate: the fake Asterisk at `ari`, the BankID simulator at `idp_url`, one
+/// gated queue `support` whose routes are [`ROUTES`]. `ops_listen` is left at its default when `None`.
+pub fn lab_toml(
+    options: &LabOptions,
+    ari: &crate::pbx::ari::Settings,
+    idp_url: &str,
+    data_dir: &std::path::Path,
+    ops_listen: Option<std::net::SocketAddr>,
+) -> String {
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let ops = ops_listen
+        .map(|a| format!("ops_listen = \"{a}\""))
+        .unwrap_or_default();
+    // Only when it differs from the default, so that tests can append a `[limits]` table.
+    let limits = if options.max_concurrent_orders
+        == crate::config::Limits::default().max_concurrent_orders
+    {
+        String::new()
+    } else {
+        format!(
+            "[limits]\nmax_concurrent_orders = {}\n",
+            options.max_concurrent_orders
+        )
+    };
+    format!(
+        r#"
+[server]
+data_dir = "{data_dir}"
+shutdown_grace = "{grace}"
+on_shutdown = "{on_shutdown}"
+pseudonym_key = "lab-pseudonym-key-0123456789abcdef"
+{ops}
+
+[pbx]
+kind = "ari"
+
+[pbx.ari]
+url = "{ari_url}"
+app = "{app}"
+username = "{user}"
+password = "{password}"
+request_timeout = "2s"
+ping_interval = "{ping}"
+reconnect_min = "{rmin}"
+reconnect_max = "{rmax}"
+
+[idp.bankid]
+kind = "bankid"
+url = "{idp_url}"
+request_timeout = "2s"
+
+{limits}
+[queues.support]
+languages = ["sv", "en"]
+first_digit_timeout = "{first}"
+inter_digit_timeout = "{inter}"
+verify_timeout = "{verify}"
+gate_deadline = "{deadline}"
+user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
+disclose = ["name", "masked_number"]
+
+[queues.support.routes]
+verified = "queues,support,1"
+failed = "queues,support-unverified,1"
+unavailable = "queues,support-fallback,1"
+
+[queues.support.routes_by_reason]
+{by_reason}
+"#,
+        data_dir = data_dir.display(),
+        grace = ms(options.shutdown_grace),
+        on_shutdown = if options.handover {
+            "handover"
+        } else {
+            "interrupt"
+        },
+        ari_url = options.ari_url.as_deref().unwrap_or(&ari.url),
+        app = ari.app,
+        user = ari.username,
+        password = ari.password.expose(),
+        ping = ms(ari.ping_interval),
+        rmin = ms(ari.reconnect_min),
+        rmax = ms(ari.reconnect_max),
+        limits = limits,
+        first = ms(options.first_digit_timeout),
+        inter = ms(options.inter_digit_timeout),
+        verify = ms(options.verify_timeout),
+        deadline = ms(options.gate_deadline),
+        by_reason = options
+            .routes_by_reason
+            .iter()
+            .map(|(k, v)| format!("{k} = \"{v}\""))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 /// One scripted call of the demo.

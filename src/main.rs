@@ -39,6 +39,9 @@ enum Command {
         /// How many callers to place at once.
         #[arg(long, default_value_t = 100)]
         calls: usize,
+        /// Counts of silent callers held in the gate at once for the memory figure (0: skip).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        hold: Vec<usize>,
     },
     /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
     CheckConfig { file: PathBuf },
@@ -93,9 +96,9 @@ fn main() -> ExitCode {
             anyhow::ensure!(ok, "some demo calls did not end as expected");
             Ok(())
         }),
-        Command::Bench { calls } => {
+        Command::Bench { calls, hold } => {
             telemetry::init_logging_with(cli.log_format, "warn");
-            runtime(|| async move { callgate::bench::run(calls).await })
+            runtime(|| async move { callgate::bench::run(calls, &hold).await })
         }
         Command::SimIdp {
             listen,

@@ -851,13 +851,20 @@ fn requests_of(lab: &Lab, call: &str, reference: &str) -> Vec<String> {
         .collect()
 }
 
-/// Counts the requests of one verified call (progress prompts and outcome announcement on), so that
-/// a request added per call shows up here. Routes are checked once per connection: only the first call
-/// after the connect makes that request.
+/// Counts the requests of one verified call, so that a request added per call fails here. How many
+/// prompts and hold-music changes a call has depends on timing (a progress prompt may be skipped or cut
+/// short), so those are counted apart; everything else is fixed: answer, the metadata and the safety-net
+/// timeout in one request, continue. Routes are checked once per connection: only the first call after
+/// the connect makes that request.
 #[tokio::test]
-async fn a_verified_call_makes_fifteen_ari_requests_and_checks_routes_once() {
+async fn a_verified_call_makes_three_ari_requests_besides_its_prompts_and_checks_routes_once() {
     let mut lab = lab(LabOptions::fast()).await;
-    let mut counts = Vec::new();
+    // The events no call acts on are filtered out by Asterisk, after the connect.
+    until("the event filter", || {
+        lab.asterisk.disallowed_events().contains("ChannelVarset")
+    })
+    .await;
+    let mut calls = Vec::new();
     for serial in [301, 302] {
         let (report, end) = lab
             .run_call(lab.caller_typing(&person(serial)))
@@ -867,30 +874,46 @@ async fn a_verified_call_makes_fifteen_ari_requests_and_checks_routes_once() {
         assert_eq!(route(&end), "queues,support,1");
         assert_eq!(var(&end, "TIMEOUT(absolute)"), "0");
         assert_eq!(var(&end, "CALLGATE_STATUS"), "verified");
-        counts.push(requests_of(&lab, &report.call_id, &report.reference));
+        calls.push(requests_of(&lab, &report.call_id, &report.reference));
     }
-    let [first, second] = &counts[..] else {
+    let media =
+        |e: &String| e.contains("/play/") || e.contains("/playbacks/") || e.contains("/moh ");
+    let others = |r: &[String]| -> Vec<String> {
+        r.iter()
+            .filter(|e| !media(e))
+            .map(|e| {
+                let mut parts = e.split(' ');
+                let method = parts.next().unwrap_or_default();
+                let last = parts
+                    .next()
+                    .unwrap_or_default()
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or_default();
+                format!("{method} {last}")
+            })
+            .collect()
+    };
+    let [first, second] = &calls[..] else {
         unreachable!()
     };
-    let route_checks = |r: &[String]| r.iter().filter(|e| e.contains("/variable ")).count();
-    assert_eq!(route_checks(first), 1, "{first:#?}");
-    assert_eq!(route_checks(second), 0, "{second:#?}");
-    // answer, enter-number, stopped by the first key, open-app, hold music, 2 × (stop hold music,
-    // progress prompt, hold music again), stop hold music, announcement, metadata and the safety-net
-    // timeout in one request, continue. (Before: 7 variables, the timeout and the route check were
-    // 9 requests instead of 1: 23 in all.)
-    assert_eq!(second.len(), 15, "{second:#?}");
     assert_eq!(
-        second.iter().filter(|e| e.contains("/variables ")).count(),
-        1,
+        others(first),
+        [
+            "POST answer",
+            "POST variables",
+            "GET variable",
+            "POST continue"
+        ],
+        "{first:#?}"
+    );
+    assert_eq!(
+        others(second),
+        ["POST answer", "POST variables", "POST continue"],
         "{second:#?}"
     );
-    assert_eq!(first.len(), second.len() + 1, "{first:#?}");
-    assert!(
-        second
-            .iter()
-            .all(|e| e.ends_with(" 204") || e.ends_with(" 201")),
-        "{second:#?}"
-    );
+    // enter-number, open-app, hold music, stop it, the announcement; more with progress prompts.
+    let prompts = second.iter().filter(|e| media(e)).count();
+    assert!(prompts >= 5, "{second:#?}");
     lab.shutdown().await.unwrap();
 }

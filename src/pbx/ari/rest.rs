@@ -217,6 +217,24 @@ impl Answer {
     }
 }
 
+/// A transport failure with its root cause (e.g. `connection closed before message completed`,
+/// `Connection reset by peer`), which says more than reqwest's own message; never the URL.
+fn transport_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(root) = root {
+        msg.push_str(": ");
+        msg.push_str(&root);
+    }
+    msg
+}
+
 impl Client {
     /// Builds a client for `settings.url` + `/ari`.
     pub fn new(settings: &Settings) -> Result<Client, Error> {
@@ -312,7 +330,7 @@ impl Client {
             Ok(Err(e)) if e.is_timeout() => Err(Retry::No(Error::Timeout)),
             Ok(Err(e)) => {
                 let safe = e.is_connect() || *method == Method::GET;
-                let error = Error::Transport(e.without_url().to_string());
+                let error = Error::Transport(transport_error(e));
                 if safe {
                     Err(Retry::Yes(error))
                 } else {
@@ -546,6 +564,23 @@ impl Client {
             return Ok(None);
         }
         answer.json(Target::Other).map(Some)
+    }
+
+    /// `PUT /applications/{app}/eventFilter`: Asterisk stops sending the application events of the
+    /// `disallowed` types (for every channel it has). The application must exist (be connected).
+    pub async fn set_event_filter(&self, app: &str, disallowed: &[&str]) -> Result<(), Error> {
+        let types: Vec<serde_json::Value> = disallowed
+            .iter()
+            .map(|t| serde_json::json!({ "type": t }))
+            .collect();
+        self.send(
+            Method::PUT,
+            &["applications", app, "eventFilter"],
+            &[],
+            Some(serde_json::json!({ "disallowed": types })),
+        )
+        .await?
+        .empty(Target::Other)
     }
 
     /// `GET /asterisk/ping`: Asterisk is up and the credentials work.

@@ -848,3 +848,31 @@ unavailable = "acc-routes,verified,1"
         Err(Error::ChannelGone)
     );
 }
+
+#[tokio::test]
+async fn an_event_filter_stops_the_filtered_types_only() {
+    let (fake, mut conn, client, id) = call_in_app(opts()).await;
+    client
+        .set_event_filter(
+            "callgate",
+            &["ChannelVarset", "ChannelStateChange", "PlaybackStarted"],
+        )
+        .await
+        .unwrap();
+    client
+        .set_variable(&id, "__CALLGATE_STATUS", "verified")
+        .await
+        .unwrap();
+    client.answer(&id).await.unwrap();
+    client.play(&id, "pb-f", "sound:x", None).await.unwrap();
+    // The next event is the playback's end: no variable, state change or playback start came.
+    match conn.next().await {
+        Incoming::Event(e) => assert_eq!(e.kind(), "PlaybackFinished"),
+        other => panic!("expected PlaybackFinished, got {other:?}"),
+    }
+    assert_eq!(
+        client.set_event_filter("nope", &["ChannelVarset"]).await,
+        Err(Error::NotFound("Application not found".into()))
+    );
+    drop(fake);
+}

@@ -342,37 +342,39 @@ impl Event {
     }
 }
 
-/// Decodes one websocket text frame: reads `type` first, then the typed body.
+/// Decodes one websocket text frame: reads `type` first, then the typed body straight from the text
+/// (no intermediate `serde_json::Value`: events carry whole channel snapshots, and this runs for every
+/// event of every call).
 pub fn decode(text: &str) -> Result<Event, DecodeError> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|_| DecodeError::NotAnEvent)?;
-    let kind = value
-        .get("type")
-        .and_then(serde_json::Value::as_str)
-        .ok_or(DecodeError::NotAnEvent)?
-        .to_owned();
-    fn typed<T: serde::de::DeserializeOwned>(
-        value: serde_json::Value,
-        kind: &str,
-    ) -> Result<T, DecodeError> {
-        serde_json::from_value(value).map_err(|_| DecodeError::Invalid {
+    #[derive(Deserialize)]
+    struct Kind<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let kind = serde_json::from_str::<Kind<'_>>(text)
+        .map_err(|_| DecodeError::NotAnEvent)?
+        .kind;
+    fn typed<T: serde::de::DeserializeOwned>(text: &str, kind: &str) -> Result<T, DecodeError> {
+        serde_json::from_str(text).map_err(|_| DecodeError::Invalid {
             kind: kind.to_owned(),
         })
     }
-    let event = match kind.as_str() {
-        "StasisStart" => Event::StasisStart(typed(value, &kind)?),
-        "StasisEnd" => Event::StasisEnd(typed(value, &kind)?),
-        "ChannelDtmfReceived" => Event::ChannelDtmfReceived(typed(value, &kind)?),
-        "ChannelHangupRequest" => Event::ChannelHangupRequest(typed(value, &kind)?),
-        "ChannelDestroyed" => Event::ChannelDestroyed(typed(value, &kind)?),
-        "ChannelStateChange" => Event::ChannelStateChange(typed(value, &kind)?),
-        "ChannelVarset" => Event::ChannelVarset(typed(value, &kind)?),
-        "PlaybackStarted" => Event::PlaybackStarted(typed(value, &kind)?),
-        "PlaybackFinished" => Event::PlaybackFinished(typed(value, &kind)?),
-        "ChannelEnteredBridge" => Event::ChannelEnteredBridge(typed(value, &kind)?),
-        "ChannelLeftBridge" => Event::ChannelLeftBridge(typed(value, &kind)?),
-        "ApplicationReplaced" => Event::ApplicationReplaced(typed(value, &kind)?),
-        _ => Event::Other { kind },
+    let event = match kind.as_ref() {
+        "StasisStart" => Event::StasisStart(typed(text, &kind)?),
+        "StasisEnd" => Event::StasisEnd(typed(text, &kind)?),
+        "ChannelDtmfReceived" => Event::ChannelDtmfReceived(typed(text, &kind)?),
+        "ChannelHangupRequest" => Event::ChannelHangupRequest(typed(text, &kind)?),
+        "ChannelDestroyed" => Event::ChannelDestroyed(typed(text, &kind)?),
+        "ChannelStateChange" => Event::ChannelStateChange(typed(text, &kind)?),
+        "ChannelVarset" => Event::ChannelVarset(typed(text, &kind)?),
+        "PlaybackStarted" => Event::PlaybackStarted(typed(text, &kind)?),
+        "PlaybackFinished" => Event::PlaybackFinished(typed(text, &kind)?),
+        "ChannelEnteredBridge" => Event::ChannelEnteredBridge(typed(text, &kind)?),
+        "ChannelLeftBridge" => Event::ChannelLeftBridge(typed(text, &kind)?),
+        "ApplicationReplaced" => Event::ApplicationReplaced(typed(text, &kind)?),
+        _ => Event::Other {
+            kind: kind.into_owned(),
+        },
     };
     Ok(event)
 }

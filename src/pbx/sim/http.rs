@@ -192,6 +192,7 @@ fn dispatch(
             Some(_) => (200, Some(json!({ "value": "" }))),
         },
         ("GET", ["applications", app]) => ctx.application(app),
+        ("PUT", ["applications", app, "eventFilter"]) => ctx.event_filter(app, body),
         ("GET", ["channels"]) => {
             let all: Vec<_> = ctx.st.channels.values().map(|c| &c.snapshot).collect();
             (200, serde_json::to_value(all).ok())

@@ -377,6 +377,11 @@ impl FakeAsterisk {
             .read(|st| st.channels.get(id).is_some_and(|c| c.moh))
     }
 
+    /// Event types the application filtered out (`PUT /applications/{app}/eventFilter`).
+    pub fn disallowed_events(&self) -> BTreeSet<String> {
+        self.shared.read(|st| st.disallowed.clone())
+    }
+
     pub fn rest_log(&self) -> Vec<RestEntry> {
         self.shared.read(|st| st.rest_log.clone())
     }

@@ -85,6 +85,8 @@ pub(super) struct State {
     pub bridges: BTreeMap<String, Bridge>,
     pub rest_log: Vec<RestEntry>,
     pub rest_delay: Duration,
+    /// Event types the application filtered out (`PUT /applications/{app}/eventFilter`).
+    pub disallowed: std::collections::BTreeSet<String>,
 }
 
 pub(super) struct Shared {
@@ -125,6 +127,7 @@ impl Shared {
                 bridges: BTreeMap::new(),
                 rest_log: Vec::new(),
                 rest_delay: Duration::ZERO,
+                disallowed: Default::default(),
             }),
             changed: watch::channel(0).0,
         })
@@ -181,6 +184,9 @@ impl Ctx<'_> {
 
     /// Sends one event to the owning socket (dropped when there is none).
     pub fn emit(&mut self, kind: &str, fields: Value) {
+        if self.st.disallowed.contains(kind) {
+            return;
+        }
         let Owner::Socket { tx, .. } = &self.st.owner else {
             self.st.dropped_events += 1;
             return;
@@ -884,9 +890,34 @@ impl Ctx<'_> {
                 "endpoint_ids": [],
                 "device_names": [],
                 "events_allowed": [],
-                "events_disallowed": [],
+                "events_disallowed": self.st.disallowed.iter()
+                    .map(|t| json!({ "type": t }))
+                    .collect::<Vec<_>>(),
             })),
         )
+    }
+
+    /// `PUT /applications/{app}/eventFilter` with `{"disallowed":[{"type":…}]}` (an `allowed` list is
+    /// not modelled: the fake sends every other type).
+    pub fn event_filter(&mut self, app: &str, body: &Value) -> Reply {
+        if let (404, e) = self.application(app) {
+            return (404, e);
+        }
+        let types = |key: &str| -> Option<std::collections::BTreeSet<String>> {
+            match body.get(key) {
+                None => Some(Default::default()),
+                Some(Value::Array(items)) => items
+                    .iter()
+                    .map(|i| i.get("type").and_then(Value::as_str).map(str::to_owned))
+                    .collect(),
+                Some(_) => None,
+            }
+        };
+        let Some(disallowed) = types("disallowed") else {
+            return error(400, "Invalid format for the event filter");
+        };
+        self.st.disallowed = disallowed;
+        self.application(app)
     }
 
     pub fn dtmf(&mut self, id: &str, digit: char) -> bool {
