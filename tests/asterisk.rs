@@ -40,7 +40,7 @@ const START_VAR: &str = "CALLGATE_ASTERISK_START";
 /// The ARI user of the shipped `ari.conf`, with a password the test sets.
 const ARI_USER: &str = "callgate";
 const ARI_PASSWORD: &str = "asterisk-test-ari-password";
-/// The test's own ARI application (callers' `;1` halves, and the event observer).
+/// The prefix of each test's own ARI application (callers' `;1` halves, and the event observer).
 const TEST_APP: &str = "callgate-test";
 /// The dialplan's safety net as shipped (`[globals] CALLGATE_SAFETY_NET`).
 const SHIPPED_SAFETY_NET: &str = "330";
@@ -350,17 +350,29 @@ struct Seen {
 
 #[derive(Clone)]
 struct Observer {
+    app: String,
     seen: Arc<Mutex<Seen>>,
     changed: watch::Sender<u64>,
 }
 
 impl Observer {
-    async fn connect(port: u16) -> (Observer, tokio::task::JoinHandle<()>) {
+    /// Registers the test's application `app`; each call subscribes it to its gated half.
+    ///
+    /// Not `subscribeAll`: with it (and its device-state subscriptions) Asterisk 22.10.1 deadlocked
+    /// its ARI websocket handling when one such application disconnected while another connected.
+    async fn connect(port: u16, app: &str) -> (Observer, tokio::task::JoinHandle<()>) {
         let url = format!(
-            "ws://127.0.0.1:{port}/ari/events?app={TEST_APP}&subscribeAll=true&api_key={ARI_USER}:{ARI_PASSWORD}"
+            "ws://127.0.0.1:{port}/ari/events?app={app}&subscribeAll=false&api_key={ARI_USER}:{ARI_PASSWORD}"
         );
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let (ws, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        .expect("the ARI websocket did not open")
+        .unwrap();
         let observer = Observer {
+            app: app.to_owned(),
             seen: Arc::default(),
             changed: watch::Sender::new(0),
         };
@@ -392,7 +404,7 @@ impl Observer {
                     );
                     seen.channels.entry(id).or_default().dialplan.push(at);
                 }
-                ("StasisStart", Some(id)) if e["application"] == TEST_APP => {
+                ("StasisStart", Some(id)) if e["application"] == self.app.as_str() => {
                     seen.channels.entry(id).or_default().in_test_app = true;
                 }
                 ("ChannelDestroyed", Some(id)) => {
@@ -721,7 +733,7 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let sim = Sim::start(&dir).await;
-        let (obs, task) = Observer::connect(pbx.port).await;
+        let (obs, task) = Observer::connect(pbx.port, &format!("{TEST_APP}-{name}")).await;
         Some(Lab {
             pbx,
             ari,
@@ -801,26 +813,47 @@ impl Lab {
         }
     }
 
-    /// Places a call to the support line (`100`, Swedish).
+    /// Places a call to the support line (`100`, Swedish): creates the Local pair with the caller's
+    /// half in the test's application, subscribes to the gated half, then dials (so no event of the
+    /// gated half is missed).
     async fn call(&self, from: &str, does: Does) -> Call {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (caller, gated) = (format!("{id}-caller"), format!("{id}-gated"));
+        let response = self
+            .ari
+            .http
+            .post(format!("{}/channels/create", self.ari.base))
+            .basic_auth(ARI_USER, Some(ARI_PASSWORD))
+            .query(&[
+                ("endpoint", "Local/100@callgate-inbound/n"),
+                ("app", self.obs.app.as_str()),
+                ("appArgs", "caller"),
+                ("channelId", caller.as_str()),
+                ("otherChannelId", gated.as_str()),
+            ])
+            .json(&serde_json::json!({ "variables": { "CALLERID(num)": from } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "create: {:?}",
+            response.text().await
+        );
         let (status, body) = self
             .ari
             .post(
-                "/channels",
-                &[
-                    ("endpoint", "Local/100@callgate-inbound/n"),
-                    ("app", TEST_APP),
-                    ("appArgs", "caller"),
-                    ("channelId", caller.as_str()),
-                    ("otherChannelId", gated.as_str()),
-                    ("callerId", from),
-                    ("timeout", "600"),
-                ],
+                &format!("/applications/{}/subscription", self.obs.app),
+                &[("eventSource", &format!("channel:{gated}"))],
             )
             .await;
-        assert_eq!(status, 200, "originate: {body}");
+        assert_eq!(status, 200, "subscribe: {body}");
+        let (status, body) = self
+            .ari
+            .post(&format!("/channels/{caller}/dial"), &[("timeout", "600")])
+            .await;
+        assert_eq!(status, 204, "dial: {body}");
         let driver = tokio::spawn(drive(
             self.ari.clone(),
             self.obs.clone(),
