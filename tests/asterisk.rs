@@ -10,10 +10,11 @@
 //!
 //! Callers are Local channels: `Local/100@callgate-inbound/n` enters the shipped inbound context (queue
 //! `support`), and its `;1` half is put into the test's own ARI application, from which the test types
-//! DTMF into the call and hangs up like a person would. The test's application subscribes to every
-//! event in Asterisk, which is how it learns which prompts played, which route each call took (the first
-//! `[queues]` extension the channel ran) and when; the `CALLGATE_*` channel variables are then read back
-//! from Asterisk over REST.
+//! DTMF into the call and hangs up like a person would. The pair is created first, the test's
+//! application subscribes to the `;2` half, then the call is dialled: that is how the test learns, from
+//! Asterisk's events, which prompts played and which route each call took (the first `[queues]`
+//! extension the channel ran) and when; the `CALLGATE_*` channel variables are then read back from
+//! Asterisk over REST.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
@@ -100,7 +101,7 @@ fn start_asterisk(start: &Path) -> Pbx {
     std::fs::create_dir_all(&confdir).unwrap();
     let port = free_port();
     write_asterisk_configs(&confdir, port);
-    let began = Instant::now();
+    let began = now();
     let out = std::process::Command::new(&start)
         .arg(&workdir)
         .args(["--http-port", &port.to_string(), "--config-dir"])
@@ -719,12 +720,9 @@ impl Lab {
         for id in ari.channel_ids().await {
             ari.delete(&format!("/channels/{id}")).await;
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = now() + Duration::from_secs(15);
         while !ari.channel_ids().await.is_empty() {
-            assert!(
-                Instant::now() < deadline,
-                "channels left over from an earlier test"
-            );
+            assert!(now() < deadline, "channels left over from an earlier test");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ari.set_global("CALLGATE_SAFETY_NET", SHIPPED_SAFETY_NET)
@@ -741,7 +739,7 @@ impl Lab {
             sim,
             dir,
             gates: 0,
-            began: Instant::now(),
+            began: now(),
             name,
             _observer: task,
             _turn: turn,
@@ -794,7 +792,7 @@ impl Lab {
 
     async fn wait_ready(&self, gate: &mut Gate) {
         let url = format!("http://127.0.0.1:{}/readyz", gate.ops);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = self.ari.http.get(&url).send().await {
                 if r.status() == 200 {
@@ -804,11 +802,7 @@ impl Lab {
             if let Ok(Some(status)) = gate.child.try_wait() {
                 panic!("callgate exited ({status}):\n{}", gate.log_tail());
             }
-            assert!(
-                Instant::now() < deadline,
-                "callgate not ready:\n{}",
-                gate.log_tail()
-            );
+            assert!(now() < deadline, "callgate not ready:\n{}", gate.log_tail());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -919,6 +913,12 @@ impl Lab {
             self.began.elapsed().as_secs_f64()
         );
     }
+}
+
+/// The wall clock: these tests drive real processes and measure them.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
 }
 
 fn person(serial: u16) -> String {
@@ -1072,12 +1072,12 @@ async fn caller_hanging_up_while_approving_cancels_the_order() {
         })
         .await;
     assert_eq!(lab.obs.log(&call.gated).route(), None);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = now() + Duration::from_secs(10);
     let audit = loop {
         if let Some(a) = lab.audit(&call) {
             break a;
         }
-        assert!(Instant::now() < deadline, "no audit record");
+        assert!(now() < deadline, "no audit record");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(audit["status"], "failed");
@@ -1092,7 +1092,7 @@ async fn callgate_not_running_sends_callers_unverified_at_once() {
     let Some(lab) = Lab::take("not-running").await else {
         return;
     };
-    let began = Instant::now();
+    let began = now();
     let call = lab.call("46700000106", Does::Nothing).await;
     assert_eq!(
         lab.routed(&call, Duration::from_secs(10)).await,
@@ -1126,7 +1126,7 @@ async fn callgate_killed_and_not_restarted_the_safety_net_routes_the_caller() {
         .await;
     gate.sigkill();
     gate.exited(Duration::from_secs(5)).await;
-    let entered = Instant::now();
+    let entered = now();
     assert_eq!(
         lab.routed(&call, Duration::from_secs(20)).await,
         "queues,support-unverified"
@@ -1251,7 +1251,7 @@ async fn flapping_ari_link_every_caller_who_types_again_is_verified() {
     const PERIOD: Duration = Duration::from_secs(4);
     const SPACING: Duration = Duration::from_millis(300);
     let mut calls = Vec::new();
-    let start = tokio::time::Instant::now();
+    let start = tokio::time::Instant::from_std(now());
     let mut round = 0u32;
     // The test drives the fault: a reset at the start of every 4 s round, calls in between.
     loop {
@@ -1316,7 +1316,7 @@ async fn flapping_ari_link_a_caller_who_never_types_ends_pbx_lost() {
     let _gate = lab.gate(Some(&proxy.url()), &[]).await;
     let call = lab.call("46700000140", Does::Nothing).await;
     lab.in_gate(&call).await;
-    let began = Instant::now();
+    let began = now();
     let flapping = proxy.reset_every(Duration::from_secs(4));
     let route = lab.routed(&call, Duration::from_secs(75)).await;
     drop(flapping);

@@ -212,7 +212,8 @@ async fn websocket_dropped_while_typing_reprompts_and_verifies() {
 }
 
 /// A proxy between callgate and the fake Asterisk resets every connection (websocket and REST) again
-/// and again, each time once callgate has reconnected and resynced the calls. Callers who type the
+/// and again, each time once callgate has reconnected and resynced the calls and no typist is halfway
+/// through the number. Callers who type the
 /// number again whenever asked are all verified and none is charged an invalid number; a caller who
 /// never types is ended by the link's own bound (`interrupted/pbx_lost`), long before the deadline;
 /// after a connection has proven itself, callgate reconnects at once.
@@ -255,16 +256,24 @@ async fn flapping_link_callers_who_type_again_are_verified_and_a_silent_one_ends
         typists.iter().all(|(id, _)| asked(id) > 0) && asked(&silent) > 0
     })
     .await;
-    // First reset while the typists are typing; then one reset each time callgate has reconnected
-    // and asked the silent caller again, until that caller has left the gate.
+    // A reset whenever no typist is halfway through typing (each is on hold or gone), callgate has
+    // reconnected and the silent caller has been asked again; until the silent caller has left the
+    // gate. (A cut in the middle of typing is `websocket_dropped_while_typing_reprompts_and_verifies`.)
+    let settled = || {
+        typists
+            .iter()
+            .all(|(id, _)| lab.asterisk.moh_on(id) || !lab.asterisk.in_application(id))
+    };
     let mut slow_reconnects = Vec::new();
     for _ in 0..12 {
+        until("every typist on hold or gone", settled).await;
         if !lab.asterisk.in_application(&silent) {
             break;
         }
         let connections = lab.asterisk.connections();
         let asked_before = asked(&silent);
         proxy.reset_all();
+        #[allow(clippy::disallowed_methods)] // measures how long callgate takes to reconnect
         let reset_at = std::time::Instant::now();
         tokio::time::timeout(
             Duration::from_secs(10),
