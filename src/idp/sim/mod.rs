@@ -29,6 +29,10 @@
 //! `application/json` → 415; malformed JSON or an invalid number → 400 `invalidParameters`; an order not
 //! collected for 30 steps expires (`expiredTransaction`); ended orders are forgotten 30 steps later.
 //!
+//! [`Simulator::counts`] follows open orders, starts and cancels; `callgate sim-idp` prints them as a
+//! line `orders: open N, starts N, cancels N` whenever they change, so a supervising process can tell
+//! whether orders were left open.
+//!
 //! Invariants: binds nothing itself (takes a listener); all tasks end when the shutdown token fires or
 //! the [`Simulator`] handle is dropped; no personal number or body is logged.
 

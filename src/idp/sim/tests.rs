@@ -276,6 +276,37 @@ async fn cancel_is_idempotent_and_ends_the_order() {
 }
 
 #[tokio::test]
+async fn order_counts_follow_starts_cancels_and_open_orders() {
+    let h = harness().await;
+    let mut counts = h.sim.counts();
+    assert_eq!(*counts.borrow_and_update(), OrderCounts::default());
+    let started = h
+        .client
+        .start(&order(&Scenario::Approve.number()))
+        .await
+        .unwrap();
+    let seen = *counts.wait_for(|c| c.open == 1).await.unwrap();
+    assert_eq!(
+        seen,
+        OrderCounts {
+            open: 1,
+            starts: 1,
+            cancels: 0
+        }
+    );
+    assert_eq!(h.client.cancel(&started.order).await, Ok(()));
+    let seen = *counts.wait_for(|c| c.open == 0).await.unwrap();
+    assert_eq!(
+        seen,
+        OrderCounts {
+            open: 0,
+            starts: 1,
+            cancels: 1
+        }
+    );
+}
+
+#[tokio::test]
 async fn collect_of_an_unknown_order_is_fatal() {
     let h = harness().await;
     assert_eq!(
