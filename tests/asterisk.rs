@@ -46,6 +46,7 @@ const TEST_APP: &str = "callgate-test";
 /// The dialplan's safety net as shipped (`[globals] CALLGATE_SAFETY_NET`).
 const SHIPPED_SAFETY_NET: &str = "330";
 const ENTER_NUMBER: &str = "sound:callgate/enter-number";
+const OPEN_APP: &str = "sound:callgate/open-app";
 /// The prompts after whose start a caller types the number (again).
 const ASKING: &[&str] = &[ENTER_NUMBER];
 
@@ -892,6 +893,21 @@ impl Lab {
             .await;
     }
 
+    /// Waits until the caller was told to open the BankID app (`open-app` started).
+    async fn told_to_open_the_app(&self, call: &Call) {
+        let id = call.gated.clone();
+        self.obs
+            .until("open-app", Duration::from_secs(30), |s| {
+                s.channels
+                    .get(&id)?
+                    .media
+                    .iter()
+                    .any(|m| m.split(',').any(|one| one == OPEN_APP))
+                    .then_some(())
+            })
+            .await;
+    }
+
     async fn var(&self, call: &Call, name: &str) -> Option<String> {
         self.ari.var(&call.gated, name).await
     }
@@ -1226,6 +1242,10 @@ async fn sigkill_mid_approval_then_restart_every_approving_caller_is_verified() 
         );
     }
     lab.sim.wait_counts("ten open orders", |c| c.0 == 10).await;
+    // Approving: each caller has been told to open the app (so the order is journalled).
+    for call in &calls {
+        lab.told_to_open_the_app(call).await;
+    }
     gate.sigkill();
     gate.exited(Duration::from_secs(5)).await;
     let _again = lab.gate(None, &[]).await;
