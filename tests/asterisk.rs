@@ -854,6 +854,16 @@ impl Lab {
             )
             .await;
         assert_eq!(status, 200, "subscribe: {body}");
+        // `create` answers before the channel's Stasis thread runs; a dial before that is refused
+        // with 409 (seen under load).
+        let half = caller.clone();
+        self.obs
+            .until(
+                "the caller's half in the test application",
+                Duration::from_secs(10),
+                |s| s.channels.get(&half)?.in_test_app.then_some(()),
+            )
+            .await;
         let (status, body) = self
             .ari
             .post(&format!("/channels/{caller}/dial"), &[("timeout", "600")])
