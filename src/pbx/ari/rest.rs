@@ -29,6 +29,8 @@ const MAX_IN_FLIGHT: usize = 48;
 /// Idle pooled connections are closed before Asterisk closes them (`session_keep_alive`, default
 /// 15 s), so a request is never sent on a connection Asterisk is closing.
 const POOL_IDLE: Duration = Duration::from_secs(10);
+/// Pause before a request that failed on its connection is sent again.
+const RESEND_AFTER: Duration = Duration::from_millis(20);
 
 /// What went wrong with an ARI request. Says which side failed and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -258,7 +260,36 @@ impl Client {
         &self.app
     }
 
+    /// Sends a request; a request that is safe to repeat (reads, and writes that set a state rather
+    /// than create something) is sent once more after a transport failure, e.g. a pooled connection
+    /// Asterisk closed, or a new one refused at its `sessionlimit`.
     async fn send(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<Answer, Error> {
+        let repeatable = method != Method::POST
+            || matches!(
+                path.last().copied(),
+                Some("answer" | "moh" | "variable" | "variables" | "continue")
+            );
+        match self
+            .send_once(method.clone(), path, query, body.clone())
+            .await
+        {
+            Err(Error::Transport(e)) if repeatable => {
+                tracing::debug!(%method, resource = path.first().copied().unwrap_or(""), error = %e,
+                    "ari request failed on the connection; sending it again");
+                tokio::time::sleep(RESEND_AFTER).await;
+                self.send_once(method, path, query, body).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_once(
         &self,
         method: Method,
         path: &[&str],
