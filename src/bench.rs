@@ -131,6 +131,8 @@ pub async fn whole_calls(calls: usize, hold: &[usize]) -> anyhow::Result<String>
     let mut options = LabOptions::fast();
     options.gate_deadline = Duration::from_secs(300);
     options.verify_timeout = Duration::from_secs(60);
+    // Production's pause between keys: a driver busy placing thousands of calls may delay a key.
+    options.inter_digit_timeout = Duration::from_secs(5);
     // Silent callers stay in the gate for the memory figure.
     options.first_digit_timeout = Duration::from_secs(120);
     // Sized to the load: every caller may hold an order at once.

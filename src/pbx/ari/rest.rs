@@ -29,6 +29,8 @@ const MAX_IN_FLIGHT: usize = 48;
 /// Idle pooled connections are closed before Asterisk closes them (`session_keep_alive`, default
 /// 15 s), so a request is never sent on a connection Asterisk is closing.
 const POOL_IDLE: Duration = Duration::from_secs(10);
+/// Pause before a request that failed on its connection is sent again.
+const RESEND_AFTER: Duration = Duration::from_millis(20);
 
 /// What went wrong with an ARI request. Says which side failed and whether retrying can help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,16 +88,17 @@ impl Error {
     }
 }
 
-/// A failed exchange, and whether repeating it is safe.
-enum Retry {
-    Yes(Error),
-    No(Error),
+/// A failed exchange, and whether the request surely never reached Asterisk.
+struct Failed {
+    error: Error,
+    unsent: bool,
 }
 
-impl Retry {
-    fn into_error(self) -> Error {
-        match self {
-            Retry::Yes(e) | Retry::No(e) => e,
+impl Failed {
+    fn sent(error: Error) -> Failed {
+        Failed {
+            error,
+            unsent: false,
         }
     }
 }
@@ -272,6 +275,10 @@ impl Client {
         &self.app
     }
 
+    /// Sends a request. It is sent once more after a transport failure when that is safe: the request
+    /// never left (the connection was refused or cut before it was written), or it is safe to repeat
+    /// (reads, and writes that set a state rather than create something), e.g. a pooled connection
+    /// Asterisk closed, a new one refused at its `sessionlimit`, or a link reset by a proxy.
     async fn send(
         &self,
         method: Method,
@@ -279,18 +286,29 @@ impl Client {
         query: &[(&str, &str)],
         body: Option<serde_json::Value>,
     ) -> Result<Answer, Error> {
+        let repeatable = method != Method::POST
+            || matches!(
+                path.last().copied(),
+                Some("answer" | "moh" | "variable" | "variables" | "continue")
+            );
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|_| Error::Config("url cannot be a base".into()))?
             .extend(path);
         let mut answer = self.exchange(&method, &url, query, body.as_ref()).await;
-        // A link reset (a proxy or firewall cutting pooled connections) must not fail a call's
-        // request: one immediate retry when the request surely never reached Asterisk, or when it
-        // is a read.
-        if let Err(Retry::Yes(_)) = &answer {
-            answer = self.exchange(&method, &url, query, body.as_ref()).await;
+        if let Err(Failed {
+            error: Error::Transport(e),
+            unsent,
+        }) = &answer
+        {
+            if repeatable || *unsent {
+                tracing::debug!(%method, resource = path.first().copied().unwrap_or(""), error = %e,
+                    "ari request failed on the connection; sending it again");
+                tokio::time::sleep(RESEND_AFTER).await;
+                answer = self.exchange(&method, &url, query, body.as_ref()).await;
+            }
         }
-        let answer = answer.map_err(Retry::into_error);
+        let answer = answer.map_err(|f| f.error);
         match &answer {
             Ok(a) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
                 status = a.status.as_u16(), "ari request"),
@@ -306,7 +324,7 @@ impl Client {
         url: &Url,
         query: &[(&str, &str)],
         body: Option<&serde_json::Value>,
-    ) -> Result<Answer, Retry> {
+    ) -> Result<Answer, Failed> {
         let mut request = self
             .http
             .request(method.clone(), url.clone())
@@ -326,16 +344,14 @@ impl Client {
             Ok::<_, reqwest::Error>(Answer { status, body })
         };
         match tokio::time::timeout(self.timeout, exchange).await {
-            Err(_) => Err(Retry::No(Error::Timeout)),
-            Ok(Err(e)) if e.is_timeout() => Err(Retry::No(Error::Timeout)),
+            Err(_) => Err(Failed::sent(Error::Timeout)),
+            Ok(Err(e)) if e.is_timeout() => Err(Failed::sent(Error::Timeout)),
             Ok(Err(e)) => {
-                let safe = e.is_connect() || *method == Method::GET;
-                let error = Error::Transport(transport_error(e));
-                if safe {
-                    Err(Retry::Yes(error))
-                } else {
-                    Err(Retry::No(error))
-                }
+                let unsent = e.is_connect();
+                Err(Failed {
+                    error: Error::Transport(transport_error(e)),
+                    unsent,
+                })
             }
             Ok(Ok(answer)) => Ok(answer),
         }

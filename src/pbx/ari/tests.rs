@@ -876,3 +876,47 @@ async fn an_event_filter_stops_the_filtered_types_only() {
     );
     drop(fake);
 }
+
+/// A server that drops the first connection after reading a request, then answers 204.
+async fn flaky_server() -> (super::Settings, tokio::task::JoinHandle<usize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut requests = 0;
+        while let Ok(Ok((mut tcp, _))) =
+            tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+        {
+            let mut buf = [0u8; 4096];
+            let _ = tcp.read(&mut buf).await;
+            requests += 1;
+            if requests > 1 {
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                    .await;
+            }
+        }
+        requests
+    });
+    let settings = super::Settings {
+        url,
+        ..Default::default()
+    };
+    (settings, server)
+}
+
+#[tokio::test]
+async fn a_request_safe_to_repeat_is_sent_again_after_the_connection_drops() {
+    let (settings, server) = flaky_server().await;
+    let client = Client::new(&settings).unwrap();
+    assert_eq!(client.answer("ch").await, Ok(()));
+    assert_eq!(server.await.unwrap(), 2);
+    // A prompt is not repeated: a second one could play twice.
+    let (settings, server) = flaky_server().await;
+    let client = Client::new(&settings).unwrap();
+    assert!(matches!(
+        client.play("ch", "pb", "sound:x", None).await,
+        Err(Error::Transport(_))
+    ));
+    assert_eq!(server.await.unwrap(), 1);
+}
