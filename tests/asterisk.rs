@@ -422,7 +422,8 @@ impl Observer {
                 ("ChannelDestroyed", Some(id)) => {
                     seen.channels.entry(id).or_default().destroyed = true;
                 }
-                ("PlaybackStarted", _) => {
+                // A playback of several media reports the next one as `PlaybackContinuing`.
+                ("PlaybackStarted" | "PlaybackContinuing", _) => {
                     let target = e["playback"]["target_uri"].as_str().unwrap_or_default();
                     if let Some(id) = target.strip_prefix("channel:") {
                         let media = e["playback"]["media_uri"].as_str().unwrap_or_default();
@@ -1339,6 +1340,15 @@ async fn flapping_ari_link_every_caller_who_types_again_is_verified() {
         .iter()
         .filter(|(r, o)| r == "queues,support" && o.0 == "verified")
         .count();
+    let started_again = calls
+        .iter()
+        .filter(|c| lab.obs.log(&c.gated).prompts("sound:callgate/start-again") > 0)
+        .count();
+    let _ = writeln!(
+        std::io::stderr(),
+        "asterisk flapping link: {resets} resets, {verified} of {} verified, {started_again} asked to start again",
+        calls.len()
+    );
     assert_eq!(
         verified,
         calls.len(),
@@ -1365,6 +1375,12 @@ async fn flapping_ari_link_a_caller_who_never_types_ends_pbx_lost() {
     let flapping = proxy.reset_every(Duration::from_secs(4));
     let route = lab.routed(&call, Duration::from_secs(75)).await;
     drop(flapping);
+    let _ = writeln!(
+        std::io::stderr(),
+        "asterisk flapping link, silent caller: routed after {:.1} s, asked {} times",
+        began.elapsed().as_secs_f64(),
+        lab.obs.log(&call.gated).asks()
+    );
     assert_eq!(
         lab.outcome(&call).await,
         ("interrupted".into(), "pbx_lost".into()),
