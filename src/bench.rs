@@ -7,14 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::demo::{lab_toml, LabOptions, ROUTES};
+use crate::demo::{lab_toml, start_fakes, LabOptions};
 use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input};
 use crate::idp::sim::{self as idp_sim, number_with_serial, TABLE_DATE};
 use crate::outcome::{Identity, Outcome};
-use crate::pbx::sim::{self as pbx_sim, Caller, FakeAsterisk};
+use crate::pbx::sim::{Caller, FakeAsterisk};
 use crate::pnr::PersonalNumber;
 use crate::policy::{QueuePolicy, Routes};
 use crate::verify::{self, Initiator, OrderRef, Poll, Stage, Started};
@@ -257,30 +256,7 @@ struct Fakes {
 
 impl Fakes {
     async fn start(options: &LabOptions) -> anyhow::Result<Fakes> {
-        let asterisk = pbx_sim::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            pbx_sim::SimOptions {
-                prompt_duration: options.prompt,
-                dialplan: ROUTES
-                    .iter()
-                    .map(|(c, e, p)| ((*c).to_owned(), (*e).to_owned(), *p))
-                    .collect(),
-                ..Default::default()
-            },
-        )
-        .await;
-        let token = CancellationToken::new();
-        let bankid = idp_sim::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            idp_sim::SimOptions {
-                step: options.step,
-                ..Default::default()
-            },
-            token.clone(),
-        )
-        .await?;
-        let data_dir =
-            std::env::temp_dir().join(format!("callgate-bench-{}", uuid::Uuid::new_v4()));
+        let (asterisk, bankid, token, data_dir) = start_fakes(options, "bench").await?;
         std::fs::create_dir_all(&data_dir)?;
         Ok(Fakes {
             asterisk,

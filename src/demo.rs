@@ -126,30 +126,7 @@ impl Lab {
         options: LabOptions,
         prepare: impl AsyncFnOnce(&FakeAsterisk, &Simulator, &std::path::Path),
     ) -> anyhow::Result<Lab> {
-        let asterisk = pbx_sim::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            pbx_sim::SimOptions {
-                prompt_duration: options.prompt,
-                missing_media: options.missing_media.clone(),
-                dialplan: ROUTES
-                    .iter()
-                    .map(|(c, e, p)| ((*c).to_owned(), (*e).to_owned(), *p))
-                    .collect(),
-                ..Default::default()
-            },
-        )
-        .await;
-        let idp_token = CancellationToken::new();
-        let bankid = idp_sim::start(
-            TcpListener::bind("127.0.0.1:0").await?,
-            idp_sim::SimOptions {
-                step: options.step,
-                ..Default::default()
-            },
-            idp_token.clone(),
-        )
-        .await?;
-        let data_dir = std::env::temp_dir().join(format!("callgate-lab-{}", uuid::Uuid::new_v4()));
+        let (asterisk, bankid, idp_token, data_dir) = start_fakes(&options, "lab").await?;
         let ari = asterisk.settings();
         let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;
@@ -246,6 +223,39 @@ impl Lab {
             let _ = stop.send(());
         }
     }
+}
+
+/// The lab's fakes: a fake Asterisk whose dialplan has [`ROUTES`], the BankID simulator (stopped by
+/// the token), and a fresh data directory path (`callgate-<prefix>-<uuid>` under the temp dir).
+pub async fn start_fakes(
+    options: &LabOptions,
+    prefix: &str,
+) -> anyhow::Result<(FakeAsterisk, Simulator, CancellationToken, PathBuf)> {
+    let asterisk = pbx_sim::start(
+        TcpListener::bind("127.0.0.1:0").await?,
+        pbx_sim::SimOptions {
+            prompt_duration: options.prompt,
+            missing_media: options.missing_media.clone(),
+            dialplan: ROUTES
+                .iter()
+                .map(|(c, e, p)| ((*c).to_owned(), (*e).to_owned(), *p))
+                .collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = CancellationToken::new();
+    let bankid = idp_sim::start(
+        TcpListener::bind("127.0.0.1:0").await?,
+        idp_sim::SimOptions {
+            step: options.step,
+            ..Default::default()
+        },
+        token.clone(),
+    )
+    .await?;
+    let data_dir = std::env::temp_dir().join(format!("callgate-{prefix}-{}", uuid::Uuid::new_v4()));
+    Ok((asterisk, bankid, token, data_dir))
 }
 
 /// Starts callgate on the lab's config; the sender stops it.
