@@ -47,8 +47,10 @@ const TEST_APP: &str = "callgate-test";
 const SHIPPED_SAFETY_NET: &str = "330";
 const ENTER_NUMBER: &str = "sound:callgate/enter-number";
 const OPEN_APP: &str = "sound:callgate/open-app";
+/// The link lost the caller's digits: "let's start again", then `enter-number` (one playback).
+const START_AGAIN: &str = "sound:callgate/start-again";
 /// The prompts after whose start a caller types the number (again).
-const ASKING: &[&str] = &[ENTER_NUMBER];
+const ASKING: &[&str] = &[ENTER_NUMBER, START_AGAIN];
 
 // ---- the shared Asterisk ----
 
@@ -422,8 +424,9 @@ impl Observer {
                 ("ChannelDestroyed", Some(id)) => {
                     seen.channels.entry(id).or_default().destroyed = true;
                 }
-                // A playback of several media reports the next one as `PlaybackContinuing`.
-                ("PlaybackStarted" | "PlaybackContinuing", _) => {
+                // Records the first media of each playback: a re-prompt shows as its first part
+                // (`no-input`, `invalid-number`, `start-again`).
+                ("PlaybackStarted", _) => {
                     let target = e["playback"]["target_uri"].as_str().unwrap_or_default();
                     if let Some(id) = target.strip_prefix("channel:") {
                         let media = e["playback"]["media_uri"].as_str().unwrap_or_default();
@@ -1342,7 +1345,7 @@ async fn flapping_ari_link_every_caller_who_types_again_is_verified() {
         .count();
     let started_again = calls
         .iter()
-        .filter(|c| lab.obs.log(&c.gated).prompts("sound:callgate/start-again") > 0)
+        .filter(|c| lab.obs.log(&c.gated).prompts(START_AGAIN) > 0)
         .count();
     let _ = writeln!(
         std::io::stderr(),
