@@ -159,6 +159,27 @@ fn start_asterisk(start: &Path) -> Pbx {
     }
 }
 
+/// Whether the shared Asterisk still runs, and the end of its logs: for a test that cannot reach it.
+fn asterisk_state() -> String {
+    let Some(pbx) = pbx() else {
+        return String::new();
+    };
+    let pid = std::fs::read_to_string(pbx.workdir.join("asterisk.pid")).unwrap_or_default();
+    let alive = Path::new("/proc").join(pid.trim()).exists();
+    let tail = |name: &str| {
+        let text = std::fs::read_to_string(pbx.workdir.join("log").join(name)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    format!(
+        "Asterisk pid {} {}\n--- log/messages (end)\n{}\n--- log/console.log (end)\n{}",
+        pid.trim(),
+        if alive { "is running" } else { "is gone" },
+        tail("messages"),
+        tail("console.log")
+    )
+}
+
 /// The shipped Asterisk configs, changed only where a test host needs it.
 fn write_asterisk_configs(dir: &Path, port: u16) {
     let shipped =
@@ -248,7 +269,7 @@ impl Ari {
             .query(query)
             .send()
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("ARI {path}: {e}\n{}", asterisk_state()));
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         (status, serde_json::from_str(&body).unwrap_or(Value::Null))
