@@ -346,6 +346,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.join("orders.journal")).unwrap();
         assert_eq!(text.lines().count(), 2);
         assert!(!text.contains("o1") && !text.contains("o4"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -370,6 +371,7 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o077, 0);
         }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn tempdir() -> PathBuf {
