@@ -248,6 +248,7 @@ pub async fn start(
     let grace = cfg.server.shutdown_grace;
     let done_registry = registry.clone();
     let done_readiness = Arc::clone(&readiness);
+    let done_journal = deps.journal.clone();
     let done = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("draining");
@@ -271,6 +272,12 @@ pub async fn start(
             .is_err()
         {
             tracing::error!("tasks still running after the drain");
+        }
+        if let Some(journal) = &done_journal {
+            // Closed orders are recorded before the next start reads the journal.
+            if !journal.flush().await {
+                tracing::error!("the order journal could not be written at shutdown");
+            }
         }
         ops_token.cancel();
         root.cancel();

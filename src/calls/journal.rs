@@ -64,6 +64,8 @@ enum Op {
     Open(Entry, oneshot::Sender<bool>),
     Close(String),
     Compact,
+    /// Everything sent before is on disk once this is answered.
+    Flush(oneshot::Sender<bool>),
 }
 
 /// How many closed orders may pile up in the file before it is rewritten.
@@ -143,6 +145,15 @@ impl Journal {
     pub fn compact(&self) {
         let _ = self.tx.send(Op::Compact);
     }
+
+    /// Waits until everything recorded so far is on disk (closes included). `false` if it is not.
+    pub async fn flush(&self) -> bool {
+        let (ack, done) = oneshot::channel();
+        if self.tx.send(Op::Flush(ack)).is_err() {
+            return false;
+        }
+        done.await.unwrap_or(false)
+    }
 }
 
 struct Writer {
@@ -178,6 +189,10 @@ impl Writer {
                     }
                     Op::Compact => {
                         compact = true;
+                        continue;
+                    }
+                    Op::Flush(ack) => {
+                        acks.push(ack);
                         continue;
                     }
                 };
@@ -330,6 +345,7 @@ mod tests {
         // A later open is acknowledged only after the close before it was written.
         assert!(j.opened(entry("o4", "c4", 4)).await);
         j.closed("o4");
+        assert!(j.flush().await);
         drop(j);
         // A crash can tear the last line.
         let mut f = OpenOptions::new()
