@@ -107,7 +107,9 @@ fn start_asterisk(start: &Path) -> Pbx {
     let port = free_port();
     write_asterisk_configs(&confdir, port);
     let began = now();
-    let out = std::process::Command::new(&start)
+    // Through bash, so a copy of the scripts without execute bits works too.
+    let out = std::process::Command::new("bash")
+        .arg(&start)
         .arg(&workdir)
         .args(["--http-port", &port.to_string(), "--config-dir"])
         .arg(&confdir)
@@ -126,7 +128,7 @@ fn start_asterisk(start: &Path) -> Pbx {
     // Stop it when this process ends, however it ends.
     let watcher = std::process::Command::new("sh")
         .arg("-c")
-        .arg("cat >/dev/null; \"$0\" \"$1\"; [ -n \"$2\" ] || rm -rf \"$1\" \"$1\".*")
+        .arg("cat >/dev/null; bash \"$0\" \"$1\"; [ -n \"$2\" ] || rm -rf \"$1\" \"$1\".*")
         .arg(&stop)
         .arg(&workdir)
         .arg(std::env::var("CALLGATE_ASTERISK_KEEP").unwrap_or_default())
