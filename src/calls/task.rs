@@ -69,6 +69,8 @@ pub struct Resume {
 }
 
 const INBOX: usize = 64;
+/// How long a call waits for its order to be on disk before it goes on without.
+const JOURNAL_WAIT: Duration = Duration::from_secs(2);
 
 /// Registers the call and spawns its task. `false` if a task for this call already exists.
 pub fn spawn(
@@ -279,11 +281,15 @@ impl Driver {
             person: self.start_person.clone().unwrap_or_default(),
             started_ms: unix_ms(wall_clock()),
         };
-        if journal.opened(entry).await {
-            self.journalled = Some(order.to_owned());
-        } else {
-            tracing::error!("order could not be journalled; it cannot be resumed after a crash");
+        // A stalled disk must not hold the caller: past the bound the call goes on unjournalled.
+        let written = tokio::time::timeout(JOURNAL_WAIT, journal.opened(entry)).await;
+        if written != Ok(true) {
+            tracing::error!(
+                "order could not be journalled in time; it may not be resumed after a crash"
+            );
         }
+        // Closed at the end all the same, in case a late write lands.
+        self.journalled = Some(order.to_owned());
     }
 
     fn journal_close(&mut self) {

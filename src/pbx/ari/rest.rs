@@ -16,6 +16,7 @@ use serde::de::DeserializeOwned;
 use super::wire::{Application, Bridge, Channel, ErrorBody, Playback, Variable};
 use super::Settings;
 use crate::secret::Secret;
+use crate::telemetry::ErrorChain;
 
 /// Longest `message` kept from an error body.
 const MAX_MESSAGE: usize = 200;
@@ -220,24 +221,6 @@ impl Answer {
     }
 }
 
-/// A transport failure with its root cause (e.g. `connection closed before message completed`,
-/// `Connection reset by peer`), which says more than reqwest's own message; never the URL.
-fn transport_error(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut msg = e.to_string();
-    let mut cause = std::error::Error::source(&e);
-    let mut root = None;
-    while let Some(c) = cause {
-        root = Some(c.to_string());
-        cause = c.source();
-    }
-    if let Some(root) = root {
-        msg.push_str(": ");
-        msg.push_str(&root);
-    }
-    msg
-}
-
 impl Client {
     /// Builds a client for `settings.url` + `/ari`.
     pub fn new(settings: &Settings) -> Result<Client, Error> {
@@ -289,7 +272,9 @@ impl Client {
         let repeatable = method != Method::POST
             || matches!(
                 path.last().copied(),
-                Some("answer" | "moh" | "variable" | "variables" | "continue")
+                // Not `continue`: `AriControl` retries it, knowing that a repeat after it took
+                // effect answers 409.
+                Some("answer" | "moh" | "variable" | "variables")
             );
         let mut url = self.base.clone();
         url.path_segments_mut()
@@ -349,7 +334,7 @@ impl Client {
             Ok(Err(e)) => {
                 let unsent = e.is_connect();
                 Err(Failed {
-                    error: Error::Transport(transport_error(e)),
+                    error: Error::Transport(ErrorChain(&e.without_url()).to_string()),
                     unsent,
                 })
             }
