@@ -25,7 +25,7 @@ use crate::audit::Audit;
 use crate::calls::journal::Journal;
 use crate::calls::limits::{self, Limits};
 use crate::calls::task::Deps;
-use crate::calls::{Registry, Report};
+use crate::calls::{Live, Registry, Report};
 use crate::config::{self, Config, Idp, Pbx};
 use crate::idp::{self, Provider};
 use crate::pbx::ari;
@@ -52,6 +52,8 @@ pub struct Options {
 pub struct Running {
     pub ops_addr: SocketAddr,
     pub registry: Registry,
+    /// What the agent API sees of calls and checks.
+    pub live: Arc<Live>,
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub reports: broadcast::Sender<Report>,
@@ -132,6 +134,7 @@ pub async fn start(
     } else {
         PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec())
     };
+    let live = Arc::new(Live::default());
     let deps = Arc::new(Deps {
         providers,
         limits: Limits::new(limits::Settings {
@@ -147,6 +150,7 @@ pub async fn start(
         metrics: Arc::clone(&metrics),
         registry: registry.clone(),
         reports: reports.clone(),
+        live: Arc::clone(&live),
     });
 
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
@@ -293,6 +297,7 @@ pub async fn start(
     Ok(Running {
         ops_addr,
         registry,
+        live,
         readiness,
         metrics,
         reports,

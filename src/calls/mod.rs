@@ -16,16 +16,18 @@ use crate::verify::Stage;
 
 pub mod journal;
 pub mod limits;
+pub mod live;
 pub mod registry;
 pub mod task;
 
+pub use live::Live;
 pub use registry::Registry;
 
 /// A boxed future for object-safe adapter traits.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Something that happened to a call, routed to its task by the PBX adapter or the API.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum CallEvent {
     Dtmf(char),
     /// A playback of ours ended (done, stopped or failed); the id is the PBX playback id we chose.
@@ -40,6 +42,10 @@ pub enum CallEvent {
     Detach,
     /// A newer order of ours for the same person replaces this call's order.
     Superseded,
+    /// The agent API asks for a mid-call check.
+    StartCheck(live::CheckRequest),
+    /// The agent API cancels the check in progress.
+    CancelCheck(live::CancelRequest),
 }
 
 /// Why a PBX request failed, as far as the call is concerned.

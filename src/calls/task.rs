@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::journal::{self, Journal};
 use super::limits::Limits;
+use super::live::Live;
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
 use crate::audit::{self, Audit};
@@ -45,6 +46,8 @@ pub struct Deps {
     pub metrics: Arc<Metrics>,
     pub registry: Registry,
     pub reports: broadcast::Sender<Report>,
+    /// The agent API's view of calls and checks.
+    pub live: Arc<Live>,
 }
 
 /// What a new call starts with.
@@ -307,6 +310,15 @@ impl Driver {
             CallEvent::Resync => Input::Resync,
             CallEvent::Detach => Input::Detached(Reason::PbxLost),
             CallEvent::Superseded => Input::Idp(verify::Input::Cancel(Reason::Superseded)),
+            CallEvent::StartCheck(req) => {
+                // In the gate, the call is not with an agent yet.
+                let _ = req.reply.send(Err(super::live::Refusal::NotAnchored));
+                return None;
+            }
+            CallEvent::CancelCheck(req) => {
+                let _ = req.reply.send(Err(super::live::Refusal::NotAnchored));
+                return None;
+            }
         })
     }
 
