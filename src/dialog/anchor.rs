@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{CallInfo, Digits, IdpCommand, PlaybackId};
-use crate::calls::live::{CheckMethod, Refusal};
 use crate::outcome::{Identity, Outcome, Reason, Status};
 use crate::pnr::{ParseOptions, PersonalNumber};
 use crate::policy::{QueuePolicy, Route};
@@ -33,6 +32,48 @@ pub const AGENT_LEG_UP: Duration = Duration::from_secs(15);
 const PROMPT_GUARD: Duration = Duration::from_secs(20);
 /// Playback ids of anchored prompts start here, above any the gate used on the same call.
 const PLAYBACK_BASE: u32 = 1000;
+
+/// How the number of a check was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckMethod {
+    /// Typed by the caller in the before-agent IVR.
+    Ivr,
+    /// Typed by the caller on the keypad while talking to the agent.
+    Keypad,
+    /// Typed by the agent (the caller told them).
+    AgentTyped,
+}
+
+impl CheckMethod {
+    pub fn code(self) -> &'static str {
+        match self {
+            CheckMethod::Ivr => "ivr",
+            CheckMethod::Keypad => "keypad",
+            CheckMethod::AgentTyped => "agent_typed",
+        }
+    }
+}
+
+/// Why a call refused to start or cancel a check. Each maps to one HTTP status in the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The call is not with an agent (still in the gate, or its queue does not verify during calls):
+    /// 409.
+    #[error("the call is not connected to an agent")]
+    NotAnchored,
+    /// The call ended: 404.
+    #[error("the call has ended")]
+    Ended,
+    /// The typed number is not a valid personal number for this queue: 422.
+    #[error("not a valid personal number for this queue")]
+    InvalidNumber,
+    /// No check is in progress (cancel): 409.
+    #[error("no verification in progress")]
+    NothingToCancel,
+    /// The call did not answer in time (overloaded or stuck): 503.
+    #[error("the call did not answer in time")]
+    Unavailable,
+}
 
 /// Which side of the bridge a prompt is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -108,6 +149,12 @@ pub enum Command {
     DisarmTimer(Timer),
     /// A request to the provider for the session of check `gen`.
     Idp(u32, IdpCommand),
+    /// Check `gen` starts (after the one it supersedes ended).
+    CheckStarted {
+        gen: u32,
+        method: CheckMethod,
+        by_agent_keys: bool,
+    },
     /// Check `gen` reached a stage.
     Progress {
         gen: u32,
@@ -388,6 +435,11 @@ impl Anchor {
             any_digit: false,
             last_invalid: false,
             session: None,
+        });
+        self.emit(Command::CheckStarted {
+            gen: self.next_gen,
+            method,
+            by_agent_keys,
         });
         match number {
             Some(n) => self.start_session(n, now),

@@ -122,6 +122,9 @@ impl H {
                     self.log.push(format!("progress #{gen} {}", stage.code()))
                 }
                 Command::AgentConnected(a) => self.log.push(format!("agent {a}")),
+                Command::CheckStarted { gen, method, .. } => self
+                    .log
+                    .push(format!("check #{gen} started ({})", method.code())),
                 Command::CheckDone { gen, outcome, .. } => {
                     self.log.push(format!("check #{gen} done: {outcome}"))
                 }
@@ -230,6 +233,7 @@ fn keypad_check_mutes_the_caller_while_typing_and_verifies() {
         h.transcript(),
         lines(
             "
+            check #1 started (keypad)
             mute caller
             play to caller: enter-number
             stop prompt
@@ -260,6 +264,7 @@ fn a_number_the_agent_typed_starts_at_once_without_prompts() {
         h.transcript(),
         lines(
             "
+            check #1 started (agent_typed)
             idp start #1
             progress #1 order_created
             idp poll #1
@@ -288,11 +293,13 @@ fn a_new_check_supersedes_the_one_in_progress() {
         h.transcript(),
         lines(
             "
+            check #1 started (agent_typed)
             idp start #1
             progress #1 order_created
             idp cancel #1
             progress #1 done
             check #1 done: failed/superseded
+            check #2 started (agent_typed)
             idp start #2
             progress #2 order_created
             idp poll #2
@@ -318,6 +325,7 @@ fn the_agent_cancels_while_the_caller_types_and_the_caller_is_unmuted() {
         h.transcript(),
         lines(
             "
+            check #1 started (keypad)
             mute caller
             play to caller: enter-number
             unmute caller
@@ -343,6 +351,7 @@ fn bad_entries_end_the_check_unmuted() {
         h.transcript(),
         lines(
             "
+            check #1 started (keypad)
             mute caller
             play to caller: enter-number
             play to caller: invalid-number+enter-number
@@ -367,6 +376,7 @@ fn agent_keys_start_a_keypad_check_and_the_agent_hears_the_outcome() {
         h.transcript(),
         lines(
             "
+            check #1 started (keypad)
             mute caller
             play to caller: enter-number
             stop prompt
@@ -435,6 +445,7 @@ fn the_agent_hangs_up_mid_check_and_the_caller_goes_after_agent() {
         h.transcript(),
         lines(
             "
+            check #1 started (agent_typed)
             idp start #1
             progress #1 order_created
             idp cancel #1
@@ -463,6 +474,7 @@ fn the_caller_hangs_up_with_a_start_in_flight_and_its_order_is_still_cancelled()
         h.transcript(),
         lines(
             "
+            check #1 started (agent_typed)
             idp start #1
             progress #1 done
             check #1 done: failed/caller_hung_up
@@ -487,6 +499,7 @@ fn shutdown_releases_the_bridged_call_and_cancels_the_check() {
         h.transcript(),
         lines(
             "
+            check #1 started (keypad)
             mute caller
             play to caller: enter-number
             stop prompt
