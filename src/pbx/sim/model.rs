@@ -992,7 +992,7 @@ impl Ctx<'_> {
                     Some((m.clone(), c.snapshot.name.clone()))
                 })
                 .collect();
-            for member in members.iter().rev() {
+            for member in &members {
                 let peers = names
                     .iter()
                     .filter(|(other, _)| *other != member)
