@@ -481,6 +481,8 @@ async fn anchored(fake: &FakeAsterisk, app: &mut App, absorb: bool) -> String {
         .unwrap();
     app.until(|e| matches!(e, Event::StasisStart(s) if s.channel.id == "ag-1"))
         .await;
+    // The `;2` half goes on to `Queue()`.
+    app.event("ChannelDialplan").await;
     caller
 }
 
@@ -741,4 +743,337 @@ async fn anchored_call_follows_the_capture() {
     assert_eq!(kind, "BridgeDestroyed");
     within(fake.wait_for_bridge_gone("callgate-br")).await;
     assert!(fake.wait_for_agent_leg(&caller).await.ended);
+}
+
+#[tokio::test]
+async fn an_existing_bridge_id_is_answered_as_create_or_update() {
+    let fake = fake(SimOptions::default()).await;
+    let _app = app(&fake).await;
+    let (status, body) = rest(&fake, "POST", "/bridges/b1?type=mixing,dtmf_events&name=b1").await;
+    assert_eq!((status, body["id"].as_str()), (200, Some("b1")));
+    let (status, body) = rest(&fake, "POST", "/bridges/b1?type=mixing,dtmf_events&name=b1").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (
+            500,
+            Some("Supplying a bridge type when updating a bridge is not allowed.")
+        )
+    );
+    assert_eq!(rest(&fake, "POST", "/bridges/b1?name=other").await.0, 500);
+    let (status, body) = rest(&fake, "POST", "/bridges/b1?name=b1").await;
+    assert_eq!(
+        (status, body["bridge_class"].as_str()),
+        (200, Some("stasis"))
+    );
+    assert_eq!(rest(&fake, "POST", "/bridges?bridgeId=b1").await.0, 500);
+    let (status, body) = rest(&fake, "GET", "/bridges").await;
+    assert_eq!((status, body[0]["id"].as_str()), (200, Some("b1")));
+    assert_eq!(rest(&fake, "GET", "/bridges/b1").await.0, 200);
+    let (status, body) = rest(&fake, "GET", "/bridges/nope").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (404, Some("Bridge not found"))
+    );
+    assert_eq!(rest(&fake, "DELETE", "/bridges/b1").await.0, 204);
+    assert_eq!(rest(&fake, "DELETE", "/bridges/b1").await.0, 404);
+    assert!(fake.bridges().is_empty());
+}
+
+#[tokio::test]
+async fn bridge_membership_errors_and_moves() {
+    let fake = fake(agent_opts(SimQueue::default())).await;
+    let mut app = app(&fake).await;
+    let caller = anchored(&fake, &mut app, true).await;
+    let (status, body) = rest(&fake, "POST", "/bridges/nope/addChannel?channel=ag-1").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (404, Some("Bridge not found"))
+    );
+    let (status, body) = rest(&fake, "POST", "/bridges/br/addChannel?channel=nobody").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (400, Some("Channel not found"))
+    );
+    // The `;2` half never enters Stasis.
+    let (status, body) = rest(&fake, "POST", "/bridges/br/addChannel?channel=ag-2").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (422, Some("Channel not in Stasis application"))
+    );
+    let (status, body) = rest(&fake, "POST", "/bridges/br/removeChannel?channel=ag-1").await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (422, Some("Channel not in this bridge"))
+    );
+    // A channel is in one bridge at most: adding it elsewhere moves it.
+    app.client
+        .create_bridge("other", &["mixing"])
+        .await
+        .unwrap();
+    app.client
+        .add_channel("other", &caller, false, true)
+        .await
+        .unwrap();
+    let seen = app
+        .until(|e| matches!(e, Event::ChannelEnteredBridge(_)))
+        .await;
+    assert_eq!(
+        seen,
+        [
+            format!("ChannelLeftBridge {caller}"),
+            format!("ChannelEnteredBridge {caller}"),
+        ]
+    );
+    assert_eq!(fake.bridge_of(&caller).as_deref(), Some("other"));
+    assert_eq!(fake.bridges()["br"], Vec::<String>::new());
+    assert!(!fake.absorbs_dtmf(&caller));
+    assert!(
+        fake.is_muted(&caller, Direction::In),
+        "addChannel mute=true"
+    );
+    app.client.remove_channel("other", &caller).await.unwrap();
+    app.event("ChannelLeftBridge").await;
+    assert!(!fake.is_muted(&caller, Direction::In));
+    within(fake.wait_for_out_of_bridge(&caller)).await;
+}
+
+#[tokio::test]
+async fn dtmf_passes_through_a_bridge_unless_absorbed() {
+    for absorb in [false, true] {
+        let fake = fake(agent_opts(SimQueue::default())).await;
+        let mut app = app(&fake).await;
+        let caller = anchored(&fake, &mut app, absorb).await;
+        app.client
+            .add_channel("br", "ag-1", false, false)
+            .await
+            .unwrap();
+        within(fake.wait_for_in_bridge("ag-1")).await;
+        // Muting is audio only: the digit is still reported.
+        assert_eq!(
+            rest(&fake, "POST", &format!("/channels/{caller}/mute"))
+                .await
+                .0,
+            204
+        );
+        assert!(fake.is_muted(&caller, Direction::Both));
+        assert!(fake.press(&caller, "4", GAP).await);
+        // The agent's key reaches `;1`; it passes on to the caller, a phone, where nothing reports it.
+        assert!(fake.agent_press(&caller, "*", GAP).await);
+        let seen = app
+            .until(|e| matches!(e, Event::ChannelDtmfReceived(d) if d.digit == "*"))
+            .await;
+        let dtmf: Vec<&String> = seen
+            .iter()
+            .filter(|l| l.starts_with("ChannelDtmfReceived"))
+            .collect();
+        let mut expected = vec![format!("ChannelDtmfReceived {caller}")];
+        if !absorb {
+            // The agent leg's `;2` half reports the caller's digit as received.
+            expected.push("ChannelDtmfReceived ag-2".into());
+        }
+        expected.push("ChannelDtmfReceived ag-1".into());
+        assert_eq!(dtmf, expected.iter().collect::<Vec<_>>(), "absorb {absorb}");
+    }
+}
+
+#[tokio::test]
+async fn no_agent_within_the_queue_timeout_ends_the_leg() {
+    let fake = fake(agent_opts(SimQueue {
+        members: vec![SimAgent::new("PJSIP/agent1", Duration::from_secs(60))],
+        timeout: Some(Duration::from_millis(30)),
+    }))
+    .await;
+    let mut app = app(&fake).await;
+    let caller = anchored(&fake, &mut app, true).await;
+    app.client
+        .add_channel("br", "ag-1", false, false)
+        .await
+        .unwrap();
+    assert_eq!(within(fake.wait_for_agent(&caller)).await, None);
+    let seen = app
+        .until(|e| matches!(e, Event::ChannelDestroyed(d) if d.channel.id == "ag-1"))
+        .await;
+    let tail: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .skip_while(|l| !l.starts_with("ChannelHangupRequest"))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            "ChannelHangupRequest ag-2",
+            "ChannelDestroyed ag-2",
+            "ChannelHangupRequest ag-1",
+            "ChannelVarset ag-1 BRIDGEPEER=",
+            "ChannelLeftBridge ag-1",
+            "StasisEnd ag-1",
+            "ChannelVarset ag-1 STASISSTATUS=SUCCESS",
+            "ChannelDestroyed ag-1",
+        ]
+    );
+    assert!(fake.in_application(&caller));
+    assert_eq!(fake.bridges()["br"], [caller.as_str()]);
+    assert_eq!(app.client.get_channel("ag-2").await, Ok(None));
+}
+
+#[tokio::test]
+async fn agent_hang_up_ends_the_leg_and_leaves_the_caller_bridged() {
+    let fake = fake(agent_opts(SimQueue::agent("PJSIP/agent7", Duration::ZERO))).await;
+    let mut app = app(&fake).await;
+    let caller = anchored(&fake, &mut app, true).await;
+    assert_eq!(
+        within(fake.wait_for_agent("ag-2")).await.as_deref(),
+        Some("PJSIP/agent7")
+    );
+    app.client
+        .add_channel("br", "ag-1", false, false)
+        .await
+        .unwrap();
+    within(fake.wait_for_in_bridge("ag-1")).await;
+    assert!(fake.agent_hang_up(&caller));
+    let seen = app
+        .until(|e| matches!(e, Event::ChannelDestroyed(d) if d.channel.id == "ag-1"))
+        .await;
+    let tail: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .skip_while(|l| !l.starts_with("ChannelHangupRequest"))
+        .collect();
+    assert_eq!(
+        tail[..3],
+        [
+            "ChannelHangupRequest ag-2",
+            "ChannelDestroyed ag-2",
+            "ChannelHangupRequest ag-1"
+        ]
+    );
+    assert!(tail.contains(&"ChannelLeftBridge ag-1"));
+    assert!(fake.wait_for_agent_leg(&caller).await.ended);
+    assert!(!fake.agent_hang_up(&caller), "no live leg left");
+    assert_eq!(fake.bridge_of(&caller).as_deref(), Some("br"));
+    let end = within(fake.wait_for_channel_end("ag-1")).await;
+    assert_eq!(end.hung_up_by, Some(Party::Caller));
+}
+
+#[tokio::test]
+async fn caller_hang_up_while_bridged_and_continue_out_of_a_bridge() {
+    let fake = fake(agent_opts(SimQueue::default())).await;
+    let mut app = app(&fake).await;
+    let caller = anchored(&fake, &mut app, true).await;
+    // `continue` on a bridged channel: out of the bridge first.
+    app.client
+        .add_channel("br", "ag-1", false, false)
+        .await
+        .unwrap();
+    within(fake.wait_for_in_bridge("ag-1")).await;
+    app.client
+        .continue_in_dialplan("ag-1", "acc-after", "s", 1)
+        .await
+        .unwrap();
+    let seen = app
+        .until(|e| matches!(e, Event::StasisEnd(s) if s.channel.id == "ag-1"))
+        .await;
+    let tail: Vec<&str> = seen.iter().map(String::as_str).rev().take(3).collect();
+    assert_eq!(
+        tail,
+        [
+            "StasisEnd ag-1",
+            "ChannelLeftBridge ag-1",
+            "ChannelVarset ag-1 BRIDGEPEER="
+        ]
+    );
+    // Mute on a channel that left Stasis: 409; once gone: 404.
+    assert_eq!(
+        rest(&fake, "POST", "/channels/ag-1/mute?direction=in")
+            .await
+            .0,
+        409
+    );
+    let (status, body) = rest(
+        &fake,
+        "POST",
+        &format!("/channels/{caller}/mute?direction=up"),
+    )
+    .await;
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (400, Some("Invalid direction specified"))
+    );
+    within(fake.wait_for_channel_gone("ag-1")).await;
+    assert_eq!(
+        rest(&fake, "POST", "/channels/ag-1/mute?direction=in")
+            .await
+            .0,
+        404
+    );
+    assert_eq!(rest(&fake, "DELETE", "/channels/ag-1/mute").await.0, 404);
+    within(fake.wait_for_channel_gone("ag-2")).await;
+
+    // The caller hangs up while bridged: no ChannelDestroyed after StasisEnd for a dialplan call.
+    fake.hang_up(&caller);
+    let seen = app
+        .until(|e| matches!(e, Event::StasisEnd(s) if s.channel.id == caller))
+        .await;
+    let tail: Vec<String> = seen.into_iter().rev().take(2).collect();
+    assert_eq!(
+        tail,
+        [
+            format!("StasisEnd {caller}"),
+            format!("ChannelLeftBridge {caller}")
+        ]
+    );
+    assert_eq!(fake.bridges()["br"], Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn bridges_and_legs_survive_without_a_socket() {
+    let fake = fake(agent_opts(SimQueue::agent(
+        "PJSIP/agent1",
+        Duration::from_millis(30),
+    )))
+    .await;
+    let mut app = app(&fake).await;
+    let caller = anchored(&fake, &mut app, true).await;
+    app.client
+        .add_channel("br", "ag-1", false, false)
+        .await
+        .unwrap();
+    within(fake.wait_for_in_bridge("ag-1")).await;
+    fake.set_accepting(false);
+    fake.drop_websocket();
+    within(fake.wait_for_disconnected()).await;
+    // The agent answers during the gap: state changes, the events are lost.
+    assert!(within(fake.wait_for_agent(&caller)).await.is_some());
+    assert!(fake.in_application(&caller) && fake.in_application("ag-1"));
+    assert_eq!(fake.bridges()["br"], [caller.as_str(), "ag-1"]);
+    let application = app
+        .client
+        .get_application("callgate")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(application.bridge_ids, ["br"]);
+    assert_eq!(application.channel_ids, ["ag-1", "ag-2", caller.as_str()]);
+    assert_eq!(
+        app.client.get_variable("ag-2", "MEMBERINTERFACE").await,
+        Ok(Some("PJSIP/agent1".into()))
+    );
+    fake.set_accepting(true);
+    loop {
+        match tokio::time::timeout(WAIT, app.rx.recv()).await.unwrap() {
+            Some(Incoming::Connected) => break,
+            Some(Incoming::Event(e)) => {
+                let member =
+                    matches!(&*e, Event::ChannelVarset(v) if v.variable.starts_with("MEMBER"));
+                assert!(!member, "gap event leaked");
+            }
+            _ => {}
+        }
+    }
+    // Control and events work again for the re-adopted bridge.
+    app.client.remove_channel("br", &caller).await.unwrap();
+    let Event::ChannelLeftBridge(left) = app.event("ChannelLeftBridge").await else {
+        panic!()
+    };
+    assert_eq!(left.bridge.channels, ["ag-1"]);
 }
