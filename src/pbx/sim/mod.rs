@@ -6,10 +6,22 @@
 //! calls failing to enter Stasis (`STASISSTATUS=FAILED`) when no application is active, and
 //! `ApplicationReplaced` when a second socket takes the application.
 //!
+//! Anchored calls follow the recorded anchored call with an agent: `mixing,dtmf_events` bridges
+//! (create-or-update on `POST /bridges/{id}`, `BRIDGEPEER` noise, members leaving on `DELETE`),
+//! `addChannel` with `absorbDTMF`/`mute`, channel mute, and agent legs: a
+//! `Local/<exten>@<context>/n` originate into a context of [`SimOptions::agents`] answers with the
+//! `;1` half, hands the inheritable variables to the `;2` half, brings `;1` into the application
+//! with its `appArgs` and lets a simulated `Queue()` on `;2` connect an agent (member variables) or
+//! give up. Both halves are subscribed (events up to `ChannelDestroyed`) and share the originator's
+//! linkedid. DTMF not absorbed passes through a bridge and is reported on the agent leg's `;2` half.
+//!
 //! Invariant: inspection helpers wait on state changes (a `watch` counter), never on sleeps; the only
-//! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`).
-//! Limits: one application per fake; originate/create are minimal (no dialing, `Local` halves are
-//! plain channels); no `ChannelDestroyed` is sent for channels the application originated.
+//! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`, an
+//! agent's ring time, a queue's timeout).
+//! Limits: one application per fake; other originates are minimal (no dialing, the `;2` half of
+//! a Local endpoint outside an agent context is a plain channel that is not subscribed); no bridge
+//! playback or MOH, roles, native bridging or Local optimisation; a second `DELETE /bridges` is
+//! always 404 (Asterisk can answer 409 while tearing down); mute is tracked, not applied to audio.
 
 mod http;
 mod model;
