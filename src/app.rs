@@ -135,6 +135,7 @@ pub async fn start(
         PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec())
     };
     let live = Arc::new(Live::default());
+    let drain_token = CancellationToken::new();
     let deps = Arc::new(Deps {
         providers,
         limits: Limits::new(limits::Settings {
@@ -151,6 +152,7 @@ pub async fn start(
         registry: registry.clone(),
         reports: reports.clone(),
         live: Arc::clone(&live),
+        drain: drain_token.clone(),
     });
 
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
@@ -257,6 +259,7 @@ pub async fn start(
         shutdown.await;
         tracing::info!("draining");
         done_readiness.draining.store(true, Ordering::SeqCst);
+        drain_token.cancel();
         if !wait_empty(&done_registry, grace).await {
             tracing::warn!(
                 calls = done_registry.len(),

@@ -215,9 +215,26 @@ fn write_asterisk_configs(dir: &Path, port: u16) {
     );
     std::fs::write(dir.join("http.conf"), http).unwrap();
     std::fs::write(dir.join("ari.conf"), ari).unwrap();
-    for name in ["extensions.conf", "queues.conf", "musiconhold.conf"] {
-        std::fs::write(dir.join(name), shipped(name)).unwrap();
-    }
+    std::fs::write(dir.join("musiconhold.conf"), shipped("musiconhold.conf")).unwrap();
+    // The anchored queue's agent: a Local member whose other half answers and enters the test's
+    // application (named by the global TEST_AGENT_APP), which types and hangs up as the agent.
+    let queues = shipped("queues.conf");
+    let (head, care) = queues.split_once("[care](callgate-queue)").unwrap();
+    let (_, rest) = care.split_once("\n\n").unwrap();
+    let queues = format!(
+        "{head}[care](callgate-queue)\nmember => Local/agent@callgate-test-agent/n,0,Test Agent\n\n{rest}"
+    );
+    std::fs::write(dir.join("queues.conf"), queues).unwrap();
+    let extensions = shipped("extensions.conf")
+        + "\n[callgate-test-agent]\n\
+           exten => agent,1,Answer()\n\
+           same => n,Stasis(${TEST_AGENT_APP},agent)\n\
+           same => n,Hangup()\n\
+           \n[callgate-test-agents-closed]\n\
+           exten => care,1,Answer()\n\
+           same => n,Wait(1)\n\
+           same => n,Hangup()\n";
+    std::fs::write(dir.join("extensions.conf"), extensions).unwrap();
     // This build's codec_gsm and bridge_softmix use CPU instructions (AVX512-FP16) that not every
     // x86-64 host has, and the gate needs neither.
     std::fs::write(
@@ -355,6 +372,8 @@ struct ChannelLog {
     media: Vec<String>,
     /// The channel entered the test's own application.
     in_test_app: bool,
+    /// Its `StasisStart` arguments there.
+    args: Vec<String>,
     destroyed: bool,
 }
 
@@ -442,7 +461,16 @@ impl Observer {
                     seen.channels.entry(id).or_default().dialplan.push(at);
                 }
                 ("StasisStart", Some(id)) if e["application"] == self.app.as_str() => {
-                    seen.channels.entry(id).or_default().in_test_app = true;
+                    let log = seen.channels.entry(id).or_default();
+                    log.in_test_app = true;
+                    log.args = e["args"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                 }
                 ("ChannelDestroyed", Some(id)) => {
                     seen.channels.entry(id).or_default().destroyed = true;
@@ -849,7 +877,13 @@ impl Lab {
     /// half in the test's application, subscribes to the gated half, then dials (so no event of the
     /// gated half is missed).
     async fn call(&self, from: &str, does: Does) -> Call {
+        self.call_line("100", from, does).await
+    }
+
+    /// Places a call to an inbound line (`100` support, `300` care) as [`Lab::call`] does.
+    async fn call_line(&self, line: &str, from: &str, does: Does) -> Call {
         let id = uuid::Uuid::new_v4().simple().to_string();
+        let endpoint = format!("Local/{line}@callgate-inbound/n");
         let (caller, gated) = (format!("{id}-caller"), format!("{id}-gated"));
         let response = self
             .ari
@@ -857,7 +891,7 @@ impl Lab {
             .post(format!("{}/channels/create", self.ari.base))
             .basic_auth(ARI_USER, Some(ARI_PASSWORD))
             .query(&[
-                ("endpoint", "Local/100@callgate-inbound/n"),
+                ("endpoint", endpoint.as_str()),
                 ("app", self.obs.app.as_str()),
                 ("appArgs", "caller"),
                 ("channelId", caller.as_str()),
@@ -963,6 +997,86 @@ impl Lab {
         text.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .find(|r| r["call_id"] == call.gated.as_str())
+    }
+
+    /// The agent's phone in an anchored call: the test agent's channel once it answered (it entered
+    /// the test's application with the argument `agent`).
+    async fn agent_answered(&self) -> String {
+        self.obs
+            .until("an agent to answer", Duration::from_secs(30), |s| {
+                s.channels
+                    .iter()
+                    .find(|(_, c)| c.args == ["agent"] && !c.destroyed)
+                    .map(|(id, _)| id.clone())
+            })
+            .await
+    }
+
+    /// Polls ARI (bounded) until a channel variable has the wanted value.
+    async fn until_var(&self, channel: &str, name: &str, want: impl Fn(Option<&str>) -> bool) {
+        let deadline = now() + Duration::from_secs(60);
+        loop {
+            let v = self.ari.var(channel, name).await;
+            if want(v.as_deref()) {
+                return;
+            }
+            assert!(
+                now() < deadline,
+                "{name} on {channel} is {v:?}\n{}",
+                asterisk_state()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Subscribes the test's application to a channel of callgate's (once it exists).
+    async fn watch(&self, channel: &str) {
+        let deadline = now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = self
+                .ari
+                .post(
+                    &format!("/applications/{}/subscription", self.obs.app),
+                    &[("eventSource", &format!("channel:{channel}"))],
+                )
+                .await;
+            if status == 200 {
+                return;
+            }
+            assert!(now() < deadline, "cannot watch {channel}: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Ids of callgate's bridges on Asterisk (not the ones `Queue()` makes).
+    async fn bridges(&self) -> Vec<String> {
+        let (status, body) = self.ari.get("/bridges", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b["id"].as_str().map(str::to_owned))
+                    .filter(|id| id.starts_with("callgate-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until no bridge and no channel of callgate's is left.
+    async fn nothing_left(&self) {
+        let deadline = now() + Duration::from_secs(20);
+        loop {
+            let bridges = self.bridges().await;
+            let stranded = self.ari.in_app("callgate").await;
+            if bridges.is_empty() && stranded.is_empty() {
+                return;
+            }
+            assert!(
+                now() < deadline,
+                "left behind: bridges {bridges:?}, in Stasis {stranded:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Asserts nothing of this test is left in callgate's application, then reports the time taken.
@@ -1414,5 +1528,149 @@ async fn flapping_ari_link_a_caller_who_never_types_ends_pbx_lost() {
         began.elapsed().as_secs_f64()
     );
     assert_eq!(route, "queues,support-unverified");
+    lab.finish().await;
+}
+
+
+// ---- anchored calls: agents verify during the call ----
+
+/// What `Queue()` reports as the test agent's interface.
+const TEST_AGENT: &str = "Local/agent@callgate-test-agent/n";
+
+#[tokio::test]
+async fn a_bridged_caller_is_checked_again_when_the_agent_presses_keys_and_goes_on_when_the_agent_hangs_up(
+) {
+    let Some(mut lab) = Lab::take("anchored-keys").await else {
+        return;
+    };
+    lab.ari.set_global("TEST_AGENT_APP", &lab.obs.app).await;
+    let _gate = lab.gate(None, &[]).await;
+    let number = person(501);
+    let call = lab
+        .call_line("300", "46701234567", Does::Types(number))
+        .await;
+    let agent = lab.agent_answered().await;
+    let (leg, peer) = (format!("{}-agent", call.gated), format!("{}-agent-q", call.gated));
+    // Queue() names the agent on callgate's agent leg, which carries the gate's result.
+    lab.until_var(&peer, "MEMBERINTERFACE", |v| v == Some(TEST_AGENT))
+        .await;
+    assert_eq!(lab.ari.var(&peer, "CALLGATE_STATUS").await.as_deref(), Some("verified"));
+    let gate_ref = lab.var(&call, "CALLGATE_REF").await.unwrap();
+    assert_eq!(lab.bridges().await, [format!("callgate-{}", call.gated)]);
+    lab.watch(&leg).await;
+
+    // The agent presses *5 on their phone: the caller is asked again (the test caller types when
+    // asked) and verified; the result lands on both legs; the agent alone hears it.
+    let (status, body) = lab
+        .ari
+        .post(
+            &format!("/channels/{agent}/dtmf"),
+            &[("dtmf", "*5"), ("duration", "80"), ("between", "200")],
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    lab.until_var(&call.gated, "CALLGATE_REF", |v| {
+        v.is_some_and(|r| r != gate_ref)
+    })
+    .await;
+    let check_ref = lab.var(&call, "CALLGATE_REF").await.unwrap();
+    assert_eq!(lab.outcome(&call).await, ("verified".into(), String::new()));
+    assert_eq!(lab.ari.var(&leg, "CALLGATE_REF").await.as_deref(), Some(check_ref.as_str()));
+    assert_eq!(lab.ari.var(&leg, "CALLGATE_STATUS").await.as_deref(), Some("verified"));
+    let leg2 = leg.clone();
+    lab.obs
+        .until("the agent to hear the outcome", Duration::from_secs(20), |s| {
+            s.channels
+                .get(&leg2)?
+                .media
+                .iter()
+                .any(|m| m.contains("agent-verified"))
+                .then_some(())
+        })
+        .await;
+    let heard = lab.obs.log(&call.gated);
+    assert_eq!(heard.asks(), 2, "asked in the gate and once during the call: {:?}", heard.media);
+    assert!(!heard.media.iter().any(|m| m.contains("agent-")));
+
+    // The agent hangs up first: the caller goes to the after_agent route; nothing is left.
+    assert_eq!(lab.ari.delete(&format!("/channels/{agent}")).await, 204);
+    assert_eq!(lab.routed(&call, ROUTE_LIMIT).await, "queues,care-survey");
+    lab.nothing_left().await;
+    lab.sim.no_open_orders().await;
+    lab.finish().await;
+}
+
+#[tokio::test]
+async fn an_agent_leg_that_ends_before_an_agent_answers_sends_the_caller_to_no_agent() {
+    let Some(mut lab) = Lab::take("anchored-no-agent").await else {
+        return;
+    };
+    let _gate = lab
+        .gate(
+            None,
+            &[
+                ("CALLGATE__QUEUES__CARE__MODE", "during_call"),
+                (
+                    "CALLGATE__QUEUES__CARE__ROUTES__AGENT",
+                    "callgate-test-agents-closed,care,1",
+                ),
+            ],
+        )
+        .await;
+    let call = lab.call_line("300", "46701234567", Does::Nothing).await;
+    assert_eq!(lab.routed(&call, ROUTE_LIMIT).await, "queues,care-noagent");
+    lab.nothing_left().await;
+    lab.finish().await;
+}
+
+#[tokio::test]
+async fn a_restart_leaves_a_bridged_call_running_and_adopts_it() {
+    let Some(mut lab) = Lab::take("anchored-restart").await else {
+        return;
+    };
+    lab.ari.set_global("TEST_AGENT_APP", &lab.obs.app).await;
+    let during_call = [("CALLGATE__QUEUES__CARE__MODE", "during_call")];
+    let mut gate = lab.gate(None, &during_call).await;
+    let number = person(502);
+    let call = lab
+        .call_line("300", "46701234567", Does::Types(number))
+        .await;
+    let agent = lab.agent_answered().await;
+    let peer = format!("{}-agent-q", call.gated);
+    lab.until_var(&peer, "MEMBERINTERFACE", |v| v == Some(TEST_AGENT))
+        .await;
+
+    // A planned stop: the bridged call is left as it is.
+    gate.sigterm();
+    assert!(gate.exited(Duration::from_secs(30)).await.success());
+    let bridge = format!("callgate-{}", call.gated);
+    assert_eq!(lab.bridges().await, [bridge.clone()]);
+    let (status, body) = lab.ari.get(&format!("/bridges/{bridge}"), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["channels"].as_array().map(Vec::len), Some(2), "{body}");
+
+    // The next start adopts it: the agent's keys start a check on it.
+    let _gate = lab.gate(None, &during_call).await;
+    let (status, body) = lab
+        .ari
+        .post(
+            &format!("/channels/{agent}/dtmf"),
+            &[("dtmf", "*5"), ("duration", "80"), ("between", "200")],
+        )
+        .await;
+    assert_eq!(status, 204, "{body}");
+    lab.until_var(&call.gated, "CALLGATE_STATUS", |v| v == Some("verified"))
+        .await;
+
+    // The caller hangs up: callgate ends the agent leg and the bridge.
+    assert_eq!(lab.ari.delete(&format!("/channels/{}", call.caller)).await, 204);
+    lab.nothing_left().await;
+    let agent2 = agent.clone();
+    lab.obs
+        .until("the agent's phone to hang up", Duration::from_secs(20), |s| {
+            s.channels.get(&agent2)?.destroyed.then_some(())
+        })
+        .await;
+    lab.sim.no_open_orders().await;
     lab.finish().await;
 }

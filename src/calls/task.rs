@@ -51,6 +51,9 @@ pub struct Deps {
     pub reports: broadcast::Sender<Report>,
     /// The agent API's view of calls and checks.
     pub live: Arc<Live>,
+    /// Fired when the drain starts: bridged calls are released at once (left running for the next
+    /// start), calls in the gate get the grace period.
+    pub drain: CancellationToken,
 }
 
 /// What a new call starts with.
@@ -242,7 +245,7 @@ impl Driver {
         } else {
             self.run_gate(&mut inbox, &cancel).await;
             if let Some(fallback) = self.anchor_to.take() {
-                if cancel.is_cancelled() {
+                if cancel.is_cancelled() || self.deps.drain.is_cancelled() {
                     // Shutting down between the gate and the bridge: route the caller as before.
                     self.route_without_agent(&fallback).await;
                 } else {
@@ -851,6 +854,7 @@ impl Driver {
     ) {
         let mut timers: HashMap<anchor::Timer, Instant> = HashMap::new();
         let mut released = false;
+        let drain = self.deps.drain.clone();
         self.view_state = if anchor.is_talking() {
             CallState::Talking
         } else {
@@ -870,6 +874,10 @@ impl Driver {
             let next = timers.values().min().copied();
             let input = tokio::select! {
                 _ = cancel.cancelled(), if !released => {
+                    released = true;
+                    Some(anchor::Input::Shutdown)
+                }
+                _ = drain.cancelled(), if !released => {
                     released = true;
                     Some(anchor::Input::Shutdown)
                 }
