@@ -317,8 +317,8 @@ pub async fn run(
     Ok(())
 }
 
-/// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners
-/// and the limits are built once at start; a new file that needs different ones is refused rather than
+/// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners,
+/// the limits and the API tokens are built once at start; a new file that needs different ones is refused rather than
 /// half applied.
 fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -334,6 +334,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.limits != running.limits {
         problems.push(restart("limits"));
+    }
+    if new.api != running.api {
+        problems.push(restart("api"));
     }
     if problems.is_empty() {
         Ok(())

@@ -209,8 +209,7 @@ impl Live {
         }
         if let Some(v) = &call.verification {
             let expiry = (call.state == CallState::Ended).then(|| now + self.keep);
-            self.verifications
-                .insert(v.id.clone(), (v.clone(), expiry));
+            self.verifications.insert(v.id.clone(), (v.clone(), expiry));
         }
         if call.state == CallState::Ended {
             self.calls.remove(&call.call_id);
