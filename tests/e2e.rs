@@ -917,3 +917,195 @@ async fn a_verified_call_makes_three_ari_requests_besides_its_prompts_and_checks
     assert!(prompts >= 5, "{second:#?}");
     lab.shutdown().await.unwrap();
 }
+
+// ---- agent API ----
+
+/// The agent API listens next to the ops API, answers with the lab's tokens, and a live stream left
+/// open does not hold up the drain: it ends with it.
+#[tokio::test]
+async fn the_agent_api_serves_tokens_and_its_streams_end_with_the_drain() {
+    const LEAD: &str = "lab-supervisor-token-0123";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "lead".into(),
+            token: LEAD.into(),
+            role: callgate::config::Role::Supervisor,
+            agent: None,
+        }],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    assert_ne!(addr, lab.app.ops_addr);
+    let (status, body) = http(addr, "GET", "/v1/calls").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"unauthorized\""), "{body}");
+
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {LEAD}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request("/v1/calls").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("{\"calls\":[]}"), "{text}");
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(request("/v1/events").as_bytes())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("event: snapshot_complete") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("no snapshot_complete on the stream")
+            .unwrap();
+        assert!(n > 0, "the stream closed early");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    tokio::time::timeout(Duration::from_secs(30), lab.shutdown())
+        .await
+        .expect("an open stream held up the drain")
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen))
+        .await
+        .expect("the stream stayed open after the drain");
+    assert!(rest.is_ok());
+}
+
+async fn api_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A number an agent types reaches the call as a `TypedNumber` and nothing else: not the logs (at
+/// trace level, the HTTP server's included), not an answer, not an error about a misplaced number.
+#[tokio::test]
+async fn a_number_typed_through_the_agent_api_reaches_no_log_and_no_answer() {
+    use callgate::calls::live::{CallState, CallView, LiveKind};
+    use callgate::calls::registry::Handle;
+    use callgate::calls::{CallEvent, Snapshot};
+
+    const AGENT: &str = "lab-agent-token-1001-abcdef";
+    let number = person(777);
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "desk-1001".into(),
+            token: AGENT.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some("PJSIP/1001".into()),
+        }],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    // A call with the agent, answered by a stand-in for its task.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (_snapshot_tx, snapshot) = tokio::sync::watch::channel(Snapshot {
+        call_id: "api-call-1".into(),
+        queue: "support".into(),
+        reference: String::new(),
+        stage: None,
+        outcome: None,
+        started_at: std::time::SystemTime::UNIX_EPOCH,
+    });
+    let entry = lab
+        .app
+        .registry
+        .insert(
+            "api-call-1",
+            Handle {
+                inbox: tx,
+                snapshot,
+                cancel: tokio_util::sync::CancellationToken::new(),
+            },
+        )
+        .unwrap();
+    let typed = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&typed);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            if let CallEvent::StartCheck(req) = event {
+                seen.lock().unwrap().push(req.number.map(|n| n.0));
+                let _ = req.reply.send(Ok("v-api-1".into()));
+            }
+        }
+    });
+    lab.app.live.publish(
+        LiveKind::AgentConnected,
+        CallView {
+            call_id: "api-call-1".into(),
+            queue: "support".into(),
+            state: CallState::Talking,
+            agent: Some("PJSIP/1001".into()),
+            aliases: vec![],
+            started_at: std::time::SystemTime::UNIX_EPOCH,
+            can_verify: true,
+            verification: None,
+        },
+    );
+    let addr = lab.app.api_addr;
+    let path = "/v1/calls/api-call-1/verifications";
+    let mut answers = Vec::new();
+    let (status, text) = api_request(
+        addr,
+        "POST",
+        path,
+        AGENT,
+        &format!(r#"{{"number":"{number}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    answers.push(text);
+    for (path, body) in [
+        (
+            format!("{path}?number={number}"),
+            r#"{"collect":"keypad"}"#.to_owned(),
+        ),
+        (path.to_owned(), format!(r#"{{"number":{number}}}"#)),
+        (path.to_owned(), format!(r#"{{"number":"{number}","x":1}}"#)),
+    ] {
+        let (status, text) = api_request(addr, "POST", &path, AGENT, &body).await;
+        assert_eq!(status, 422, "{text}");
+        answers.push(text);
+    }
+    assert_eq!(*typed.lock().unwrap(), [Some(number.clone())]);
+    let logs = captured();
+    assert!(
+        logs.contains("route=\"/v1/calls/{id}/verifications\" token=\"desk-1001\""),
+        "the requests were not traced"
+    );
+    for form in [number.as_str(), &number[2..]] {
+        assert!(!logs.contains(form), "a typed number reached the logs");
+        for a in &answers {
+            assert!(!a.contains(form), "a typed number reached an answer");
+        }
+    }
+    // The stand-in call ends, so the drain has nothing to wait for.
+    drop(entry);
+    lab.shutdown().await.unwrap();
+}

@@ -124,20 +124,24 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
-/// The hex SHA-256 of a token as `callgate token-hash` prints it; trailing line breaks are not part of
-/// the token. `None` for an empty token.
-pub fn token_hash(input: &str) -> Option<String> {
+/// The hex SHA-256 of a token as `callgate token-hash` prints it and `[api.tokens.<name>] sha256`
+/// takes it. Trailing line breaks are not part of the token; a token is visible ASCII, at least 16
+/// characters. The error never quotes the token.
+pub fn token_hash(input: &str) -> Result<String, String> {
     let token = input.trim_end_matches(['\r', '\n']);
-    if token.is_empty() {
-        return None;
+    if token.len() < MIN_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "a token is one line of at least {MIN_TOKEN} visible ASCII characters (no spaces)"
+        ));
     }
-    Some(
-        sha256(token.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect(),
-    )
+    Ok(sha256(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
+
+/// Shortest token `token_hash` accepts.
+pub const MIN_TOKEN: usize = 16;
 
 /// The authenticated principal of a request; rejects with 401. Also records the token's name (never
 /// the token) in the request's span.
@@ -172,10 +176,24 @@ mod tests {
 
     #[test]
     fn token_hash_is_hex_sha256_without_the_line_break() {
-        // SHA-256("test")
-        let want = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
-        assert_eq!(token_hash("test\n").as_deref(), Some(want));
-        assert_eq!(token_hash("test\r\n").as_deref(), Some(want));
-        assert_eq!(token_hash("\n"), None);
+        let token = "token-agent-1001";
+        let want: String = sha256(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(want.len(), 64);
+        assert_eq!(token_hash(&format!("{token}\n")), Ok(want.clone()));
+        assert_eq!(token_hash(&format!("{token}\r\n")), Ok(want));
+        for bad in [
+            "\n",
+            "short\n",
+            "token with spaces inside\n",
+            "two\nlines-of-token-text",
+        ] {
+            let e = token_hash(bad).unwrap_err();
+            assert!(!e.contains("token-text") && !e.contains("spaces inside"));
+        }
+        // SHA-256 itself.
+        assert_eq!(sha256(b"test")[..4], [0x9f, 0x86, 0xd0, 0x81]);
     }
 }
