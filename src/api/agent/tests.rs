@@ -1026,6 +1026,21 @@ async fn streams_end_when_the_server_stops() {
     assert!(one.next().await.is_none());
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_idle_stream_sends_keep_alive_comments() {
+    let h = harness();
+    let mut s = h.stream("/v1/events", LEAD).await;
+    s.expect("snapshot_complete").await;
+    // Nothing happens; the paused clock runs on to the keep-alive.
+    let frame = tokio::time::timeout(Duration::from_secs(60), s.body.frame())
+        .await
+        .expect("no keep-alive")
+        .unwrap()
+        .unwrap();
+    let data = frame.into_data().unwrap();
+    assert!(data.starts_with(b":"), "{data:?}");
+}
+
 // ---- the document ----
 
 #[tokio::test]
