@@ -52,6 +52,8 @@ pub struct LabOptions {
     pub max_concurrent_orders: usize,
     /// Agent API tokens written to `[api.tokens]` (as their hashes).
     pub api_tokens: Vec<LabToken>,
+    /// The anchored queues' agent context has nobody to answer (`agents-closed`).
+    pub agents_closed: bool,
 }
 
 /// An agent API token of a lab.
@@ -84,6 +86,7 @@ impl LabOptions {
             ari_url: None,
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
+            agents_closed: false,
         }
     }
 
@@ -104,17 +107,26 @@ impl LabOptions {
             ari_url: None,
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
+            agents_closed: false,
         }
     }
 }
 
 /// The routes of the lab's queue, which the fake dialplan knows.
-pub const ROUTES: [(&str, &str, u32); 4] = [
+pub const ROUTES: [(&str, &str, u32); 9] = [
     ("queues", "support", 1),
     ("queues", "support-unverified", 1),
     ("queues", "support-fallback", 1),
     ("queues", "fraud-desk", 1),
+    ("queues", "care-fallback", 1),
+    ("queues", "care-noagent", 1),
+    ("queues", "care-survey", 1),
+    ("agents", "care", 1),
+    ("agents-closed", "care", 1),
 ];
+
+/// The lab's agent: the interface `Queue()` reports when they answer a `care` or `desk` call.
+pub const LAB_AGENT: &str = "PJSIP/agent1";
 
 /// A fake Asterisk, the BankID simulator and callgate, wired together on loopback.
 pub struct Lab {
@@ -256,6 +268,23 @@ pub async fn start_fakes(
                 .iter()
                 .map(|(c, e, p)| ((*c).to_owned(), (*e).to_owned(), *p))
                 .collect(),
+            // `agents`: one agent who answers after a step; `agents-closed`: nobody answers, the
+            // queue gives up after a few steps.
+            agents: [
+                (
+                    "agents".to_owned(),
+                    pbx_sim::SimQueue::agent(LAB_AGENT, options.step),
+                ),
+                (
+                    "agents-closed".to_owned(),
+                    pbx_sim::SimQueue {
+                        members: Vec::new(),
+                        timeout: Some(options.step * 3),
+                    },
+                ),
+            ]
+            .into_iter()
+            .collect(),
             ..Default::default()
         },
     )
@@ -384,6 +413,46 @@ unavailable = "queues,support-fallback,1"
 
 [queues.support.routes_by_reason]
 {by_reason}
+
+# Anchored: checked before the agent, kept in a bridge with them, checked again on request.
+[queues.care]
+mode = "both"
+languages = ["sv", "en"]
+first_digit_timeout = "{first}"
+inter_digit_timeout = "{inter}"
+verify_timeout = "{verify}"
+gate_deadline = "{deadline}"
+disclose = ["name", "masked_number"]
+agent_keys = "*5"
+
+[queues.care.routes]
+verified = "queues,support,1"
+failed = "queues,support-unverified,1"
+unavailable = "queues,care-fallback,1"
+agent = "{agent_context},care,1"
+no_agent = "queues,care-noagent,1"
+after_agent = "queues,care-survey,1"
+
+[queues.care.routes_by_reason]
+declined_call = "queues,fraud-desk,1"
+
+# Anchored without a gate: checked only when an agent asks.
+[queues.desk]
+mode = "during_call"
+languages = ["sv", "en"]
+first_digit_timeout = "{first}"
+inter_digit_timeout = "{inter}"
+verify_timeout = "{verify}"
+gate_deadline = "{deadline}"
+disclose = ["name"]
+agent_keys = "*5"
+
+[queues.desk.routes]
+verified = "queues,support,1"
+failed = "queues,support-unverified,1"
+unavailable = "queues,care-fallback,1"
+agent = "{agent_context},care,1"
+no_agent = "queues,care-noagent,1"
 "#,
         data_dir = data_dir.display(),
         grace = ms(options.shutdown_grace),
@@ -405,6 +474,11 @@ unavailable = "queues,support-fallback,1"
         inter = ms(options.inter_digit_timeout),
         verify = ms(options.verify_timeout),
         deadline = ms(options.gate_deadline),
+        agent_context = if options.agents_closed {
+            "agents-closed"
+        } else {
+            "agents"
+        },
         by_reason = options
             .routes_by_reason
             .iter()

@@ -43,6 +43,12 @@ impl Mode {
     pub fn gates_before_agent(self) -> bool {
         matches!(self, Mode::BeforeAgent | Mode::Both)
     }
+
+    /// The caller stays in Stasis for the whole call, bridged with the agent leg, so that checks can
+    /// run during the conversation.
+    pub fn anchors(self) -> bool {
+        matches!(self, Mode::DuringCall | Mode::Both)
+    }
 }
 
 /// A dialplan location `context,extension,priority`.
@@ -142,6 +148,9 @@ pub struct QueuePolicy {
     pub prompts: PromptOverrides,
     pub routes: Routes,
     pub routes_by_reason: BTreeMap<Reason, Route>,
+    /// Anchored calls: the keys an agent presses on their own phone to start a keypad check (e.g.
+    /// `*5`); empty = off.
+    pub agent_keys: String,
 }
 
 impl QueuePolicy {
@@ -158,6 +167,25 @@ impl QueuePolicy {
             Status::Skipped => r.skipped.as_ref().unwrap_or(&r.unavailable),
             Status::Interrupted => r.interrupted.as_ref().unwrap_or(&r.unavailable),
         }
+    }
+
+    /// Whether a call that ended the gate with this outcome goes on to the agent in its bridge
+    /// (anchored modes) rather than to the outcome's route: every outcome does, except a reason with
+    /// its own route in `routes_by_reason` (e.g. `declined_call` to a fraud desk).
+    pub fn anchors_after(&self, outcome: Outcome) -> bool {
+        self.mode.anchors()
+            && self.routes.agent.is_some()
+            && outcome
+                .reason()
+                .is_none_or(|r| !self.routes_by_reason.contains_key(&r))
+    }
+
+    /// Where the caller goes when the agent leg ended before an agent answered.
+    pub fn no_agent_route(&self) -> &Route {
+        self.routes
+            .no_agent
+            .as_ref()
+            .unwrap_or(&self.routes.unavailable)
     }
 
     /// The language for a channel: its own if the queue offers it, else the queue's first.
@@ -200,6 +228,7 @@ impl QueuePolicy {
             prompts: PromptOverrides::new(),
             routes,
             routes_by_reason: BTreeMap::new(),
+            agent_keys: String::new(),
         }
     }
 }

@@ -75,10 +75,16 @@ pub enum PromptId {
     NotVerified,
     /// Outcome: identification unavailable right now, connecting to an agent.
     Unavailable,
+    /// To the agent (a check started from their phone's keys): the caller is verified.
+    AgentVerified,
+    /// To the agent: the caller could not be verified.
+    AgentNotVerified,
+    /// To the agent: the person said in their app that they are not on a call with us.
+    AgentFraud,
 }
 
 impl PromptId {
-    pub const ALL: [PromptId; 11] = [
+    pub const ALL: [PromptId; 14] = [
         PromptId::EnterNumber,
         PromptId::InvalidNumber,
         PromptId::NoInput,
@@ -90,6 +96,9 @@ impl PromptId {
         PromptId::Verified,
         PromptId::NotVerified,
         PromptId::Unavailable,
+        PromptId::AgentVerified,
+        PromptId::AgentNotVerified,
+        PromptId::AgentFraud,
     ];
 
     /// Stable id, also the file name (without extension) under `sounds/<lang>/callgate/`.
@@ -106,6 +115,9 @@ impl PromptId {
             PromptId::Verified => "verified",
             PromptId::NotVerified => "not-verified",
             PromptId::Unavailable => "unavailable",
+            PromptId::AgentVerified => "agent-verified",
+            PromptId::AgentNotVerified => "agent-not-verified",
+            PromptId::AgentFraud => "agent-fraud",
         }
     }
 
@@ -167,6 +179,21 @@ impl PromptId {
             }
             (Unavailable, Nb) => {
                 "Identifisering er ikke tilgjengelig akkurat nå. Vi setter deg over."
+            }
+            (AgentVerified, Sv) => "Kunden är legitimerad.",
+            (AgentVerified, En) => "The caller is verified.",
+            (AgentVerified, Nb) => "Kunden er identifisert.",
+            (AgentNotVerified, Sv) => "Kunden kunde inte legitimeras.",
+            (AgentNotVerified, En) => "The caller could not be verified.",
+            (AgentNotVerified, Nb) => "Kunden kunne ikke identifiseres.",
+            (AgentFraud, Sv) => {
+                "Varning. Personen svarade i appen att hen inte pratar med oss. Lämna inte ut något."
+            }
+            (AgentFraud, En) => {
+                "Warning. The person said in the app that they are not on a call with us. Disclose nothing."
+            }
+            (AgentFraud, Nb) => {
+                "Advarsel. Personen svarte i appen at de ikke snakker med oss. Ikke gi ut noe."
             }
         }
     }

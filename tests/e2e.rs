@@ -13,10 +13,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use callgate::calls::live::{
+    CallState, CancelRequest, CheckMethod, CheckRequest, LiveKind, Refusal, StartedBy, TypedNumber,
+};
+use callgate::calls::CallEvent;
 use callgate::demo::{self, Lab, LabOptions};
 use callgate::idp::sim::{number_with_serial, Scenario, TABLE_DATE};
 use callgate::outcome::{Outcome, Reason};
-use callgate::pbx::sim::{Caller, ChannelEnd};
+use callgate::pbx::asterisk;
+use callgate::pbx::sim::{Caller, ChannelEnd, Direction};
 use support::proxy::Proxy;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -859,9 +864,11 @@ fn requests_of(lab: &Lab, call: &str, reference: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_verified_call_makes_three_ari_requests_besides_its_prompts_and_checks_routes_once() {
     let mut lab = lab(LabOptions::fast()).await;
-    // The events no call acts on are filtered out by Asterisk, after the connect.
+    // The events no call acts on are filtered out by Asterisk, after the connect. `ChannelVarset`
+    // stays: the lab has anchored queues, which learn their agent from `MEMBERINTERFACE`.
     until("the event filter", || {
-        lab.asterisk.disallowed_events().contains("ChannelVarset")
+        let ignored = lab.asterisk.disallowed_events();
+        ignored.contains("PlaybackStarted") && !ignored.contains("ChannelVarset")
     })
     .await;
     let mut calls = Vec::new();
@@ -1107,5 +1114,341 @@ async fn a_number_typed_through_the_agent_api_reaches_no_log_and_no_answer() {
     }
     // The stand-in call ends, so the drain has nothing to wait for.
     drop(entry);
+    lab.shutdown().await.unwrap();
+}
+
+// ---- anchored calls: agents verify during the call ----
+
+/// Asks a call for a check as the agent API does; the verification id or why not.
+async fn start_check(lab: &Lab, call: &str, number: Option<&str>) -> Result<String, Refusal> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = CheckRequest {
+        by: StartedBy::Api("test".into()),
+        number: number.map(|n| TypedNumber(n.to_owned())),
+        reply,
+    };
+    assert!(
+        lab.app
+            .registry
+            .send(call, CallEvent::StartCheck(request))
+            .await,
+        "call {call} is not live"
+    );
+    answer.await.unwrap()
+}
+
+async fn cancel_check(lab: &Lab, call: &str) -> Result<String, Refusal> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let request = CancelRequest {
+        by: StartedBy::Api("test".into()),
+        reply,
+    };
+    assert!(
+        lab.app
+            .registry
+            .send(call, CallEvent::CancelCheck(request))
+            .await
+    );
+    answer.await.unwrap()
+}
+
+async fn talking(lab: &Lab, call: &str) {
+    assert_eq!(
+        lab.asterisk.wait_for_agent(call).await.as_deref(),
+        Some(demo::LAB_AGENT)
+    );
+    until("the call to be talking", || {
+        lab.app
+            .live
+            .call(call)
+            .is_some_and(|c| c.state == CallState::Talking && c.can_verify)
+    })
+    .await;
+}
+
+async fn check_over(lab: &Lab, id: &str) -> Outcome {
+    until("the check to end", || {
+        lab.app
+            .live
+            .verification(id)
+            .is_some_and(|v| v.outcome.is_some())
+    })
+    .await;
+    lab.app.live.verification(id).unwrap().outcome.unwrap()
+}
+
+/// Nothing of the call is left: no bridge, no agent leg, no task.
+async fn all_gone(lab: &Lab, call: &str) {
+    lab.asterisk
+        .wait_for_bridge_gone(&asterisk::bridge_id(call))
+        .await;
+    until("the agent leg to end", || {
+        lab.asterisk.agent_leg(call).is_none_or(|l| l.ended)
+    })
+    .await;
+    until("the call task to end", || !lab.app.registry.contains(call)).await;
+    assert!(
+        lab.asterisk.bridges().is_empty(),
+        "{:?}",
+        lab.asterisk.bridges()
+    );
+    no_open_orders(lab).await;
+}
+
+#[tokio::test]
+async fn a_gated_caller_is_bridged_with_an_agent_who_verifies_them_again_on_the_keypad() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let mut stream = lab.app.live.subscribe();
+    let number = person(401);
+    let id = lab.asterisk.call(lab.caller_typing(&number).queue("care"));
+    let gate = lab.report(&id).await.unwrap();
+    assert_eq!(gate.outcome, Outcome::Verified);
+    assert_eq!(gate.destination.to_string(), "agent");
+    talking(&lab, &id).await;
+
+    // The agent leg: a Local channel into the agent context, on behalf of the caller, no timeout,
+    // carrying the gate's result; both sides' keys absorbed by the bridge.
+    let leg = lab.asterisk.agent_leg(&id).unwrap();
+    let origination = lab
+        .asterisk
+        .originations()
+        .into_iter()
+        .find(|o| o.channel_id == leg.a)
+        .unwrap();
+    assert_eq!(origination.params["endpoint"], "Local/care@agents/n");
+    assert_eq!(origination.params["originator"], id);
+    assert_eq!(origination.params["timeout"], "-1");
+    assert_eq!(origination.params["appArgs"], format!("agent,{id}"));
+    assert!(origination.params["callerId"].contains("46701234567"));
+    assert_eq!(
+        lab.asterisk
+            .channel_var(&leg.b, "CALLGATE_STATUS")
+            .as_deref(),
+        Some("verified")
+    );
+    assert_eq!(lab.asterisk.bridge_of(&id), lab.asterisk.bridge_of(&leg.a));
+    assert!(lab.asterisk.absorbs_dtmf(&id) && lab.asterisk.absorbs_dtmf(&leg.a));
+    assert!(
+        lab.asterisk
+            .channel_var(&id, "TIMEOUT(absolute)")
+            .as_deref()
+            == Some("0"),
+        "the gate's safety net is cleared for the conversation"
+    );
+
+    // The agent asks for a keypad check: the caller is muted towards the bridge while typing.
+    let check = start_check(&lab, &id, None).await.unwrap();
+    until("the caller to be muted", || {
+        lab.asterisk.is_muted(&id, Direction::In)
+    })
+    .await;
+    assert!(
+        lab.asterisk
+            .press(&id, &format!("{number}#"), lab.options.key_gap)
+            .await
+    );
+    assert_eq!(check_over(&lab, &check).await, Outcome::Verified);
+    assert!(!lab.asterisk.is_muted(&id, Direction::In));
+    let view = lab.app.live.verification(&check).unwrap();
+    assert_eq!(view.method, CheckMethod::Keypad);
+    let stages: Vec<&str> = view.stages.iter().map(|(s, _)| s.code()).collect();
+    assert!(stages.starts_with(&["order_created"]), "{stages:?}");
+    let fields: std::collections::BTreeMap<_, _> = view.fields.iter().cloned().collect();
+    assert_eq!(fields["status"], "verified");
+    assert_eq!(fields["ref"], check);
+    assert!(fields.contains_key("name") && fields.contains_key("number_masked"));
+    assert!(
+        !fields.contains_key("number"),
+        "not disclosed in this queue"
+    );
+    // The result is on the caller (inheritable) and on the agent leg.
+    until("the result on both legs", || {
+        lab.asterisk.channel_var(&id, "__CALLGATE_REF").as_deref() == Some(check.as_str())
+            && lab.asterisk.channel_var(&leg.a, "CALLGATE_REF").as_deref() == Some(check.as_str())
+    })
+    .await;
+
+    // The caller hangs up: the agent leg and the bridge go with them.
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+
+    let mut kinds = Vec::new();
+    while let Ok(e) = stream.try_recv() {
+        if e.call.call_id == id {
+            kinds.push(e.kind);
+        }
+    }
+    let first = |k: LiveKind| kinds.iter().position(|x| *x == k).unwrap();
+    assert_eq!(kinds.first(), Some(&LiveKind::CallStarted));
+    assert_eq!(kinds.last(), Some(&LiveKind::CallEnded));
+    assert!(first(LiveKind::Completed) < first(LiveKind::AgentConnected));
+    assert_eq!(
+        kinds.iter().filter(|k| **k == LiveKind::Completed).count(),
+        2,
+        "{kinds:?}"
+    );
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_agent_with_a_desk_phone_starts_a_check_with_keys_and_hears_the_outcome() {
+    let lab = lab(LabOptions::fast()).await;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    // In a queue without the gate nothing is set on the agent leg.
+    let leg = lab.asterisk.agent_leg(&id).unwrap();
+    assert_eq!(lab.asterisk.channel_var(&leg.b, "CALLGATE_STATUS"), None);
+    assert!(
+        lab.asterisk
+            .agent_press(&id, "*5", lab.options.key_gap)
+            .await
+    );
+    until("the caller to be muted", || {
+        lab.asterisk.is_muted(&id, Direction::In)
+    })
+    .await;
+    let check = lab.app.live.call(&id).unwrap().verification.unwrap();
+    assert_eq!(check.started_by, StartedBy::AgentKeys);
+    let number = Lab::number(Scenario::DeclinesCall);
+    assert!(
+        lab.asterisk
+            .press(&id, &format!("{number}#"), lab.options.key_gap)
+            .await
+    );
+    assert_eq!(
+        check_over(&lab, &check.id).await,
+        Outcome::NotVerified(Reason::DeclinedCall)
+    );
+    until("the agent to hear the fraud warning", || {
+        lab.asterisk
+            .media_started(&leg.a)
+            .iter()
+            .any(|m| m.contains("agent-fraud"))
+    })
+    .await;
+    assert!(
+        !lab.asterisk
+            .media_started(&id)
+            .iter()
+            .any(|m| m.contains("agent-")),
+        "the outcome is for the agent only"
+    );
+    // The agent hangs up; this queue has no after_agent route: the caller is hung up.
+    lab.asterisk.agent_hang_up(&id);
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(route(&end), "");
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_check_supersedes_the_running_one_and_the_agent_can_cancel() {
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_millis(400);
+    let lab = lab(options).await;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    assert_eq!(
+        start_check(&lab, &id, Some("123")).await,
+        Err(Refusal::InvalidNumber)
+    );
+    let slow = Lab::number(Scenario::Expires);
+    let first = start_check(&lab, &id, Some(&slow)).await.unwrap();
+    until("the first order", || {
+        lab.app
+            .live
+            .verification(&first)
+            .is_some_and(|v| !v.stages.is_empty())
+    })
+    .await;
+    let second = start_check(&lab, &id, Some(&slow)).await.unwrap();
+    assert_eq!(
+        check_over(&lab, &first).await,
+        Outcome::NotVerified(Reason::Superseded)
+    );
+    assert_eq!(cancel_check(&lab, &id).await, Ok(second.clone()));
+    assert_eq!(
+        check_over(&lab, &second).await,
+        Outcome::NotVerified(Reason::AgentCancelled)
+    );
+    assert_eq!(cancel_check(&lab, &id).await, Err(Refusal::NothingToCancel));
+    no_open_orders(&lab).await;
+    // The agent hangs up first: the caller goes to the queue's after_agent route… which `desk`
+    // lacks, so check with `care`'s in the next test; here the caller hangs up.
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_agent_hangs_up_first_and_the_caller_takes_the_after_agent_route() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let id = lab
+        .asterisk
+        .call(lab.caller_typing(&person(402)).queue("care"));
+    talking(&lab, &id).await;
+    lab.asterisk.agent_hang_up(&id);
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(route(&end), "queues,care-survey,1");
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "verified");
+    all_gone(&lab, &id).await;
+    assert_eq!(lab.report(&id).await.unwrap().outcome, Outcome::Verified);
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_agent_answers_and_the_caller_takes_the_no_agent_route() {
+    let mut options = LabOptions::fast();
+    options.agents_closed = true;
+    let lab = lab(options).await;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    assert_eq!(lab.asterisk.wait_for_agent(&id).await, None);
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(route(&end), "queues,care-noagent,1");
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_check_on_a_call_still_in_the_gate_is_refused() {
+    let lab = lab(LabOptions::fast()).await;
+    let id = lab
+        .asterisk
+        .call(Caller::new("46701234567").queue("care").await_prompt());
+    until("the call task", || lab.app.registry.contains(&id)).await;
+    assert_eq!(
+        start_check(&lab, &id, None).await,
+        Err(Refusal::NotAnchored)
+    );
+    lab.asterisk.hang_up(&id);
+    until("the call task to end", || !lab.app.registry.contains(&id)).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_leaves_bridged_calls_running_and_adopts_them() {
+    let mut lab = lab(LabOptions::fast()).await;
+    let number = person(403);
+    let id = lab.asterisk.call(lab.caller_typing(&number).queue("care"));
+    talking(&lab, &id).await;
+    let leg = lab.asterisk.agent_leg(&id).unwrap();
+    lab.restart().await.unwrap();
+    // Never cut: still bridged with the same agent leg, and ours again.
+    assert_eq!(lab.asterisk.bridge_of(&id), Some(asterisk::bridge_id(&id)));
+    assert!(!lab.asterisk.agent_leg(&id).unwrap().ended);
+    assert_eq!(
+        lab.asterisk.bridge_of(&leg.a),
+        Some(asterisk::bridge_id(&id))
+    );
+    until("the call to be adopted", || {
+        lab.app.live.call(&id).is_some_and(|c| {
+            c.state == CallState::Talking && c.agent.as_deref() == Some(demo::LAB_AGENT)
+        })
+    })
+    .await;
+    let check = start_check(&lab, &id, Some(&number)).await.unwrap();
+    assert_eq!(check_over(&lab, &check).await, Outcome::Verified);
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use tokio::sync::{broadcast, oneshot};
 
+pub use crate::dialog::anchor::{CheckMethod, Refusal};
 use crate::outcome::{Outcome, Reason, Status};
 use crate::verify::Stage;
 
@@ -42,27 +43,6 @@ impl CallState {
             CallState::WaitingForAgent => "waiting_for_agent",
             CallState::Talking => "talking",
             CallState::Ended => "ended",
-        }
-    }
-}
-
-/// How the number of a check was obtained.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckMethod {
-    /// Typed by the caller in the before-agent IVR.
-    Ivr,
-    /// Typed by the caller on the keypad while talking to the agent.
-    Keypad,
-    /// Typed by the agent (the caller told them).
-    AgentTyped,
-}
-
-impl CheckMethod {
-    pub fn code(self) -> &'static str {
-        match self {
-            CheckMethod::Ivr => "ivr",
-            CheckMethod::Keypad => "keypad",
-            CheckMethod::AgentTyped => "agent_typed",
         }
     }
 }
@@ -328,27 +308,6 @@ impl fmt::Debug for TypedNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "TypedNumber(<{} redacted>)", self.0.len())
     }
-}
-
-/// Why a call refused to start or cancel a check. Each maps to one HTTP status in the API.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The call is not with an agent (still in the gate, or its queue does not verify during calls):
-    /// 409.
-    #[error("the call is not connected to an agent")]
-    NotAnchored,
-    /// The call ended: 404.
-    #[error("the call has ended")]
-    Ended,
-    /// The typed number is not a valid personal number for this queue: 422.
-    #[error("not a valid personal number for this queue")]
-    InvalidNumber,
-    /// No check is in progress (cancel): 409.
-    #[error("no verification in progress")]
-    NothingToCancel,
-    /// The call did not answer in time (overloaded or stuck): 503.
-    #[error("the call did not answer in time")]
-    Unavailable,
 }
 
 /// A request to start a check on a live call.

@@ -40,6 +40,14 @@ pub enum CallEvent {
     Resync,
     /// Another instance owns the PBX application now: end without touching the call.
     Detach,
+    /// Anchored calls: the agent leg entered our application.
+    AgentLegUp,
+    /// Anchored calls: the queue connected an agent (its interface).
+    AgentAnswered(String),
+    /// Anchored calls: the agent leg ended.
+    AgentLegEnded,
+    /// Anchored calls: a key from the agent leg.
+    AgentDtmf(char),
     /// A newer order of ours for the same person replaces this call's order.
     Superseded,
     /// The agent API asks for a mid-call check.
@@ -69,6 +77,8 @@ pub enum Destination {
     HungUp,
     /// The channel was gone.
     Gone,
+    /// Kept in our application and bridged with an agent leg (anchored modes).
+    Agent,
 }
 
 impl std::fmt::Display for Destination {
@@ -78,12 +88,13 @@ impl std::fmt::Display for Destination {
             Destination::NextPriority => f.write_str("next priority"),
             Destination::HungUp => f.write_str("hung up"),
             Destination::Gone => f.write_str("-"),
+            Destination::Agent => f.write_str("agent"),
         }
     }
 }
 
 /// Per-call PBX operations, implemented by each PBX adapter for one channel.
-pub trait CallControl: Send + Sync + 'static {
+pub trait CallControl: AnchorControl {
     fn answer(&self) -> BoxFuture<'_, Result<(), ControlError>>;
     /// Play `media` in order as one playback with our own `playback_id`.
     fn play<'a>(
@@ -109,6 +120,73 @@ pub trait CallControl: Send + Sync + 'static {
         route: &'a Route,
         fallback: &'a Route,
     ) -> BoxFuture<'a, Result<Destination, ControlError>>;
+}
+
+fn unsupported<'a, T: Send + 'a>() -> BoxFuture<'a, Result<T, ControlError>> {
+    Box::pin(async { Err(ControlError::Failed("not supported by this pbx".to_owned())) })
+}
+
+/// PBX operations of an anchored call (caller in a bridge with an agent leg for the whole call).
+/// The ids of the bridge and of the agent leg derive from the call's, so they can be found again
+/// after a restart. Adapters without anchoring keep the defaults, which fail.
+pub trait AnchorControl: Send + Sync + 'static {
+    /// Sets `vars` (the gate's result, inheritable) and clears the dialplan's safety-net timeout,
+    /// without leaving our application.
+    fn keep<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let _ = vars;
+        unsupported()
+    }
+    /// Answers the caller if needed, creates the call's bridge, adds the caller (keys absorbed) and
+    /// originates the agent leg into `agent` with `vars` (inheritable) on it.
+    fn anchor<'a>(
+        &'a self,
+        agent: &'a Route,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let _ = (agent, vars);
+        unsupported()
+    }
+    fn add_agent_leg(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        unsupported()
+    }
+    fn hangup_agent_leg(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        unsupported()
+    }
+    fn destroy_bridge(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        unsupported()
+    }
+    fn mute_caller(&self, on: bool) -> BoxFuture<'_, Result<(), ControlError>> {
+        let _ = on;
+        unsupported()
+    }
+    /// Plays to the agent leg only.
+    fn play_to_agent<'a>(
+        &'a self,
+        playback_id: &'a str,
+        media: &'a [String],
+        lang: Language,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let _ = (playback_id, media, lang);
+        unsupported()
+    }
+    /// Sets a check's result on the caller (inheritable) and on the agent leg.
+    fn set_result<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let _ = vars;
+        unsupported()
+    }
+    fn hangup_caller(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        unsupported()
+    }
+    /// Other ids a CRM may know the call by (the PBX's linked id, the agent leg).
+    fn aliases(&self) -> BoxFuture<'_, Result<Vec<String>, ControlError>> {
+        unsupported()
+    }
 }
 
 /// A read-only view of a call for the API, the demo and tests.

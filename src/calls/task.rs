@@ -19,16 +19,19 @@ use tracing::Instrument;
 
 use super::journal::{self, Journal};
 use super::limits::Limits;
-use super::live::Live;
+use super::live::{
+    CallState, CallView, CheckMethod, Live, LiveKind, Refusal, StartedBy, VerificationView,
+};
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
 use crate::audit::{self, Audit};
 use crate::config::OnShutdown;
+use crate::dialog::anchor::{self, Anchor, Leg};
 use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input, PlaybackId, Timer};
 use crate::idp::Provider;
 use crate::outcome::{self, Identity, Outcome, Reason, Record, Status};
 use crate::pnr::PseudonymKey;
-use crate::policy::QueuePolicy;
+use crate::policy::{Mode, QueuePolicy, Route};
 use crate::telemetry::{FunnelStep, Metrics};
 use crate::verify::{self, ProviderError, Stage};
 
@@ -61,6 +64,17 @@ pub struct Setup {
     pub caller_line: String,
     /// Set when the call's order was started by a previous process: take it over.
     pub resume: Option<Resume>,
+    /// Set when a previous process left the call bridged with an agent leg: take it over.
+    pub adopt: Option<Adopt>,
+}
+
+/// An anchored call a previous process left in its bridge.
+#[derive(Debug, Clone)]
+pub struct Adopt {
+    /// The agent the queue had connected, if any.
+    pub agent: Option<String>,
+    /// Whether the agent leg is still there.
+    pub agent_leg: bool,
 }
 
 /// An order a previous process started and journalled, whose caller still waits.
@@ -114,6 +128,15 @@ pub fn spawn(
         stages: Vec::new(),
         timers: HashMap::new(),
         idp: JoinSet::new(),
+        playback_prefix: String::new(),
+        view_state: CallState::Gate,
+        agent: None,
+        aliases: Vec::new(),
+        can_verify: false,
+        check: None,
+        check_gen: 0,
+        anchor_to: None,
+        next_check: None,
         pending: Vec::new(),
         order_person: None,
         start_person: None,
@@ -124,6 +147,8 @@ pub fn spawn(
         setup,
         _entry: entry,
     };
+    let mut driver = driver;
+    driver.playback_prefix = driver.reference.clone();
     let registry = driver.deps.registry.clone();
     let metrics = Arc::clone(&driver.deps.metrics);
     metrics.set_gauge("callgate_calls_active", registry.len() as f64);
@@ -156,7 +181,23 @@ struct Driver {
     snapshot: watch::Sender<Snapshot>,
     stages: Vec<Stage>,
     timers: HashMap<Timer, Instant>,
-    idp: JoinSet<verify::Input>,
+    /// Provider requests in flight, tagged with the check they belong to (0: the gate's).
+    idp: JoinSet<(u32, verify::Input)>,
+    /// Playback ids are `<prefix>-<n>` for the whole call.
+    playback_prefix: String,
+    /// What the live view shows.
+    view_state: CallState,
+    agent: Option<String>,
+    aliases: Vec<String>,
+    can_verify: bool,
+    /// The current (or last) check as the API sees it.
+    check: Option<VerificationView>,
+    /// The anchored machine's generation of `check`.
+    check_gen: u32,
+    /// The gate handed the call to its agent: anchor it, or route it here if that cannot be done.
+    anchor_to: Option<Route>,
+    /// The id and starter of the check the API just asked for, until the machine starts it.
+    next_check: Option<(String, StartedBy)>,
     /// Inputs produced while executing commands (e.g. a channel found gone).
     pending: Vec<Input>,
     /// Pseudonym of the person whose order this call holds in the limits.
@@ -173,6 +214,69 @@ struct Driver {
 
 impl Driver {
     async fn run(mut self, mut inbox: mpsc::Receiver<CallEvent>, cancel: CancellationToken) {
+        self.publish(LiveKind::CallStarted);
+        let policy = Arc::clone(&self.setup.policy);
+        if let Some(adopt) = self.setup.adopt.clone() {
+            tracing::info!("bridged call adopted after a restart");
+            let mut anchor = Anchor::adopt(
+                Arc::clone(&policy),
+                self.deps.verify.clone(),
+                self.setup.info.clone(),
+                adopt.agent.clone(),
+            );
+            self.agent = adopt.agent;
+            if !adopt.agent_leg {
+                anchor.handle(anchor::Input::AgentLegEnded, now().into_std());
+            }
+            self.run_anchored(anchor, &mut inbox, &cancel).await;
+        } else if policy.mode == Mode::DuringCall && self.setup.resume.is_none() {
+            tracing::info!("call anchored for checks during the call");
+            let anchor = Anchor::new(
+                Arc::clone(&policy),
+                self.deps.verify.clone(),
+                self.setup.info.clone(),
+                policy.routes.unavailable.clone(),
+                now().into_std(),
+            );
+            self.run_anchored(anchor, &mut inbox, &cancel).await;
+        } else {
+            self.run_gate(&mut inbox, &cancel).await;
+            if let Some(fallback) = self.anchor_to.take() {
+                if cancel.is_cancelled() {
+                    // Shutting down between the gate and the bridge: route the caller as before.
+                    self.route_without_agent(&fallback).await;
+                } else {
+                    let anchor = Anchor::new(
+                        Arc::clone(&policy),
+                        self.deps.verify.clone(),
+                        self.setup.info.clone(),
+                        fallback,
+                        now().into_std(),
+                    );
+                    self.run_anchored(anchor, &mut inbox, &cancel).await;
+                }
+            }
+        }
+        // Let outstanding provider requests (a final cancel) complete; each is bounded by its timeout.
+        let drain = async { while self.idp.join_next().await.is_some() {} };
+        if tokio::time::timeout(Duration::from_secs(15), drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!("provider requests still running at the end of the call");
+        }
+        self.release_order();
+        self.view_state = CallState::Ended;
+        self.can_verify = false;
+        self.publish(LiveKind::CallEnded);
+    }
+
+    /// The before-agent gate.
+    async fn run_gate(
+        &mut self,
+        inbox: &mut mpsc::Receiver<CallEvent>,
+        cancel: &CancellationToken,
+    ) {
         let mut call = match self.setup.resume.clone() {
             None => {
                 tracing::info!("call entered the gate");
@@ -208,7 +312,7 @@ impl Driver {
                     None => Input::Hangup,
                 }),
                 Some(done) = self.idp.join_next(), if !self.idp.is_empty() => match done {
-                    Ok(i) => Some(Input::Idp(i)),
+                    Ok((_, i)) => Some(Input::Idp(i)),
                     Err(e) => {
                         tracing::error!(error = %e, "provider request task failed");
                         None
@@ -225,7 +329,11 @@ impl Driver {
             }
             self.fire_due(&mut call);
         }
-        // Let outstanding provider requests (a final cancel) complete; each is bounded by its timeout.
+        if self.anchor_to.is_some() {
+            // The gate's order is over; the call goes on with its agent.
+            self.journal_close();
+            return;
+        }
         let drain = async { while self.idp.join_next().await.is_some() {} };
         if tokio::time::timeout(Duration::from_secs(15), drain)
             .await
@@ -312,22 +420,26 @@ impl Driver {
             CallEvent::Superseded => Input::Idp(verify::Input::Cancel(Reason::Superseded)),
             CallEvent::StartCheck(req) => {
                 // In the gate, the call is not with an agent yet.
-                let _ = req.reply.send(Err(super::live::Refusal::NotAnchored));
+                let _ = req.reply.send(Err(Refusal::NotAnchored));
                 return None;
             }
             CallEvent::CancelCheck(req) => {
-                let _ = req.reply.send(Err(super::live::Refusal::NotAnchored));
+                let _ = req.reply.send(Err(Refusal::NotAnchored));
                 return None;
             }
+            CallEvent::AgentLegUp
+            | CallEvent::AgentAnswered(_)
+            | CallEvent::AgentLegEnded
+            | CallEvent::AgentDtmf(_) => return None,
         })
     }
 
     fn playback_id(&self, id: PlaybackId) -> String {
-        format!("{}-{}", self.reference, id.0)
+        format!("{}-{}", self.playback_prefix, id.0)
     }
 
     fn playback_from(&self, s: &str) -> Option<PlaybackId> {
-        let n = s.strip_prefix(&self.reference)?.strip_prefix('-')?;
+        let n = s.strip_prefix(&self.playback_prefix)?.strip_prefix('-')?;
         n.parse().ok().map(PlaybackId)
     }
 
@@ -369,6 +481,41 @@ impl Driver {
             s.stage = stage;
             s.outcome = outcome;
             changed
+        });
+    }
+
+    /// Publishes the call's view to the agent API.
+    fn publish(&self, kind: LiveKind) {
+        self.deps.live.publish(
+            kind,
+            CallView {
+                call_id: self.setup.call_id.clone(),
+                queue: self.setup.policy.name.0.clone(),
+                state: self.view_state,
+                agent: self.agent.clone(),
+                aliases: self.aliases.clone(),
+                started_at: self.snapshot.borrow().started_at,
+                can_verify: self.can_verify,
+                verification: self.check.clone(),
+            },
+        );
+    }
+
+    /// A new check's view (the gate's, or one started during the call).
+    fn new_check(&mut self, id: String, method: CheckMethod, by: StartedBy) {
+        self.reference = id.clone();
+        self.check = Some(VerificationView {
+            id,
+            call_id: self.setup.call_id.clone(),
+            queue: self.setup.policy.name.0.clone(),
+            idp: self.setup.policy.idp.clone(),
+            method,
+            started_by: by,
+            started_at: wall_clock(),
+            ended_at: None,
+            stages: Vec::new(),
+            outcome: None,
+            fields: Vec::new(),
         });
     }
 
@@ -433,8 +580,18 @@ impl Driver {
             Command::DisarmTimer(timer) => {
                 self.timers.remove(&timer);
             }
-            Command::Idp(req) => self.provider_request(req).await,
-            Command::Progress(stage) => self.progress(stage),
+            Command::Idp(req) => {
+                if let Some(answer) = self.provider_request(0, req) {
+                    self.pending.push(Input::Idp(answer));
+                }
+            }
+            Command::Progress(stage) => {
+                if self.check.is_none() {
+                    let id = self.reference.clone();
+                    self.new_check(id, CheckMethod::Ivr, StartedBy::Gate);
+                }
+                self.progress(stage);
+            }
             Command::Finish {
                 outcome,
                 identity,
@@ -447,15 +604,15 @@ impl Driver {
         self.deps.providers.get(&self.setup.policy.idp).cloned()
     }
 
-    async fn provider_request(&mut self, req: IdpCommand) {
+    /// Sends a provider request for check `gen` as a child future; an answer known at once (no such
+    /// provider, refused by the limits) is returned instead.
+    fn provider_request(&mut self, gen: u32, req: IdpCommand) -> Option<verify::Input> {
         let Some(provider) = self.provider() else {
             tracing::error!(idp = %self.setup.policy.idp, "no such identity provider");
             if let IdpCommand::Start(_) = req {
-                self.pending.push(Input::Idp(verify::Input::Started(Err(
-                    ProviderError::Fatal,
-                ))));
+                return Some(verify::Input::Started(Err(ProviderError::Fatal)));
             }
-            return;
+            return None;
         };
         let idp_name = self.setup.policy.idp.clone();
         let metrics = Arc::clone(&self.deps.metrics);
@@ -466,7 +623,7 @@ impl Driver {
             IdpCommand::Start(order) if self.order_person.is_some() => {
                 // A retry of the same order (not sent, maintenance, already in progress): the person's
                 // slot is held already and a retry is not a new start for the rate limits.
-                self.spawn_start(provider, order, idp_name, metrics);
+                self.spawn_start(gen, provider, order, idp_name, metrics);
             }
             IdpCommand::Start(order) => {
                 let person = order.number.pseudonym(&self.deps.key);
@@ -479,10 +636,7 @@ impl Driver {
                 ) {
                     Err(reason) => {
                         tracing::warn!(reason = %reason, "order refused by limits");
-                        self.pending.push(Input::Idp(verify::Input::Started(Err(
-                            ProviderError::Rejected(reason),
-                        ))));
-                        return;
+                        return Some(verify::Input::Started(Err(ProviderError::Rejected(reason))));
                     }
                     Ok(grant) => {
                         self.order_person = Some(person);
@@ -496,25 +650,27 @@ impl Driver {
                     }
                 }
                 metrics.funnel(&idp_name, FunnelStep::Started);
-                self.spawn_start(provider, order, idp_name, metrics);
+                self.spawn_start(gen, provider, order, idp_name, metrics);
             }
             IdpCommand::Poll(order) => {
                 self.idp.spawn(async move {
                     let r = timed(&metrics, &idp_name, "poll", provider.poll(&order)).await;
-                    verify::Input::Polled(r)
+                    (gen, verify::Input::Polled(r))
                 });
             }
             IdpCommand::Cancel(order) => {
                 self.idp.spawn(async move {
                     let r = timed(&metrics, &idp_name, "cancel", provider.cancel(&order)).await;
-                    verify::Input::CancelDone(r)
+                    (gen, verify::Input::CancelDone(r))
                 });
             }
         }
+        None
     }
 
     fn spawn_start(
         &mut self,
+        gen: u32,
         provider: Arc<dyn Provider>,
         order: verify::Order,
         idp_name: String,
@@ -522,13 +678,19 @@ impl Driver {
     ) {
         self.idp.spawn(async move {
             let r = timed(&metrics, &idp_name, "start", provider.start(&order)).await;
-            verify::Input::Started(r)
+            (gen, verify::Input::Started(r))
         });
     }
 
     fn progress(&mut self, stage: Stage) {
         tracing::debug!(stage = stage.code(), "verification progress");
         self.stages.push(stage);
+        if let Some(v) = self.check.as_mut() {
+            v.stages.push((stage, wall_clock()));
+        }
+        if stage != Stage::Done {
+            self.publish(LiveKind::Progress);
+        }
         let idp = self.setup.policy.idp.clone();
         let m = &self.deps.metrics;
         match stage {
@@ -578,10 +740,29 @@ impl Driver {
             at: wall_clock(),
             identity,
         };
+        let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
         let destination = match route {
             None => Destination::Gone,
+            Some(route) if policy.anchors_after(outcome) => {
+                // On to the agent in the call's bridge: the result stays on the channel, the call
+                // stays ours.
+                match self.control.keep(&vars).await {
+                    Ok(()) => {
+                        self.anchor_to = Some(route);
+                        Destination::Agent
+                    }
+                    Err(ControlError::Gone) => Destination::Gone,
+                    Err(ControlError::Failed(e)) => {
+                        tracing::error!(error = %e, "could not keep the call for its agent; routing it");
+                        let fallback = policy.routes.unavailable.clone();
+                        self.control
+                            .conclude(&vars, &route, &fallback)
+                            .await
+                            .unwrap_or(Destination::Gone)
+                    }
+                }
+            }
             Some(route) => {
-                let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
                 let fallback = policy.routes.unavailable.clone();
                 match self.control.conclude(&vars, &route, &fallback).await {
                     Ok(d) => d,
@@ -594,6 +775,14 @@ impl Driver {
             }
         };
         let duration = self.started.elapsed();
+        if let Some(v) = self.check.as_mut() {
+            v.outcome = Some(outcome);
+            v.ended_at = Some(record.at);
+            v.fields = live_fields(&vars);
+        }
+        if checked {
+            self.publish(LiveKind::Completed);
+        }
         let m = &self.deps.metrics;
         m.call_ended(&policy.name.0, outcome);
         if checked {
@@ -650,6 +839,459 @@ impl Driver {
             duration,
         });
     }
+}
+
+impl Driver {
+    /// An anchored call: the caller in a bridge with the agent leg until either side leaves.
+    async fn run_anchored(
+        &mut self,
+        mut anchor: Anchor,
+        inbox: &mut mpsc::Receiver<CallEvent>,
+        cancel: &CancellationToken,
+    ) {
+        let mut timers: HashMap<anchor::Timer, Instant> = HashMap::new();
+        let mut released = false;
+        self.view_state = if anchor.is_talking() {
+            CallState::Talking
+        } else {
+            CallState::WaitingForAgent
+        };
+        self.can_verify = anchor.can_verify();
+        match self.control.aliases().await {
+            Ok(a) => self.aliases = a,
+            Err(e) => tracing::debug!(error = %e, "no aliases for the call"),
+        }
+        self.publish(LiveKind::Progress);
+        loop {
+            self.execute_anchor(&mut anchor, &mut timers).await;
+            if anchor.is_done() {
+                break;
+            }
+            let next = timers.values().min().copied();
+            let input = tokio::select! {
+                _ = cancel.cancelled(), if !released => {
+                    released = true;
+                    Some(anchor::Input::Shutdown)
+                }
+                event = inbox.recv() => match event {
+                    Some(e) => self.translate_anchored(e, &mut anchor),
+                    None => Some(anchor::Input::CallerGone),
+                },
+                Some(done) = self.idp.join_next(), if !self.idp.is_empty() => match done {
+                    Ok((gen, i)) => Some(anchor::Input::Idp(gen, i)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "provider request task failed");
+                        None
+                    }
+                },
+                _ = sleep_until(next), if next.is_some() => None,
+            };
+            if let Some(input) = input {
+                if let anchor::Input::Idp(gen, verify::Input::Started(Ok(started))) = &input {
+                    if *gen == self.check_gen {
+                        self.journal_open(&started.order.0).await;
+                    }
+                }
+                anchor.handle(input, now().into_std());
+            }
+            let at = now();
+            let mut due: Vec<(anchor::Timer, Instant)> = timers
+                .iter()
+                .filter(|(_, t)| **t <= at)
+                .map(|(k, t)| (*k, *t))
+                .collect();
+            due.sort_by_key(|(_, t)| *t);
+            for (t, _) in due {
+                if timers.get(&t).is_some_and(|x| *x <= at) {
+                    timers.remove(&t);
+                    anchor.handle(anchor::Input::Timer(t), at.into_std());
+                }
+            }
+        }
+        if anchor.is_released() {
+            tracing::info!("bridged call left running for the next start");
+        }
+    }
+
+    fn translate_anchored(
+        &mut self,
+        event: CallEvent,
+        anchor: &mut Anchor,
+    ) -> Option<anchor::Input> {
+        use anchor::Input as A;
+        Some(match event {
+            CallEvent::Dtmf(d) => A::CallerDtmf(d),
+            CallEvent::AgentDtmf(d) => A::AgentDtmf(d),
+            CallEvent::PlaybackEnded(id) => A::PlaybackEnded(self.playback_from(&id)?),
+            CallEvent::Hangup => A::CallerGone,
+            CallEvent::Detach => A::Detached,
+            CallEvent::AgentLegUp => A::AgentLegUp,
+            CallEvent::AgentAnswered(agent) => A::AgentAnswered(agent),
+            CallEvent::AgentLegEnded => A::AgentLegEnded,
+            CallEvent::Superseded => A::Superseded,
+            // The bridge holds the call across a link gap; reconciliation reports what ended.
+            CallEvent::LinkDown | CallEvent::Resync => return None,
+            CallEvent::StartCheck(req) => {
+                let result = self.start_check(anchor, req.by, req.number.map(|n| n.0));
+                let _ = req.reply.send(result);
+                return None;
+            }
+            CallEvent::CancelCheck(req) => {
+                let id = self.check.as_ref().map(|c| c.id.clone());
+                let result = anchor
+                    .cancel_check(now().into_std())
+                    .and_then(|()| id.ok_or(Refusal::NothingToCancel));
+                if result.is_ok() {
+                    tracing::info!(by = %req.by, "check cancelled");
+                }
+                let _ = req.reply.send(result);
+                return None;
+            }
+        })
+    }
+
+    /// Starts a check from the API (or the agent's keys, through the machine); its id, or why not.
+    fn start_check(
+        &mut self,
+        anchor: &mut Anchor,
+        by: StartedBy,
+        typed: Option<String>,
+    ) -> Result<String, Refusal> {
+        let number = match typed {
+            Some(t) => Some(anchor.parse_number(&t)?),
+            None => None,
+        };
+        let method = if number.is_some() {
+            CheckMethod::AgentTyped
+        } else {
+            CheckMethod::Keypad
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        self.next_check = Some((id.clone(), by));
+        if let Err(refused) = anchor.start_check(number, false, now().into_std()) {
+            self.next_check = None;
+            return Err(refused);
+        }
+        tracing::info!(method = method.code(), reference = %id, "check requested during the call");
+        Ok(id)
+    }
+
+    /// The machine started check `gen` (requested through the API, or by the agent's keys).
+    fn begin_check(&mut self, gen: u32, method: CheckMethod) {
+        let (id, by) = self
+            .next_check
+            .take()
+            .unwrap_or_else(|| (uuid::Uuid::new_v4().to_string(), StartedBy::AgentKeys));
+        tracing::info!(by = %by, method = method.code(), reference = %id, "check started during the call");
+        self.check_gen = gen;
+        self.stages.clear();
+        self.funnel_app = false;
+        self.funnel_confirmed = false;
+        self.new_check(id, method, by);
+        self.publish(LiveKind::Progress);
+    }
+
+    async fn execute_anchor(
+        &mut self,
+        anchor: &mut Anchor,
+        timers: &mut HashMap<anchor::Timer, Instant>,
+    ) {
+        loop {
+            let mut fed = Vec::new();
+            while let Some(cmd) = anchor.poll_command() {
+                if let Some(input) = self.anchor_command(cmd, anchor, timers).await {
+                    fed.push(input);
+                }
+            }
+            if fed.is_empty() {
+                break;
+            }
+            for input in fed {
+                anchor.handle(input, now().into_std());
+            }
+        }
+        let can = anchor.can_verify();
+        if can != self.can_verify {
+            self.can_verify = can;
+            self.publish(LiveKind::Progress);
+        }
+    }
+
+    /// Executes one command of the anchored call; an input it produced is returned.
+    async fn anchor_command(
+        &mut self,
+        cmd: anchor::Command,
+        anchor: &mut Anchor,
+        timers: &mut HashMap<anchor::Timer, Instant>,
+    ) -> Option<anchor::Input> {
+        use anchor::Command as C;
+        use anchor::Input as A;
+        let gone = |r: Result<(), ControlError>, what: &'static str| match r {
+            Ok(()) => None,
+            Err(ControlError::Gone) => Some(A::CallerGone),
+            Err(ControlError::Failed(e)) => {
+                tracing::warn!(op = what, error = %e, "pbx request failed");
+                None
+            }
+        };
+        match cmd {
+            C::Anchor => {
+                let policy = Arc::clone(&self.setup.policy);
+                let Some(agent) = policy.routes.agent.as_ref() else {
+                    return Some(A::Anchored(false));
+                };
+                let vars = self
+                    .check
+                    .as_ref()
+                    .filter(|c| c.outcome.is_some())
+                    .map(|_| self.gate_vars())
+                    .unwrap_or_default();
+                match self.control.anchor(agent, &vars).await {
+                    Ok(()) => Some(A::Anchored(true)),
+                    Err(ControlError::Gone) => Some(A::CallerGone),
+                    Err(ControlError::Failed(e)) => {
+                        tracing::error!(error = %e, "could not bridge the call with an agent leg");
+                        Some(A::Anchored(false))
+                    }
+                }
+            }
+            C::AddAgentLeg => {
+                let r = self.control.add_agent_leg().await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "could not add the agent leg to the bridge");
+                }
+                None
+            }
+            C::HangupAgentLeg => {
+                if let Err(e) = self.control.hangup_agent_leg().await {
+                    tracing::warn!(error = %e, "could not hang up the agent leg");
+                }
+                None
+            }
+            C::DestroyBridge => {
+                if let Err(e) = self.control.destroy_bridge().await {
+                    tracing::warn!(error = %e, "could not destroy the bridge");
+                }
+                None
+            }
+            C::MuteCaller(on) => gone(self.control.mute_caller(on).await, "mute"),
+            C::Play {
+                leg,
+                id,
+                media,
+                lang,
+                ..
+            } => {
+                let pb = self.playback_id(id);
+                let r = match leg {
+                    Leg::Caller => self.control.play(&pb, &media, lang).await,
+                    Leg::Agent => self.control.play_to_agent(&pb, &media, lang).await,
+                };
+                match r {
+                    Ok(()) => None,
+                    Err(ControlError::Gone) if leg == Leg::Caller => Some(A::CallerGone),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "prompt could not be played");
+                        Some(A::PlaybackEnded(id))
+                    }
+                }
+            }
+            C::StopPlayback(id) => {
+                let pb = self.playback_id(id);
+                if let Err(e) = self.control.stop_playback(&pb).await {
+                    tracing::debug!(error = %e, "could not stop a prompt");
+                }
+                None
+            }
+            C::ArmTimer { timer, at } => {
+                timers.insert(timer, Instant::from_std(at));
+                None
+            }
+            C::DisarmTimer(t) => {
+                timers.remove(&t);
+                None
+            }
+            C::Idp(gen, req) => {
+                if gen == self.check_gen {
+                    if let IdpCommand::Start(order) = &req {
+                        if let Some(j) = &self.deps.journal {
+                            self.start_person = Some(j.person(&order.number));
+                        }
+                    }
+                }
+                self.provider_request(gen, req).map(|a| A::Idp(gen, a))
+            }
+            C::Progress { gen, stage } => {
+                if gen == self.check_gen {
+                    self.progress(stage);
+                }
+                None
+            }
+            C::CheckStarted { gen, method, .. } => {
+                self.begin_check(gen, method);
+                None
+            }
+            C::AgentConnected(agent) => {
+                tracing::info!(agent = %agent, "agent connected");
+                self.agent = Some(agent);
+                self.view_state = CallState::Talking;
+                self.can_verify = anchor.can_verify();
+                self.publish(LiveKind::AgentConnected);
+                None
+            }
+            C::CheckDone {
+                gen,
+                outcome,
+                identity,
+            } => {
+                if gen == self.check_gen {
+                    self.check_done(outcome, identity).await;
+                }
+                None
+            }
+            C::Route { route, why } => {
+                tracing::info!(route = %route, why = why.code(), "caller leaves the bridge");
+                self.view_state = CallState::Ended;
+                let fallback = self.setup.policy.routes.unavailable.clone();
+                match self.control.conclude(&[], &route, &fallback).await {
+                    Ok(d) => tracing::info!(destination = %d, "caller routed on"),
+                    Err(e) => tracing::warn!(error = %e, "could not route the caller"),
+                }
+                None
+            }
+            C::HangupCaller => {
+                if let Err(e) = self.control.hangup_caller().await {
+                    tracing::debug!(error = %e, "could not hang up the caller");
+                }
+                None
+            }
+            C::Ended => {
+                self.view_state = CallState::Ended;
+                None
+            }
+            C::Released => None,
+        }
+    }
+
+    /// The gate's result, for the agent leg's inheritable variables.
+    fn gate_vars(&self) -> Vec<(&'static str, String)> {
+        let Some(v) = &self.check else {
+            return Vec::new();
+        };
+        v.fields
+            .iter()
+            .filter_map(|(name, value)| {
+                crate::outcome::vars::ALL
+                    .iter()
+                    .find(|n| {
+                        n.strip_prefix("CALLGATE_")
+                            .is_some_and(|s| s.eq_ignore_ascii_case(name))
+                    })
+                    .map(|n| (*n, value.clone()))
+            })
+            .collect()
+    }
+
+    /// A mid-call check ended: its result on both legs, the record, the API.
+    async fn check_done(&mut self, outcome: Outcome, identity: Option<Identity>) {
+        let policy = Arc::clone(&self.setup.policy);
+        let method = self
+            .provider()
+            .map(|p| p.method().to_owned())
+            .unwrap_or_default();
+        let record = Record {
+            reference: self.reference.clone(),
+            method: method.clone(),
+            outcome,
+            at: wall_clock(),
+            identity,
+        };
+        let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
+        if self.view_state != CallState::Ended {
+            if let Err(e) = self.control.set_result(&vars).await {
+                tracing::debug!(error = %e, "could not set the check's result on the call");
+            }
+        }
+        self.journal_close();
+        self.release_order();
+        let started = self.check.as_ref().map(|c| c.started_at);
+        if let Some(v) = self.check.as_mut() {
+            v.outcome = Some(outcome);
+            v.ended_at = Some(record.at);
+            v.fields = live_fields(&vars);
+        }
+        let m = &self.deps.metrics;
+        let checked = !self.stages.is_empty();
+        if checked {
+            m.verification_ended(&policy.idp, outcome);
+            match outcome {
+                Outcome::Verified => m.funnel(&policy.idp, FunnelStep::Verified),
+                Outcome::NotVerified(Reason::DeclinedCall) => {
+                    m.funnel(&policy.idp, FunnelStep::Declined)
+                }
+                Outcome::NotVerified(Reason::Expired) => m.funnel(&policy.idp, FunnelStep::Expired),
+                Outcome::NotVerified(_) => {}
+            }
+        }
+        if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
+            tracing::warn!(reference = %self.reference, "the person declined the call in their app: someone may be calling in their name");
+        } else {
+            tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), reference = %self.reference, "check during the call ended");
+        }
+        if let Some(audit) = &self.deps.audit {
+            let verified = record
+                .identity
+                .as_ref()
+                .filter(|_| outcome == Outcome::Verified);
+            let duration = started
+                .and_then(|s| record.at.duration_since(s).ok())
+                .unwrap_or_default();
+            audit
+                .record(audit::Entry {
+                    at: outcome::rfc3339(record.at),
+                    reference: record.reference.clone(),
+                    call_id: self.setup.call_id.clone(),
+                    queue: policy.name.0.clone(),
+                    status: outcome.status().code(),
+                    reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+                    method,
+                    person: verified
+                        .map(|i| i.number.pseudonym(&self.deps.key))
+                        .unwrap_or_default(),
+                    evidence: verified
+                        .and_then(|i| i.evidence_digest.clone())
+                        .unwrap_or_default(),
+                    stages: self.stages.iter().map(|s| s.code()).collect(),
+                    destination: Destination::Agent.to_string(),
+                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                })
+                .await;
+        }
+        self.publish(LiveKind::Completed);
+    }
+
+    /// The gate handed the call to its agent but the process is stopping: route it as the gate
+    /// would have.
+    async fn route_without_agent(&mut self, route: &Route) {
+        let fallback = self.setup.policy.routes.unavailable.clone();
+        match self.control.conclude(&[], route, &fallback).await {
+            Ok(d) => tracing::info!(destination = %d, "stopping: caller routed instead of bridged"),
+            Err(e) => tracing::warn!(error = %e, "stopping: could not route the caller"),
+        }
+    }
+}
+
+/// The disclosed fields as the API shows them: `CALLGATE_STATUS` → `status`.
+fn live_fields(vars: &[(&'static str, String)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(n, v)| {
+            let name = n
+                .strip_prefix("CALLGATE_")
+                .unwrap_or(n)
+                .to_ascii_lowercase();
+            (name, v.clone())
+        })
+        .collect()
 }
 
 /// Milliseconds since the Unix epoch.

@@ -81,6 +81,7 @@
 //! | `routes.after_agent` | hang up | route |
 //! | `routes.agent` | — | route; required in modes `during_call` and `both` |
 //! | `routes_by_reason.<reason code>` | none | route; keys are [`Reason`](crate::outcome::Reason) codes |
+//! | `agent_keys` | `""` (off) | modes `during_call`/`both`: 2 to 8 of `0-9 * #` an agent presses on their phone to start a keypad check |
 //!
 //! # `[defaults]`
 //! When present, `[defaults]` must itself be a complete queue (its three required routes included). It

@@ -17,7 +17,7 @@ use crate::policy::{Mode, PromptOverrides, QueueName, QueuePolicy, Route, Routes
 use crate::prompts::{Language, PromptId};
 
 /// Every key of a queue table (and of `[defaults]`).
-pub const QUEUE_KEYS: [&str; 20] = [
+pub const QUEUE_KEYS: [&str; 21] = [
     "mode",
     "idp",
     "languages",
@@ -38,6 +38,7 @@ pub const QUEUE_KEYS: [&str; 20] = [
     "prompts",
     "routes",
     "routes_by_reason",
+    "agent_keys",
 ];
 
 /// Keys of `routes`; the first three are required.
@@ -61,6 +62,8 @@ const MEDIA_SCHEMES: [&str; 6] = [
     "characters",
     "tone",
 ];
+/// Longest `agent_keys` sequence.
+pub const MAX_AGENT_KEYS: usize = 8;
 /// Longest `user_visible_text`, in characters.
 pub const MAX_USER_VISIBLE_TEXT: usize = 1000;
 
@@ -88,6 +91,7 @@ pub struct Spec {
     prompts: PromptOverrides,
     routes: BTreeMap<&'static str, Route>,
     routes_by_reason: BTreeMap<Reason, Route>,
+    agent_keys: Option<String>,
     /// Keys written with a bad value (already reported), so they are not also reported as missing.
     reported: BTreeSet<&'static str>,
 }
@@ -126,6 +130,7 @@ impl Spec {
             prompts,
             routes,
             routes_by_reason,
+            agent_keys: self.agent_keys.or(b.agent_keys),
             reported,
         }
     }
@@ -194,6 +199,21 @@ pub fn parse(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Spec {
             "progress_prompts" => s.progress_prompts = ctx.boolean(&p, v),
             "announce_outcome" => s.announce_outcome = ctx.boolean(&p, v),
             "moh_class" => s.moh_class = ctx.text(&p, v),
+            "agent_keys" => {
+                s.agent_keys = ctx.parsed(&p, v, |x| {
+                    let ok = x.len() <= MAX_AGENT_KEYS
+                        && x.chars().all(|c| matches!(c, '0'..='9' | '*' | '#'));
+                    if !ok {
+                        Err(format!(
+                            "{x:?} is not a key sequence (up to {MAX_AGENT_KEYS} of 0-9, * and #)"
+                        ))
+                    } else if x.len() == 1 {
+                        Err("a single key would start checks by accident; use two or more (e.g. \"*5\")".to_owned())
+                    } else {
+                        Ok(x.to_owned())
+                    }
+                })
+            }
             "disclose" => {
                 let codes: Vec<&str> = Field::ALL.iter().map(|f| f.code()).collect();
                 s.disclose = ctx.codes(&p, v, "field", &codes, Field::from_code)
@@ -391,6 +411,18 @@ pub fn finish(
     }
     p.prompts = s.prompts;
     p.routes_by_reason = s.routes_by_reason;
+    if let Some(keys) = s.agent_keys {
+        if !keys.is_empty() && !mode.anchors() {
+            ctx.issue(
+                join(path, "agent_keys"),
+                format!(
+                    "is used only in modes during_call and both (this queue is {})",
+                    mode.code()
+                ),
+            );
+        }
+        p.agent_keys = keys;
+    }
 
     let floor = p.verify_timeout + p.first_digit_timeout;
     if p.gate_deadline <= floor {

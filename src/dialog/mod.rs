@@ -20,6 +20,7 @@ use crate::policy::{QueuePolicy, Route};
 use crate::prompts::{Language, PromptId};
 use crate::verify::{self, Expect, Initiator, Order, OrderRef, Session, Stage};
 
+pub mod anchor;
 #[cfg(test)]
 mod tests;
 
@@ -915,7 +916,7 @@ impl Call {
 }
 
 /// The digits typed so far. Debug never shows them.
-struct Digits {
+pub(crate) struct Digits {
     buf: String,
     max: usize,
 }
@@ -958,7 +959,7 @@ impl fmt::Debug for Digits {
 }
 
 /// Lengths of a complete keypad entry for the queue's accepted kinds.
-fn lengths(policy: &QueuePolicy) -> Vec<usize> {
+pub(crate) fn lengths(policy: &QueuePolicy) -> Vec<usize> {
     let mut out = Vec::new();
     for kind in &policy.accept_kinds {
         match kind {
@@ -977,6 +978,6 @@ fn lengths(policy: &QueuePolicy) -> Vec<usize> {
     out
 }
 
-fn max_len(policy: &QueuePolicy) -> usize {
+pub(crate) fn max_len(policy: &QueuePolicy) -> usize {
     lengths(policy).into_iter().max().unwrap_or(12)
 }

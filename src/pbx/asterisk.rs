@@ -17,14 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::ari::events::Incoming;
-use super::ari::rest::{Client, Error};
+use super::ari::rest::{Client, Error, Originate};
 use super::ari::wire::{Channel, Event, PlaybackState};
 use super::routecheck::RouteCheck;
 use crate::api::ops::Readiness;
 use crate::audit;
 use crate::calls::journal;
 use crate::calls::task::{self, Deps, Resume, Setup};
-use crate::calls::{BoxFuture, CallControl, CallEvent, ControlError, Destination, Report};
+use crate::calls::{
+    AnchorControl, BoxFuture, CallControl, CallEvent, ControlError, Destination, Report,
+};
 use crate::config::Config;
 use crate::outcome::{self, Outcome, Reason, Record};
 use crate::policy::{QueuePolicy, Route};
@@ -38,18 +40,57 @@ pub struct AriControl {
     /// Where the channel sits in the dialplan (the `Stasis()` priority), for "continue at the next
     /// priority" when no route can be used.
     stasis_at: Option<(String, String, u32)>,
+    /// The caller id to present on the agent leg (`Name <number>`).
+    caller_id: String,
 }
+
+/// The bridge of an anchored call: its id derives from the call's, so it is found again after a
+/// restart.
+pub fn bridge_id(call: &str) -> String {
+    format!("callgate-{call}")
+}
+
+/// The agent leg's half in our application (`;1`).
+pub fn agent_leg_id(call: &str) -> String {
+    format!("{call}{AGENT_LEG}")
+}
+
+/// The agent leg's half that runs the agent context and `Queue()` (`;2`).
+pub fn agent_peer_id(call: &str) -> String {
+    format!("{call}{AGENT_PEER}")
+}
+
+const AGENT_LEG: &str = "-agent";
+const AGENT_PEER: &str = "-agent-q";
+
+/// Which call an agent-leg channel belongs to, and whether it is the `;2` half.
+pub fn agent_leg_of(channel: &str) -> Option<(&str, bool)> {
+    if let Some(call) = channel.strip_suffix(AGENT_PEER) {
+        return Some((call, true));
+    }
+    channel.strip_suffix(AGENT_LEG).map(|call| (call, false))
+}
+
+/// The variable `Queue()` sets on the channel running it when an agent answers.
+const MEMBER_INTERFACE: &str = "MEMBERINTERFACE";
 
 impl AriControl {
     pub fn new(client: Client, routes: Arc<RouteCheck>, channel: &Channel) -> AriControl {
         let d = &channel.dialplan;
         let stasis_at = (!d.context.is_empty())
             .then(|| (d.context.clone(), d.exten.clone(), d.priority.max(1) as u32));
+        let c = &channel.caller;
+        let caller_id = match (c.name.is_empty(), c.number.is_empty()) {
+            (_, true) => c.name.clone(),
+            (true, false) => format!("<{}>", c.number),
+            (false, false) => format!("{} <{}>", c.name, c.number),
+        };
         AriControl {
             client,
             routes,
             channel: channel.id.clone(),
             stasis_at,
+            caller_id,
         }
     }
 
@@ -155,6 +196,177 @@ impl CallControl for AriControl {
     }
 }
 
+fn inheritable(vars: &[(&'static str, String)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(name, value)| (format!("__{name}"), value.clone()))
+        .collect()
+}
+
+impl AnchorControl for AriControl {
+    fn keep<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move { self.set_metadata(vars).await })
+    }
+
+    fn anchor<'a>(
+        &'a self,
+        agent: &'a Route,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let call = &self.channel;
+            // A call anchored without a gate arrives unanswered; answering twice is harmless.
+            self.client.answer(call).await.map_err(map)?;
+            let bridge = bridge_id(call);
+            self.client
+                .create_bridge(&bridge, &["mixing", "dtmf_events"])
+                .await
+                .map_err(map)?;
+            // Keys absorbed: the agent never hears or sees the caller's digits.
+            self.client
+                .add_channel(&bridge, call, true, false)
+                .await
+                .map_err(map)?;
+            let originate = Originate {
+                endpoint: format!("Local/{}@{}/n", agent.extension, agent.context),
+                channel_id: agent_leg_id(call),
+                other_channel_id: Some(agent_peer_id(call)),
+                app_args: vec!["agent".to_owned(), call.clone()],
+                caller_id: (!self.caller_id.is_empty()).then(|| self.caller_id.clone()),
+                originator: Some(call.clone()),
+                timeout_secs: Some(-1),
+                variables: inheritable(vars).into_iter().collect(),
+            };
+            self.client.originate(&originate).await.map_err(map)?;
+            Ok(())
+        })
+    }
+
+    fn add_agent_leg(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            let leg = agent_leg_id(&self.channel);
+            // The agent's keys are ours too (the key sequence), never the caller's to hear.
+            match self
+                .client
+                .add_channel(&bridge_id(&self.channel), &leg, true, false)
+                .await
+            {
+                Ok(()) => Ok(()),
+                // The agent leg is gone; its end event follows.
+                Err(e) if e.is_gone() || matches!(e, Error::NotInStasis | Error::ChannelGone) => {
+                    Ok(())
+                }
+                Err(e) => Err(map(e)),
+            }
+        })
+    }
+
+    fn hangup_agent_leg(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            match self
+                .client
+                .hangup(&agent_leg_id(&self.channel), Some("normal"))
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) if e.is_gone() => Ok(()),
+                Err(e) => Err(map(e)),
+            }
+        })
+    }
+
+    fn destroy_bridge(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            self.client
+                .destroy_bridge(&bridge_id(&self.channel))
+                .await
+                .map_err(map)
+        })
+    }
+
+    fn mute_caller(&self, on: bool) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move { self.client.mute_in(&self.channel, on).await.map_err(map) })
+    }
+
+    fn play_to_agent<'a>(
+        &'a self,
+        playback_id: &'a str,
+        media: &'a [String],
+        lang: Language,
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            self.client
+                .play(
+                    &agent_leg_id(&self.channel),
+                    playback_id,
+                    &media.join(","),
+                    Some(lang.code()),
+                )
+                .await
+                .map(|_| ())
+                .map_err(map)
+        })
+    }
+
+    fn set_result<'a>(
+        &'a self,
+        vars: &'a [(&'static str, String)],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let caller = self
+                .client
+                .set_all_variables(&self.channel, &inheritable(vars))
+                .await;
+            let plain: Vec<(String, String)> = vars
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), v.clone()))
+                .collect();
+            // The agent leg may be gone already; the caller's variables matter more.
+            if let Err(e) = self
+                .client
+                .set_all_variables(&agent_leg_id(&self.channel), &plain)
+                .await
+            {
+                tracing::debug!(error = %e, "could not set the result on the agent leg");
+            }
+            let failed = caller.map_err(map)?;
+            for (i, e) in failed {
+                if let Some((name, _)) = vars.get(i) {
+                    tracing::error!(variable = name, error = %e, "could not set call metadata");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn hangup_caller(&self) -> BoxFuture<'_, Result<(), ControlError>> {
+        Box::pin(async move {
+            self.client
+                .hangup(&self.channel, Some("normal"))
+                .await
+                .map_err(map)
+        })
+    }
+
+    fn aliases(&self) -> BoxFuture<'_, Result<Vec<String>, ControlError>> {
+        Box::pin(async move {
+            let mut out = vec![agent_leg_id(&self.channel)];
+            match self
+                .client
+                .get_variable(&self.channel, "CHANNEL(linkedid)")
+                .await
+            {
+                Ok(Some(id)) if !id.is_empty() && id != self.channel => out.push(id),
+                Ok(_) => {}
+                Err(e) => return Err(map(e)),
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// Routes ARI traffic for one Stasis application.
 pub struct Adapter {
     pub client: Client,
@@ -221,6 +433,18 @@ impl Adapter {
 
     async fn route(self: &Arc<Self>, event: Event) {
         let registry = &self.deps.registry;
+        // Events of an anchored call's agent leg go to the call it belongs to.
+        if let Some(ch) = event.channel_id() {
+            if let Some((call, peer)) = agent_leg_of(ch) {
+                if let Some(e) = agent_leg_event(&event, peer) {
+                    let call = call.to_owned();
+                    registry.send(&call, e).await;
+                }
+                if !matches!(event, Event::PlaybackFinished(_) | Event::StasisStart(_)) {
+                    return;
+                }
+            }
+        }
         match event {
             Event::StasisStart(s) => self.stasis_start(s.args, s.channel),
             Event::ChannelDtmfReceived(d) => {
@@ -235,8 +459,10 @@ impl Adapter {
                         "prompt could not be played (missing sound file?)");
                 }
                 if let Some(ch) = p.playback.target_channel() {
+                    // A prompt to an agent leg belongs to its call.
+                    let call = agent_leg_of(ch).map(|(call, _)| call).unwrap_or(ch);
                     registry
-                        .send(ch, CallEvent::PlaybackEnded(p.playback.id.clone()))
+                        .send(call, CallEvent::PlaybackEnded(p.playback.id.clone()))
                         .await;
                 }
             }
@@ -265,6 +491,17 @@ impl Adapter {
         let config = Arc::clone(&self.config.borrow());
         let kind = args.first().map(String::as_str).unwrap_or("");
         let queue = args.get(1).cloned().unwrap_or_default();
+        if kind == "agent" {
+            // The agent leg of an anchored call entered the application: `queue` is the call.
+            let me = Arc::clone(self);
+            self.tracker.spawn(async move {
+                if !me.deps.registry.send(&queue, CallEvent::AgentLegUp).await {
+                    tracing::warn!(channel = %channel.id, "agent leg of a call that is gone; hanging it up");
+                    let _ = me.client.hangup(&channel.id, Some("normal")).await;
+                }
+            });
+            return;
+        }
         if kind != "inbound" {
             tracing::warn!(channel = %channel.id, args = kind, "unexpected Stasis arguments; continuing in the dialplan");
             self.route_untracked(channel, None, Outcome::NotVerified(Reason::NotGated));
@@ -283,7 +520,7 @@ impl Adapter {
             );
             return;
         }
-        if !policy.mode.gates_before_agent() {
+        if !policy.mode.gates_before_agent() && !policy.mode.anchors() {
             self.route_untracked(
                 channel,
                 Some(policy),
@@ -379,9 +616,9 @@ impl Adapter {
     /// restarted) are routed on as `interrupted`.
     async fn reconcile(self: Arc<Self>, before: Vec<String>) {
         let registry = &self.deps.registry;
-        let listed = match self.client.get_application(&self.app).await {
-            Ok(Some(app)) => app.channel_ids,
-            Ok(None) => Vec::new(),
+        let (listed, bridges) = match self.client.get_application(&self.app).await {
+            Ok(Some(app)) => (app.channel_ids, app.bridge_ids),
+            Ok(None) => (Vec::new(), Vec::new()),
             Err(e) => {
                 tracing::error!(error = %e, "reconcile: cannot read the application; calls resync without it");
                 for id in before {
@@ -398,7 +635,12 @@ impl Adapter {
             } else {
                 CallEvent::Hangup
             };
+            let anchored = bridges.contains(&bridge_id(&id));
             registry.send(&id, event).await;
+            // An anchored call whose agent leg ended in the gap learns it now.
+            if anchored && !listed.contains(&agent_leg_id(&id)) {
+                registry.send(&id, CallEvent::AgentLegEnded).await;
+            }
         }
         let mut left_open: std::collections::HashMap<String, journal::Entry> = self
             .left_open
@@ -410,11 +652,14 @@ impl Adapter {
             .collect();
         let settle_journal = !left_open.is_empty();
         let strays: Vec<String> = listed
-            .into_iter()
-            .filter(|id| !registry.contains(id) && !self.seen.contains_key(id))
+            .iter()
+            .filter(|id| !registry.contains(id) && !self.seen.contains_key(*id))
+            .filter(|id| agent_leg_of(id).is_none())
+            .cloned()
             .collect();
         if strays.is_empty() {
             self.cancel_left_open(left_open.into_values());
+            self.clean_up_anchors(&listed, &bridges).await;
             return;
         }
         // A channel that entered after the connect may be listed before its StasisStart is routed:
@@ -437,6 +682,17 @@ impl Adapter {
             }
             self.remember(&id);
             let policy = queue.and_then(|q| self.config.borrow().policy_for(q));
+            if let (true, Some(policy)) = (bridges.contains(&bridge_id(&id)), &policy) {
+                // Bridged with an agent leg by the previous run: adopted, never cut. An order it
+                // had open is cancelled (a check during the call is started again by the agent).
+                self.adopt(
+                    channel,
+                    Arc::clone(policy),
+                    listed.contains(&agent_leg_id(&id)),
+                )
+                .await;
+                continue;
+            }
             if let (Some(entry), Some(policy)) = (left_open.remove(&id), &policy) {
                 if policy.idp == entry.idp && self.deps.providers.contains_key(&entry.idp) {
                     self.resume(channel, Arc::clone(policy), entry);
@@ -448,9 +704,66 @@ impl Adapter {
             self.route_untracked(channel, policy, Outcome::NotVerified(Reason::Restart));
         }
         self.cancel_left_open(left_open.into_values());
+        self.clean_up_anchors(&listed, &bridges).await;
         if settle_journal {
             if let Some(j) = &self.deps.journal {
                 j.compact();
+            }
+        }
+    }
+
+    /// Takes over an anchored call the previous process left bridged with its agent leg.
+    async fn adopt(&self, channel: Channel, policy: Arc<QueuePolicy>, agent_leg: bool) {
+        let agent = match self
+            .client
+            .get_variable(&agent_peer_id(&channel.id), MEMBER_INTERFACE)
+            .await
+        {
+            Ok(Some(a)) if !a.is_empty() => Some(a),
+            _ => None,
+        };
+        tracing::info!(channel = %channel.id, agent = agent.as_deref().unwrap_or(""), "adopting a bridged call left by the previous run");
+        let control = Arc::new(AriControl::new(
+            self.client.clone(),
+            Arc::clone(&self.routes),
+            &channel,
+        ));
+        let setup = Setup {
+            call_id: channel.id,
+            policy,
+            info: task::call_info(&channel.language, task::today()),
+            caller_line: channel.caller.number,
+            resume: None,
+            adopt: Some(task::Adopt { agent, agent_leg }),
+        };
+        task::spawn(
+            Arc::clone(&self.deps),
+            setup,
+            control,
+            &self.tracker,
+            &self.calls,
+        );
+    }
+
+    /// After reconciling: agent legs whose call is no longer ours are hung up, and bridges of ours
+    /// whose caller is gone are destroyed (nothing is left behind by a restart).
+    async fn clean_up_anchors(&self, listed: &[String], bridges: &[String]) {
+        let registry = &self.deps.registry;
+        for id in listed {
+            if let Some((call, false)) = agent_leg_of(id) {
+                if !registry.contains(call) && !listed.iter().any(|c| c == call) {
+                    tracing::warn!(channel = %id, "agent leg without its caller; hanging it up");
+                    let _ = self.client.hangup(id, Some("normal")).await;
+                }
+            }
+        }
+        for b in bridges {
+            let Some(call) = b.strip_prefix("callgate-") else {
+                continue;
+            };
+            if !registry.contains(call) && !listed.iter().any(|c| c == call) {
+                tracing::warn!(bridge = %b, "bridge without its caller; destroying it");
+                let _ = self.client.destroy_bridge(b).await;
             }
         }
     }
@@ -483,6 +796,7 @@ impl Adapter {
             info: task::call_info(&channel.language, task::today()),
             caller_line: channel.caller.number,
             resume,
+            adopt: None,
         };
         task::spawn(
             Arc::clone(&self.deps),
@@ -515,6 +829,26 @@ impl Adapter {
     }
 }
 
+/// What an event of an anchored call's agent leg (`peer`: the `;2` half) means to its call.
+fn agent_leg_event(event: &Event, peer: bool) -> Option<CallEvent> {
+    match event {
+        Event::ChannelDtmfReceived(d) if !peer => d
+            .digit
+            .chars()
+            .next()
+            .filter(|_| d.digit.len() == 1)
+            .map(CallEvent::AgentDtmf),
+        Event::ChannelVarset(v)
+            if peer && v.variable == MEMBER_INTERFACE && !v.value.is_empty() =>
+        {
+            Some(CallEvent::AgentAnswered(v.value.clone()))
+        }
+        Event::StasisEnd(_) if !peer => Some(CallEvent::AgentLegEnded),
+        Event::ChannelDestroyed(_) => Some(CallEvent::AgentLegEnded),
+        _ => None,
+    }
+}
+
 /// Event types no call acts on. Asterisk sends a `ChannelVarset` for every variable set, a
 /// `PlaybackStarted` for every prompt and a `ChannelStateChange` at every answer, each with a whole
 /// channel snapshot: filtering them at the source saves Asterisk and callgate encoding and decoding
@@ -534,11 +868,17 @@ impl Adapter {
     /// application). Where Asterisk has no such resource or refuses, the events are decoded and
     /// dropped as before.
     async fn filter_events(self: Arc<Self>) {
-        if let Err(e) = self
-            .client
-            .set_event_filter(&self.app, &IGNORED_EVENTS)
-            .await
-        {
+        // Anchored calls learn their agent from `Queue()` setting `MEMBERINTERFACE`.
+        let anchoring = {
+            let config = self.config.borrow();
+            config.queues.values().any(|q| q.mode.anchors())
+                || config.defaults.as_ref().is_some_and(|d| d.mode.anchors())
+        };
+        let ignored: Vec<&str> = IGNORED_EVENTS
+            .into_iter()
+            .filter(|e| !(anchoring && *e == "ChannelVarset"))
+            .collect();
+        if let Err(e) = self.client.set_event_filter(&self.app, &ignored).await {
             tracing::info!(error = %e, "could not set the application's event filter; ignored events are dropped here");
         }
     }

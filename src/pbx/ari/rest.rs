@@ -408,6 +408,29 @@ impl Client {
             .empty(Target::Channel)
     }
 
+    /// `POST /channels/{ch}/mute?direction=in` (`on`) or `DELETE …/mute?direction=in`: the channel's
+    /// audio towards its bridge.
+    pub async fn mute_in(&self, ch: &str, on: bool) -> Result<(), Error> {
+        let method = if on { Method::POST } else { Method::DELETE };
+        self.send(
+            method,
+            &["channels", ch, "mute"],
+            &[("direction", "in")],
+            None,
+        )
+        .await?
+        .empty(Target::Channel)
+    }
+
+    /// `GET /bridges/{id}`; `None` when there is no such bridge.
+    pub async fn get_bridge(&self, id: &str) -> Result<Option<Bridge>, Error> {
+        let answer = self.send(Method::GET, &["bridges", id], &[], None).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        answer.json(Target::Other).map(Some)
+    }
+
     /// `POST /channels/{ch}/variable?variable=…&value=…` (prefix `__` to make it inheritable).
     pub async fn set_variable(&self, ch: &str, name: &str, value: &str) -> Result<(), Error> {
         self.send(

@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{error, timestamp, Reply, Shared, WsOut, NO_CHANNEL, NO_PLAYBACK};
-use super::{Party, RestEntry};
+use super::model::{error, timestamp, OriginateReq, Reply, Shared, WsOut, NO_CHANNEL, NO_PLAYBACK};
+use super::{Origination, Party, RestEntry};
 
 type Params = HashMap<String, String>;
 
@@ -215,17 +215,29 @@ fn dispatch(
                 .get("variables")
                 .and_then(|v| serde_json::from_value(v.clone()).ok())
                 .unwrap_or_default();
-            let into_app = p("app").is_some();
-            ctx.originate(
-                &id,
-                p("otherChannelId"),
-                p("endpoint").unwrap_or_default(),
-                p("appArgs"),
-                into_app,
-                !create,
+            ctx.st.originations.push(Origination {
+                channel_id: id.clone(),
+                params: params
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "api_key")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                variables: variables.clone(),
+            });
+            ctx.originate(OriginateReq {
+                id,
+                other: p("otherChannelId"),
+                endpoint: p("endpoint").unwrap_or_default(),
+                app_args: p("appArgs"),
+                into_app: p("app").is_some(),
+                dial: !create,
+                caller_id: p("callerId"),
+                originator: p("originator"),
                 variables,
-            )
+            })
         }
+        ("POST", ["channels", id, "mute"]) => ctx.mute(id, p("direction"), true),
+        ("DELETE", ["channels", id, "mute"]) => ctx.mute(id, p("direction"), false),
         ("POST", ["channels", id, "answer"]) => match ctx.control(id, false) {
             Err(e) => e,
             Ok(()) => {
@@ -268,17 +280,22 @@ fn dispatch(
             None => error(404, NO_PLAYBACK),
         },
         ("DELETE", ["playbacks", pb]) => ctx.stop_playback(pb),
+        ("GET", ["bridges"]) => ctx.list_bridges(),
+        ("GET", ["bridges", id]) => ctx.get_bridge(id),
         ("POST", ["bridges", id]) => {
-            ctx.create_bridge(id, p("type").unwrap_or("mixing"), p("name").unwrap_or(id))
+            ctx.create_bridge(id, p("type"), p("name").unwrap_or_default(), true)
         }
         ("POST", ["bridges"]) => {
             let id = p("bridgeId").map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-            ctx.create_bridge(&id, p("type").unwrap_or("mixing"), p("name").unwrap_or(""))
+            ctx.create_bridge(&id, p("type"), p("name").unwrap_or(""), false)
         }
         ("DELETE", ["bridges", id]) => ctx.destroy_bridge(id),
-        ("POST", ["bridges", id, "addChannel"]) => {
-            ctx.add_channel(id, p("channel").unwrap_or_default())
-        }
+        ("POST", ["bridges", id, "addChannel"]) => ctx.add_channel(
+            id,
+            p("channel").unwrap_or_default(),
+            p("absorbDTMF") == Some("true"),
+            p("mute") == Some("true"),
+        ),
         ("POST", ["bridges", id, "removeChannel"]) => {
             ctx.remove_channel(id, p("channel").unwrap_or_default())
         }

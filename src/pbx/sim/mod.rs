@@ -6,10 +6,22 @@
 //! calls failing to enter Stasis (`STASISSTATUS=FAILED`) when no application is active, and
 //! `ApplicationReplaced` when a second socket takes the application.
 //!
+//! Anchored calls follow the recorded anchored call with an agent: `mixing,dtmf_events` bridges
+//! (create-or-update on `POST /bridges/{id}`, `BRIDGEPEER` noise, members leaving on `DELETE`),
+//! `addChannel` with `absorbDTMF`/`mute`, channel mute, and agent legs: a
+//! `Local/<exten>@<context>/n` originate into a context of [`SimOptions::agents`] answers with the
+//! `;1` half, hands the inheritable variables to the `;2` half, brings `;1` into the application
+//! with its `appArgs` and lets a simulated `Queue()` on `;2` connect an agent (member variables) or
+//! give up. Both halves are subscribed (events up to `ChannelDestroyed`) and share the originator's
+//! linkedid. DTMF not absorbed passes through a bridge and is reported on the agent leg's `;2` half.
+//!
 //! Invariant: inspection helpers wait on state changes (a `watch` counter), never on sleeps; the only
-//! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`).
-//! Limits: one application per fake; originate/create are minimal (no dialing, `Local` halves are
-//! plain channels); no `ChannelDestroyed` is sent for channels the application originated.
+//! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`, an
+//! agent's ring time, a queue's timeout).
+//! Limits: one application per fake; other originates are minimal (no dialing, the `;2` half of
+//! a Local endpoint outside an agent context is a plain channel that is not subscribed); no bridge
+//! playback or MOH, roles, native bridging or Local optimisation; a second `DELETE /bridges` is
+//! always 404 (Asterisk can answer 409 while tearing down); mute is tracked, not applied to audio.
 
 mod http;
 mod model;
@@ -55,6 +67,94 @@ pub struct SimOptions {
     pub inbound_context: String,
     pub inbound_exten: String,
     pub asterisk_id: String,
+    /// Agent contexts: a `Local/<exten>@<context>/n` originate into the application whose context
+    /// is a key here dials both halves; the `;2` half answers and waits in this queue.
+    pub agents: BTreeMap<String, SimQueue>,
+}
+
+/// The queue an agent context runs (`Answer()` then `Queue()` on the `;2` half).
+#[derive(Debug, Clone, Default)]
+pub struct SimQueue {
+    /// All members ring at once; the one with the smallest `answer_after` answers.
+    pub members: Vec<SimAgent>,
+    /// With no answer by then, `Queue()` gives up and the `;2` half hangs up (then the `;1` half).
+    /// `None`: it waits for ever.
+    pub timeout: Option<Duration>,
+}
+
+impl SimQueue {
+    /// One agent answering after `answer_after`, no timeout.
+    pub fn agent(interface: &str, answer_after: Duration) -> SimQueue {
+        SimQueue {
+            members: vec![SimAgent::new(interface, answer_after)],
+            timeout: None,
+        }
+    }
+}
+
+/// A queue member: the agent's phone and how long it rings before they pick up.
+#[derive(Debug, Clone)]
+pub struct SimAgent {
+    /// e.g. `PJSIP/agent1`; becomes `MEMBERINTERFACE` (and `MEMBERNAME`).
+    pub interface: String,
+    pub answer_after: Duration,
+}
+
+impl SimAgent {
+    pub fn new(interface: &str, answer_after: Duration) -> SimAgent {
+        SimAgent {
+            interface: interface.to_owned(),
+            answer_after,
+        }
+    }
+}
+
+/// Audio direction of a channel's mute, as `POST /channels/{id}/mute?direction=` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// What the channel sends (towards the bridge).
+    In,
+    /// What the channel hears.
+    Out,
+    Both,
+}
+
+/// One originate (`POST /channels[/{id}]` or `/channels/create`) as the fake received it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Origination {
+    /// The new channel's id (path segment or `channelId`).
+    pub channel_id: String,
+    /// Query parameters (`endpoint`, `app`, `appArgs`, `otherChannelId`, `callerId`,
+    /// `originator`, `timeout`, …) as sent.
+    pub params: BTreeMap<String, String>,
+    /// The body's `variables`, names as sent (`__CALLGATE_STATUS`).
+    pub variables: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for Origination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origination")
+            .field("channel_id", &self.channel_id)
+            .field("params", &self.params.keys().collect::<Vec<_>>())
+            .field("variables", &self.variables.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// An agent leg: the Local pair originated into an agent context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentLeg {
+    /// The `;1` half (`channelId`), in the application.
+    pub a: String,
+    /// The `;2` half (`otherChannelId`), running the queue.
+    pub b: String,
+    /// The second `appArgs` value (`agent,<call>`).
+    pub call: Option<String>,
+    pub context: String,
+    /// The interface of the agent who answered.
+    pub agent: Option<String>,
+    /// Both halves are gone.
+    pub ended: bool,
 }
 
 impl Default for SimOptions {
@@ -72,6 +172,7 @@ impl Default for SimOptions {
             inbound_context: "callgate-in".into(),
             inbound_exten: "100".into(),
             asterisk_id: "02:fc:00:00:00:01".into(),
+            agents: BTreeMap::new(),
         }
     }
 }
@@ -280,6 +381,132 @@ impl FakeAsterisk {
         self.shared.with(|ctx| ctx.hangup(id, Party::Caller));
     }
 
+    /// The channel receives `digits` (one `ChannelDtmfReceived` each, `gap` apart), e.g. a caller
+    /// typing while bridged. Returns `false` when the channel left the application first.
+    pub async fn press(&self, channel: &str, digits: &str, gap: Duration) -> bool {
+        press(&self.shared, channel, digits, gap).await
+    }
+
+    /// The agent types `digits` on their phone: they arrive as DTMF on the agent leg's `;1` half
+    /// (`call_or_channel`: the call id of `appArgs`, or either half's id).
+    pub async fn agent_press(&self, call_or_channel: &str, digits: &str, gap: Duration) -> bool {
+        let Some(leg) = self.agent_leg(call_or_channel) else {
+            return false;
+        };
+        press(&self.shared, &leg.a, digits, gap).await
+    }
+
+    /// The agent puts the phone down: the `;2` half ends (`ChannelHangupRequest`,
+    /// `ChannelDestroyed`), then the `;1` half leaves the bridge and the application and is
+    /// destroyed. `false` when there is no live leg.
+    pub fn agent_hang_up(&self, call_or_channel: &str) -> bool {
+        self.shared.with(|ctx| ctx.agent_hangup(call_or_channel))
+    }
+
+    /// The latest agent leg for a call id (`appArgs`) or either half's id.
+    pub fn agent_leg(&self, call_or_channel: &str) -> Option<AgentLeg> {
+        self.shared.read(|st| find_leg(st, call_or_channel))
+    }
+
+    /// Waits until an agent leg for `call_or_channel` was originated.
+    pub async fn wait_for_agent_leg(&self, call_or_channel: &str) -> AgentLeg {
+        self.shared
+            .wait_until(|st| find_leg(st, call_or_channel))
+            .await
+    }
+
+    /// Waits until the agent leg's queue connected an agent (`Some(interface)`) or the leg ended
+    /// without one (`None`). Waits for the leg to be originated first.
+    pub async fn wait_for_agent(&self, call_or_channel: &str) -> Option<String> {
+        self.shared
+            .wait_until(|st| {
+                let leg = find_leg(st, call_or_channel)?;
+                match leg.agent {
+                    Some(agent) => Some(Some(agent)),
+                    None if leg.ended => Some(None),
+                    None => None,
+                }
+            })
+            .await
+    }
+
+    /// Bridges and their members, in the order they joined.
+    pub fn bridges(&self) -> BTreeMap<String, Vec<String>> {
+        self.shared.read(|st| {
+            st.bridges
+                .iter()
+                .map(|(id, b)| (id.clone(), b.channels.clone()))
+                .collect()
+        })
+    }
+
+    /// The bridge the channel is in.
+    pub fn bridge_of(&self, channel: &str) -> Option<String> {
+        self.shared
+            .read(|st| st.channels.get(channel).and_then(|c| c.bridge.clone()))
+    }
+
+    /// Whether the channel's audio is muted in `direction` (`Both`: in and out). `In` also counts
+    /// a bridge membership added with `mute=true`.
+    pub fn is_muted(&self, channel: &str, direction: Direction) -> bool {
+        self.shared.read(|st| {
+            st.channels.get(channel).is_some_and(|c| {
+                let muted_in = c.mute_in || c.bridge_mute;
+                match direction {
+                    Direction::In => muted_in,
+                    Direction::Out => c.mute_out,
+                    Direction::Both => muted_in && c.mute_out,
+                }
+            })
+        })
+    }
+
+    /// Whether the channel is bridged with `absorbDTMF=true`.
+    pub fn absorbs_dtmf(&self, channel: &str) -> bool {
+        self.shared.read(|st| {
+            st.channels
+                .get(channel)
+                .is_some_and(|c| c.bridge.is_some() && c.absorb_dtmf)
+        })
+    }
+
+    /// One variable of a live channel (or of one that left the application), plain name.
+    pub fn channel_var(&self, channel: &str, name: &str) -> Option<String> {
+        self.channel_vars(channel)
+            .and_then(|vars| vars.get(name.trim_start_matches('_')).cloned())
+    }
+
+    /// Every originate so far, in order.
+    pub fn originations(&self) -> Vec<Origination> {
+        self.shared.read(|st| st.originations.clone())
+    }
+
+    /// Waits until the bridge no longer exists.
+    pub async fn wait_for_bridge_gone(&self, id: &str) {
+        self.shared
+            .wait_until(|st| (!st.bridges.contains_key(id)).then_some(()))
+            .await;
+    }
+
+    /// Waits until the channel is in a bridge; returns the bridge id.
+    pub async fn wait_for_in_bridge(&self, channel: &str) -> String {
+        self.shared
+            .wait_until(|st| st.channels.get(channel).and_then(|c| c.bridge.clone()))
+            .await
+    }
+
+    /// Waits until the channel is in no bridge (or gone).
+    pub async fn wait_for_out_of_bridge(&self, channel: &str) {
+        self.shared
+            .wait_until(|st| {
+                st.channels
+                    .get(channel)
+                    .is_none_or(|c| c.bridge.is_none())
+                    .then_some(())
+            })
+            .await;
+    }
+
     /// Closes the application's websocket. Events until the client reconnects are lost.
     pub fn drop_websocket(&self) {
         self.shared.with(|ctx| ctx.drop_socket());
@@ -456,19 +683,7 @@ async fn run_script(shared: Arc<Shared>, id: String, steps: Vec<Step>) {
             })
             .await
             .is_some(),
-            Step::Press(digits, gap) => {
-                let mut alive = true;
-                for (i, digit) in digits.chars().enumerate() {
-                    if i > 0 {
-                        tokio::time::sleep(gap).await;
-                    }
-                    if !shared.with(|ctx| ctx.dtmf(&id, digit)) {
-                        alive = false;
-                        break;
-                    }
-                }
-                alive
-            }
+            Step::Press(digits, gap) => press(&shared, &id, &digits, gap).await,
             Step::Wait(duration) => {
                 tokio::time::sleep(duration).await;
                 true
@@ -482,6 +697,34 @@ async fn run_script(shared: Arc<Shared>, id: String, steps: Vec<Step>) {
             return;
         }
     }
+}
+
+/// Types `digits` into a channel, `gap` apart; `false` once it left the application.
+async fn press(shared: &Arc<Shared>, id: &str, digits: &str, gap: Duration) -> bool {
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        if !shared.with(|ctx| ctx.dtmf(id, digit)) {
+            return false;
+        }
+    }
+    true
+}
+
+fn find_leg(st: &model::State, key: &str) -> Option<AgentLeg> {
+    st.legs
+        .iter()
+        .rev()
+        .find(|l| l.matches(key))
+        .map(|l| AgentLeg {
+            a: l.a.clone(),
+            b: l.b.clone(),
+            call: l.call.clone(),
+            context: l.context.clone(),
+            agent: l.agent.clone(),
+            ended: l.ended,
+        })
 }
 
 /// Waits for a condition on a channel still in the application; `None` once it left.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, watch};
 
-use super::{ChannelEnd, Party, RestEntry, SimOptions};
+use super::{ChannelEnd, Direction, Origination, Party, RestEntry, SimOptions};
 use crate::pbx::ari::wire::{
     Bridge, CallerId, Channel, ChannelState, Dialplan, Playback, PlaybackState,
 };
@@ -60,6 +60,52 @@ pub(super) struct Chan {
     pub current: Option<String>,
     pub queue: VecDeque<String>,
     pub bridge: Option<String>,
+    /// `CHANNEL(linkedid)`: its own id, or the originator's linkedid.
+    pub linkedid: String,
+    /// Originated by the application: its events keep coming after `StasisEnd` (or without ever
+    /// entering Stasis, for the `;2` half of a Local pair), up to `ChannelDestroyed`.
+    pub subscribed: bool,
+    /// The other half of a Local pair.
+    pub peer: Option<String>,
+    pub mute_in: bool,
+    pub mute_out: bool,
+    /// Bridge features of the current bridge membership (`addChannel` `absorbDTMF` / `mute`).
+    pub absorb_dtmf: bool,
+    pub bridge_mute: bool,
+}
+
+/// A Local agent leg originated into an agent context: `a` (`;1`, in the application) and `b`
+/// (`;2`, running the simulated queue).
+#[derive(Debug, Clone)]
+pub(super) struct Leg {
+    pub a: String,
+    pub b: String,
+    /// The second `appArgs` value (`agent,<call>`), when given.
+    pub call: Option<String>,
+    pub context: String,
+    /// The interface of the agent who answered.
+    pub agent: Option<String>,
+    pub ended: bool,
+}
+
+impl Leg {
+    pub fn matches(&self, key: &str) -> bool {
+        self.a == key || self.b == key || self.call.as_deref() == Some(key)
+    }
+}
+
+/// `POST /channels` as the fake got it, after parameter parsing.
+pub(super) struct OriginateReq<'a> {
+    pub id: String,
+    pub other: Option<&'a str>,
+    pub endpoint: &'a str,
+    pub app_args: Option<&'a str>,
+    pub into_app: bool,
+    /// `POST /channels` (dials at once) rather than `/channels/create`.
+    pub dial: bool,
+    pub caller_id: Option<&'a str>,
+    pub originator: Option<&'a str>,
+    pub variables: BTreeMap<String, String>,
 }
 
 pub(super) struct Pb {
@@ -83,6 +129,11 @@ pub(super) struct State {
     pub ended: BTreeMap<String, ChannelEnd>,
     pub playbacks: BTreeMap<String, Pb>,
     pub bridges: BTreeMap<String, Bridge>,
+    /// Agent legs in the order they were originated.
+    pub legs: Vec<Leg>,
+    pub originations: Vec<Origination>,
+    /// Counter behind Local channel names (`Local/…-0000000N;1`).
+    pub next_local: u64,
     pub rest_log: Vec<RestEntry>,
     pub rest_delay: Duration,
     /// Event types the application filtered out (`PUT /applications/{app}/eventFilter`).
@@ -125,6 +176,9 @@ impl Shared {
                 ended: BTreeMap::new(),
                 playbacks: BTreeMap::new(),
                 bridges: BTreeMap::new(),
+                legs: Vec::new(),
+                originations: Vec::new(),
+                next_local: 0,
                 rest_log: Vec::new(),
                 rest_delay: Duration::ZERO,
                 disallowed: Default::default(),
@@ -562,9 +616,11 @@ impl Ctx<'_> {
         (200, Some(json!({ "variables": found })))
     }
 
+    /// `GET /channels/{id}/variable`: any existing channel, in the application or not (Asterisk
+    /// 22 answered it for the `;2` half of a Local pair, which never enters Stasis).
     pub fn get_variable(&self, id: &str, name: &str) -> Reply {
-        if let Err(e) = self.control(id, false) {
-            return e;
+        if name.is_empty() {
+            return error(400, "Variable name is required");
         }
         let Some(chan) = self.st.channels.get(id) else {
             return error(404, NO_CHANNEL);
@@ -595,6 +651,10 @@ impl Ctx<'_> {
             Some(if exists { "1" } else { "0" }.to_owned())
         } else if name == "CHANNEL(language)" {
             Some(chan.snapshot.language.clone())
+        } else if name == "CHANNEL(linkedid)" {
+            Some(chan.linkedid.clone())
+        } else if name == "CHANNEL(uniqueid)" {
+            Some(chan.snapshot.id.clone())
         } else {
             chan.vars.get(name.trim_start_matches('_')).cloned()
         }
@@ -651,11 +711,33 @@ impl Ctx<'_> {
         let id = id.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(linger).await;
-            shared.with(|ctx| {
-                ctx.st.channels.remove(&id);
-            });
+            shared.with(|ctx| ctx.dialplan_done(&id));
         });
         (204, None)
+    }
+
+    /// A continued channel's dialplan ends: it is gone. One the application originated is
+    /// reported destroyed, with the other half of its Local pair.
+    fn dialplan_done(&mut self, id: &str) {
+        let Some(chan) = self.st.channels.remove(id) else {
+            return;
+        };
+        if chan.subscribed {
+            self.st.channels.insert(id.to_owned(), chan);
+            self.destroyed(id);
+            let peer = self.st.channels.remove(id).and_then(|c| c.peer);
+            if let Some(peer) = peer {
+                if self.st.channels.contains_key(&peer) {
+                    self.emit_channel("ChannelHangupRequest", &peer, json!({ "cause": 16 }));
+                    self.destroyed(&peer);
+                    self.end(&peer, None, Some(Party::Caller));
+                    self.st.channels.remove(&peer);
+                }
+                for leg in self.st.legs.iter_mut().filter(|l| l.a == id) {
+                    leg.ended = true;
+                }
+            }
+        }
     }
 
     /// The channel leaves the application: out of its bridge, playbacks dropped, `StasisEnd`.
@@ -679,21 +761,101 @@ impl Ctx<'_> {
         }
     }
 
-    /// Hang-up from either side. From the app (`DELETE`) the request is soft with cause 32.
+    /// Hang-up from either side. From the app (`DELETE`) the request is soft with cause 32. A
+    /// channel the application originated also gets `ChannelDestroyed`; a Local half takes its
+    /// other half down with it.
     pub fn hangup(&mut self, id: &str, by: Party) -> Reply {
         let Some(chan) = self.st.channels.get(id) else {
             return error(404, NO_CHANNEL);
         };
-        if chan.in_stasis {
-            let extra = match by {
-                Party::App => json!({ "cause": 32, "soft": true }),
-                Party::Caller => json!({ "cause": 16 }),
-            };
-            self.emit_channel("ChannelHangupRequest", id, extra);
-            self.leave_stasis(id, None, Some(by));
+        if chan.peer.is_some() {
+            self.end_pair(id, by);
+            return (204, None);
+        }
+        let subscribed = chan.subscribed;
+        if chan.in_stasis || subscribed {
+            self.emit_channel("ChannelHangupRequest", id, hangup_cause(by));
+            self.stasis_exit(id, by);
+        }
+        if subscribed {
+            self.destroyed(id);
         }
         self.st.channels.remove(id);
         (204, None)
+    }
+
+    /// A channel being hung up leaves the application, as Asterisk reports it: out of the
+    /// bridge, `StasisEnd`, then `STASISSTATUS` for one that ran `Stasis()` as an application.
+    fn stasis_exit(&mut self, id: &str, by: Party) {
+        let Some(chan) = self.st.channels.get(id) else {
+            return;
+        };
+        if !chan.in_stasis {
+            return;
+        }
+        let subscribed = chan.subscribed;
+        self.leave_stasis(id, None, Some(by));
+        if subscribed {
+            self.set_var_event(id, "STASISSTATUS", "SUCCESS");
+        }
+    }
+
+    fn destroyed(&mut self, id: &str) {
+        self.emit_channel(
+            "ChannelDestroyed",
+            id,
+            json!({ "cause": 16, "cause_txt": "Normal Clearing" }),
+        );
+    }
+
+    /// Ends both halves of a Local pair, `first` being the one hung up. Order as Asterisk 22 shows
+    /// it: the `;1` half first leaves the application, then the `;2` half is hung up and both are
+    /// destroyed; when the `;2` half ends first (its dialplan or the agent hung up), it is
+    /// destroyed before the `;1` half is hung up.
+    fn end_pair(&mut self, first: &str, by: Party) {
+        let Some(second) = self.st.channels.get(first).and_then(|c| c.peer.clone()) else {
+            return;
+        };
+        let first_is_a = self
+            .st
+            .channels
+            .get(first)
+            .is_some_and(|c| c.snapshot.name.ends_with(";1"));
+        let (a, b) = if first_is_a {
+            (first.to_owned(), second)
+        } else {
+            (second, first.to_owned())
+        };
+        if first_is_a {
+            self.emit_channel("ChannelHangupRequest", &a, hangup_cause(by));
+            self.stasis_exit(&a, by);
+            self.emit_channel("ChannelHangupRequest", &b, json!({ "cause": 16 }));
+            self.destroyed(&a);
+            self.emit_channel(
+                "ChannelHangupRequest",
+                &b,
+                json!({ "cause": 16, "soft": true }),
+            );
+            self.destroyed(&b);
+        } else {
+            self.emit_channel("ChannelHangupRequest", &b, hangup_cause(by));
+            self.destroyed(&b);
+            self.emit_channel("ChannelHangupRequest", &a, json!({ "cause": 16 }));
+            self.stasis_exit(&a, Party::Caller);
+            self.destroyed(&a);
+        }
+        let (by_a, by_b) = if first_is_a {
+            (by, Party::Caller)
+        } else {
+            (Party::Caller, by)
+        };
+        self.end(&a, None, Some(by_a));
+        self.end(&b, None, Some(by_b));
+        self.st.channels.remove(&a);
+        self.st.channels.remove(&b);
+        for leg in self.st.legs.iter_mut().filter(|l| l.a == a) {
+            leg.ended = true;
+        }
     }
 
     fn bridge_event(&mut self, kind: &str, bridge: &str, id: &str) {
@@ -704,24 +866,64 @@ impl Ctx<'_> {
         self.emit_channel(kind, id, body);
     }
 
+    /// Sets a variable Asterisk sets itself (no REST checks) and reports it.
+    fn set_var_event(&mut self, id: &str, name: &str, value: &str) {
+        let Some(chan) = self.chan(id) else { return };
+        chan.vars.insert(name.to_owned(), value.to_owned());
+        self.emit_channel(
+            "ChannelVarset",
+            id,
+            json!({ "variable": name, "value": value }),
+        );
+    }
+
     fn leave_bridge(&mut self, id: &str) {
-        let Some(bridge) = self.chan(id).and_then(|c| c.bridge.take()) else {
+        let Some(chan) = self.chan(id) else { return };
+        let Some(bridge) = chan.bridge.take() else {
             return;
         };
+        chan.absorb_dtmf = false;
+        chan.bridge_mute = false;
+        let peered = chan.vars.contains_key("BRIDGEPEER");
         if let Some(b) = self.st.bridges.get_mut(&bridge) {
             b.channels.retain(|c| c != id);
+        }
+        if peered {
+            self.set_var_event(id, "BRIDGEPEER", "");
         }
         self.bridge_event("ChannelLeftBridge", &bridge, id);
     }
 
-    pub fn create_bridge(&mut self, id: &str, types: &str, name: &str) -> Reply {
-        if self.st.bridges.contains_key(id) {
-            return error(409, "Bridge with id already exists");
+    /// `POST /bridges/{id}` creates, or answers an existing bridge as Asterisk's create-or-update
+    /// does: the same bridge when neither a type nor another name is given, else 500.
+    /// `POST /bridges` with a taken `bridgeId` (`update: false`) cannot create it: 500.
+    pub fn create_bridge(
+        &mut self,
+        id: &str,
+        types: Option<&str>,
+        name: &str,
+        update: bool,
+    ) -> Reply {
+        if let Some(existing) = self.st.bridges.get(id) {
+            if !update {
+                return error(500, "Unable to create bridge");
+            }
+            if !name.is_empty() && name != existing.name {
+                return error(500, "Changing bridge name is not implemented");
+            }
+            if types.is_some_and(|t| !t.is_empty()) {
+                return error(
+                    500,
+                    "Supplying a bridge type when updating a bridge is not allowed.",
+                );
+            }
+            return (200, serde_json::to_value(existing).ok());
         }
+        let types = types.unwrap_or("mixing");
         let bridge = Bridge {
             id: id.to_owned(),
             technology: "simple_bridge".into(),
-            bridge_type: if types.contains("holding") {
+            bridge_type: if types.split(',').any(|t| t == "holding") {
                 "holding"
             } else {
                 "mixing"
@@ -739,9 +941,27 @@ impl Ctx<'_> {
         (200, body)
     }
 
-    pub fn add_channel(&mut self, bridge: &str, id: &str) -> Reply {
+    pub fn get_bridge(&self, id: &str) -> Reply {
+        match self.st.bridges.get(id) {
+            Some(b) => (200, serde_json::to_value(b).ok()),
+            None => error(404, NO_BRIDGE),
+        }
+    }
+
+    pub fn list_bridges(&self) -> Reply {
+        let all: Vec<&Bridge> = self.st.bridges.values().collect();
+        (200, serde_json::to_value(all).ok())
+    }
+
+    /// `POST /bridges/{id}/addChannel`: 404 unknown bridge, 400 unknown channel, 422 a channel not
+    /// in the application. A channel in another bridge leaves it first. When the bridge has
+    /// company, every member's `BRIDGEPEER` is (re)set, as Asterisk reports it.
+    pub fn add_channel(&mut self, bridge: &str, id: &str, absorb_dtmf: bool, mute: bool) -> Reply {
         if !self.st.bridges.contains_key(bridge) {
             return error(404, NO_BRIDGE);
+        }
+        if id.is_empty() {
+            return error(400, "Missing parameter channel");
         }
         match self.st.channels.get(id) {
             None => return error(400, NO_CHANNEL),
@@ -754,8 +974,34 @@ impl Ctx<'_> {
         }
         if let Some(chan) = self.chan(id) {
             chan.bridge = Some(bridge.to_owned());
+            chan.absorb_dtmf = absorb_dtmf;
+            chan.bridge_mute = mute;
         }
         self.bridge_event("ChannelEnteredBridge", bridge, id);
+        let members = self
+            .st
+            .bridges
+            .get(bridge)
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
+        if members.len() > 1 {
+            let names: BTreeMap<String, String> = members
+                .iter()
+                .filter_map(|m| {
+                    let c = self.st.channels.get(m)?;
+                    Some((m.clone(), c.snapshot.name.clone()))
+                })
+                .collect();
+            for member in &members {
+                let peers = names
+                    .iter()
+                    .filter(|(other, _)| *other != member)
+                    .map(|(_, name)| name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                self.set_var_event(member, "BRIDGEPEER", &peers);
+            }
+        }
         (204, None)
     }
 
@@ -765,6 +1011,7 @@ impl Ctx<'_> {
         }
         match self.st.channels.get(id) {
             None => error(400, NO_CHANNEL),
+            Some(c) if !c.in_stasis => error(422, NOT_IN_STASIS),
             Some(c) if c.bridge.as_deref() != Some(bridge) => {
                 error(422, "Channel not in this bridge")
             }
@@ -775,6 +1022,8 @@ impl Ctx<'_> {
         }
     }
 
+    /// `DELETE /bridges/{id}`: members leave it (each stays in the application), then
+    /// `BridgeDestroyed`; the bridge is gone at once (a second `DELETE` is 404).
     pub fn destroy_bridge(&mut self, bridge: &str) -> Reply {
         let Some(b) = self.st.bridges.get(bridge) else {
             return error(404, NO_BRIDGE);
@@ -788,44 +1037,71 @@ impl Ctx<'_> {
         (204, None)
     }
 
+    /// `POST /channels/{id}/mute` (`on`) and `DELETE …/mute`, `direction` `in`, `out` or `both`.
+    pub fn mute(&mut self, id: &str, direction: Option<&str>, on: bool) -> Reply {
+        if let Err(e) = self.control(id, true) {
+            return e;
+        }
+        let direction = match direction.unwrap_or("both") {
+            "in" => Direction::In,
+            "out" => Direction::Out,
+            "both" => Direction::Both,
+            _ => return error(400, "Invalid direction specified"),
+        };
+        if let Some(chan) = self.chan(id) {
+            if matches!(direction, Direction::In | Direction::Both) {
+                chan.mute_in = on;
+            }
+            if matches!(direction, Direction::Out | Direction::Both) {
+                chan.mute_out = on;
+            }
+        }
+        (204, None)
+    }
+
     /// `POST /channels[/{id}]` (originate) and `POST /channels/create`. With `app`, the channel
-    /// enters the application (`Up` for originate, `Down` for create); the `;2` half of a Local
-    /// originate exists outside Stasis and carries the variables.
-    #[allow(clippy::too_many_arguments)]
-    pub fn originate(
-        &mut self,
-        id: &str,
-        other: Option<&str>,
-        endpoint: &str,
-        app_args: Option<&str>,
-        into_app: bool,
-        up: bool,
-        variables: BTreeMap<String, String>,
-    ) -> Reply {
-        if endpoint.is_empty() {
+    /// enters the application (`Up` for originate, `Down` for create). A `Local/<exten>@<context>`
+    /// originate into a context of [`SimOptions::agents`] dials both halves and runs the simulated
+    /// queue on the `;2` half (see [`Ctx::dial_agent_leg`]); any other endpoint gets a plain
+    /// channel, and the `;2` half of a Local originate stays outside Stasis, carrying the variables.
+    pub fn originate(&mut self, req: OriginateReq<'_>) -> Reply {
+        if req.endpoint.is_empty() {
             return error(400, "Endpoint must be specified");
         }
+        let id = req.id.as_str();
         if self.st.channels.contains_key(id)
-            || other.is_some_and(|o| self.st.channels.contains_key(o))
+            || req.other.is_some_and(|o| self.st.channels.contains_key(o))
         {
             return error(409, "Channel with given unique ID already exists");
+        }
+        let linkedid = req
+            .originator
+            .and_then(|o| self.st.channels.get(o))
+            .map_or_else(|| id.to_owned(), |c| c.linkedid.clone());
+        if req.into_app && req.dial {
+            if let Some((exten, context)) = local_target(req.endpoint) {
+                if self.opts().agents.contains_key(context) {
+                    let (exten, context) = (exten.to_owned(), context.to_owned());
+                    return self.dial_agent_leg(&req, &exten, &context, linkedid);
+                }
+            }
         }
         self.st.next_call += 1;
         let n = self.st.next_call;
         let ts = timestamp();
         let snapshot = Channel {
             id: id.to_owned(),
-            name: format!("{endpoint}-{n:08x};1"),
+            name: format!("{}-{n:08x};1", req.endpoint),
             state: ChannelState::Down,
             dialplan: Dialplan {
-                app_name: if into_app {
+                app_name: if req.into_app {
                     "Stasis".into()
                 } else {
                     String::new()
                 },
-                app_data: if into_app {
+                app_data: if req.into_app {
                     std::iter::once(self.opts().app.as_str())
-                        .chain(app_args)
+                        .chain(req.app_args)
                         .collect::<Vec<_>>()
                         .join(",")
                 } else {
@@ -839,44 +1115,327 @@ impl Ctx<'_> {
             ..Channel::default()
         };
         let body = serde_json::to_value(&snapshot).ok();
-        let vars: BTreeMap<String, String> = variables
+        let vars: BTreeMap<String, String> = req
+            .variables
             .into_iter()
             .map(|(k, v)| (k.trim_start_matches('_').to_owned(), v))
             .collect();
-        if let Some(other) = other {
+        if let Some(other) = req.other {
             let mut half = snapshot.clone();
             half.id = other.to_owned();
-            half.name = format!("{endpoint}-{n:08x};2");
+            half.name = format!("{}-{n:08x};2", req.endpoint);
             half.state = ChannelState::Up;
             half.dialplan = Dialplan::default();
             let mut chan = new_chan(half, false);
             chan.vars = vars.clone();
+            chan.linkedid = linkedid.clone();
             self.st.channels.insert(other.to_owned(), chan);
         }
-        let mut chan = new_chan(snapshot, into_app);
+        let mut chan = new_chan(snapshot, req.into_app);
         chan.vars = vars;
+        chan.linkedid = linkedid;
+        chan.subscribed = req.into_app;
         self.st.channels.insert(id.to_owned(), chan);
-        if into_app {
-            if up {
+        if req.into_app {
+            if req.dial {
                 if let Some(chan) = self.chan(id) {
                     chan.snapshot.state = ChannelState::Up;
                 }
             }
-            let args: Vec<&str> = app_args.map(|a| a.split(',').collect()).unwrap_or_default();
+            let args: Vec<&str> = req
+                .app_args
+                .map(|a| a.split(',').collect())
+                .unwrap_or_default();
             self.emit_channel("StasisStart", id, json!({ "args": args }));
         }
         (200, body)
     }
 
+    /// The agent leg: answers 200 with the `;1` half (`Down`), then dials asynchronously as
+    /// Asterisk does: the inheritable variables reach the `;2` half, which answers in the agent
+    /// context and runs the queue; the `;1` half goes `Up` and enters the application with the
+    /// `appArgs`. Both halves are subscribed.
+    fn dial_agent_leg(
+        &mut self,
+        req: &OriginateReq<'_>,
+        exten: &str,
+        context: &str,
+        linkedid: String,
+    ) -> Reply {
+        let a = req.id.clone();
+        let b = req.other.map_or_else(|| format!("{a};2"), str::to_owned);
+        self.st.next_local += 1;
+        let n = self.st.next_local;
+        let ts = timestamp();
+        let caller = req.caller_id.map(parse_caller_id).unwrap_or_default();
+        let app_data = std::iter::once(self.opts().app.as_str())
+            .chain(req.app_args)
+            .collect::<Vec<_>>()
+            .join(",");
+        let half_a = Channel {
+            id: a.clone(),
+            name: format!("Local/{exten}@{context}-{n:08x};1"),
+            state: ChannelState::Down,
+            caller: caller.clone(),
+            connected: caller,
+            dialplan: Dialplan {
+                context: context.to_owned(),
+                exten: exten.to_owned(),
+                priority: 1,
+                app_name: "AppDial2".into(),
+                app_data: "(Outgoing Line)".into(),
+            },
+            creationtime: ts.clone(),
+            language: "en".into(),
+            protocol_id: Some(String::new()),
+            ..Channel::default()
+        };
+        let half_b = Channel {
+            id: b.clone(),
+            name: format!("Local/{exten}@{context}-{n:08x};2"),
+            state: ChannelState::Ring,
+            dialplan: Dialplan {
+                context: context.to_owned(),
+                exten: exten.to_owned(),
+                priority: 1,
+                ..Dialplan::default()
+            },
+            creationtime: ts,
+            language: "en".into(),
+            protocol_id: Some(String::new()),
+            ..Channel::default()
+        };
+        let body = serde_json::to_value(&half_a).ok();
+        let mut chan_a = new_chan(half_a, false);
+        chan_a.vars = req
+            .variables
+            .iter()
+            .map(|(k, v)| (k.trim_start_matches('_').to_owned(), v.clone()))
+            .collect();
+        chan_a.linkedid = linkedid.clone();
+        chan_a.subscribed = true;
+        chan_a.peer = Some(b.clone());
+        let mut chan_b = new_chan(half_b, false);
+        chan_b.linkedid = linkedid;
+        chan_b.subscribed = true;
+        chan_b.peer = Some(a.clone());
+        self.st.channels.insert(a.clone(), chan_a);
+        self.st.channels.insert(b.clone(), chan_b);
+        let args: Vec<String> = req
+            .app_args
+            .map(|s| s.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        self.st.legs.push(Leg {
+            a: a.clone(),
+            b: b.clone(),
+            call: args.get(1).cloned(),
+            context: context.to_owned(),
+            agent: None,
+            ended: false,
+        });
+        // Only inheritable variables cross to the `;2` half (`__X` stays inheritable, `_X` does
+        // not).
+        let inherited: Vec<(String, String)> = req
+            .variables
+            .iter()
+            .filter(|(k, _)| k.starts_with('_'))
+            .map(|(k, v)| {
+                let name = if k.starts_with("__") {
+                    k.clone()
+                } else {
+                    k.trim_start_matches('_').to_owned()
+                };
+                (name, v.clone())
+            })
+            .collect();
+        let dialstring = format!("{exten}@{context}/n");
+        let shared = Arc::clone(self.shared);
+        tokio::spawn(async move {
+            shared.with(|ctx| ctx.local_dialled(&a, &b, &inherited, &dialstring, &app_data, args));
+        });
+        (200, body)
+    }
+
+    /// The Local pair comes up (events in the order of the Asterisk 22 capture), then the queue
+    /// behind the agent context starts ringing its members.
+    fn local_dialled(
+        &mut self,
+        a: &str,
+        b: &str,
+        inherited: &[(String, String)],
+        dialstring: &str,
+        app_data: &str,
+        args: Vec<String>,
+    ) {
+        if !self.st.channels.contains_key(a) || !self.st.channels.contains_key(b) {
+            return;
+        }
+        for (name, value) in inherited {
+            if let Some(chan) = self.chan(b) {
+                chan.vars
+                    .insert(name.trim_start_matches('_').to_owned(), value.clone());
+            }
+            self.emit_channel(
+                "ChannelVarset",
+                b,
+                json!({ "variable": name, "value": value }),
+            );
+        }
+        let identity = self
+            .st
+            .channels
+            .get(a)
+            .map(|c| c.snapshot.caller.clone())
+            .unwrap_or_default();
+        if let Some(chan) = self.chan(b) {
+            chan.snapshot.caller = identity.clone();
+        }
+        self.emit_channel(
+            "ChannelCallerId",
+            b,
+            json!({ "caller_presentation": 0,
+                "caller_presentation_txt": "Presentation Allowed, Not Screened" }),
+        );
+        if let Some(chan) = self.chan(b) {
+            chan.snapshot.connected = identity;
+        }
+        self.emit_channel("ChannelConnectedLine", b, json!({}));
+        self.emit_dial(a, "", dialstring);
+        self.dialplan_step(b, "Answer", "");
+        self.set_state(b, ChannelState::Up);
+        self.set_state(a, ChannelState::Up);
+        self.emit_dial(a, "ANSWER", dialstring);
+        if let Some(chan) = self.chan(a) {
+            chan.snapshot.dialplan.app_name = "Stasis".into();
+            chan.snapshot.dialplan.app_data = app_data.to_owned();
+            chan.in_stasis = true;
+        }
+        self.set_var_event(a, "STASISSTATUS", "");
+        self.emit_channel("StasisStart", a, json!({ "args": args }));
+        let context = self
+            .st
+            .channels
+            .get(b)
+            .map(|c| c.snapshot.dialplan.context.clone())
+            .unwrap_or_default();
+        self.dialplan_step(b, "Queue", &context);
+        self.ring_queue(a, &context);
+    }
+
+    fn emit_dial(&mut self, peer: &str, status: &str, dialstring: &str) {
+        let peer = self.channel_json(peer);
+        self.emit(
+            "Dial",
+            json!({ "dialstatus": status, "forward": "", "dialstring": dialstring, "peer": peer }),
+        );
+    }
+
+    fn dialplan_step(&mut self, id: &str, app: &str, data: &str) {
+        let Some(chan) = self.chan(id) else { return };
+        chan.snapshot.dialplan.app_name = app.to_owned();
+        chan.snapshot.dialplan.app_data = data.to_owned();
+        self.emit_channel(
+            "ChannelDialplan",
+            id,
+            json!({ "dialplan_app": app, "dialplan_app_data": data }),
+        );
+    }
+
+    /// Arms the queue's timers: the first member to answer (smallest `answer_after`) wins unless
+    /// the queue's timeout comes first, which ends the `;2` half.
+    fn ring_queue(&mut self, a: &str, context: &str) {
+        let Some(queue) = self.opts().agents.get(context) else {
+            return;
+        };
+        let first = queue.members.iter().min_by_key(|m| m.answer_after).cloned();
+        let timeout = queue.timeout;
+        let (delay, answer) = match (first, timeout) {
+            (Some(m), Some(t)) if t <= m.answer_after => (t, None),
+            (Some(m), _) => (m.answer_after, Some(m.interface)),
+            (None, Some(t)) => (t, None),
+            (None, None) => return,
+        };
+        let shared = Arc::clone(self.shared);
+        let a = a.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            shared.with(|ctx| match answer {
+                Some(interface) => ctx.agent_answers(&a, &interface),
+                None => ctx.queue_gave_up(&a),
+            });
+        });
+    }
+
+    fn open_leg(&self, a: &str) -> Option<&Leg> {
+        self.st
+            .legs
+            .iter()
+            .rev()
+            .find(|l| l.a == a && !l.ended && l.agent.is_none())
+    }
+
+    /// `Queue()` connects a member: it sets the member variables on the channel running it.
+    fn agent_answers(&mut self, a: &str, interface: &str) {
+        let Some(b) = self.open_leg(a).map(|l| l.b.clone()) else {
+            return;
+        };
+        for leg in self.st.legs.iter_mut().filter(|l| l.a == a) {
+            leg.agent = Some(interface.to_owned());
+        }
+        for (name, value) in [
+            ("MEMBERINTERFACE", interface),
+            ("MEMBERNAME", interface),
+            ("MEMBERCALLS", "0"),
+            ("MEMBERLASTCALL", "0"),
+            ("MEMBERPENALTY", "0"),
+            ("MEMBERDYNAMIC", "0"),
+            ("MEMBERREALTIME", "0"),
+        ] {
+            self.set_var_event(&b, name, value);
+        }
+    }
+
+    /// Nobody answered within the queue's timeout: `Queue()` returns and the `;2` half's
+    /// dialplan ends, taking the `;1` half with it.
+    fn queue_gave_up(&mut self, a: &str) {
+        let Some(b) = self.open_leg(a).map(|l| l.b.clone()) else {
+            return;
+        };
+        if let Some(leg) = self.st.legs.iter_mut().rev().find(|l| l.a == a) {
+            leg.ended = true;
+        }
+        self.end_pair(&b, Party::Caller);
+    }
+
+    /// The agent puts the phone down: the `;2` half ends, then the `;1` half.
+    pub fn agent_hangup(&mut self, key: &str) -> bool {
+        let Some(b) = self
+            .st
+            .legs
+            .iter()
+            .rev()
+            .find(|l| l.matches(key) && !l.ended)
+            .map(|l| l.b.clone())
+        else {
+            return false;
+        };
+        if !self.st.channels.contains_key(&b) {
+            return false;
+        }
+        self.end_pair(&b, Party::Caller);
+        true
+    }
+
     pub fn application(&self, app: &str) -> Reply {
-        let in_stasis: Vec<String> = self
+        let listed: Vec<String> = self
             .st
             .channels
             .iter()
-            .filter(|(_, c)| c.in_stasis)
+            .filter(|(_, c)| c.in_stasis || c.subscribed)
             .map(|(id, _)| id.clone())
             .collect();
-        let inactive = matches!(self.st.owner, Owner::None) && in_stasis.is_empty();
+        let inactive =
+            matches!(self.st.owner, Owner::None) && listed.is_empty() && self.st.bridges.is_empty();
         if app != self.opts().app || inactive {
             return error(404, "Application not found");
         }
@@ -885,7 +1444,7 @@ impl Ctx<'_> {
             200,
             Some(json!({
                 "name": app,
-                "channel_ids": in_stasis,
+                "channel_ids": listed,
                 "bridge_ids": bridges,
                 "endpoint_ids": [],
                 "device_names": [],
@@ -920,22 +1479,78 @@ impl Ctx<'_> {
         self.application(app)
     }
 
+    /// A DTMF digit received on `id` (reported on it, muted or not: mute is audio only). Unless
+    /// the channel was bridged with `absorbDTMF`, the digit passes through the bridge to the other
+    /// members; a member that is the `;1` half of a subscribed Local pair hands it to its `;2`
+    /// half, which reports it as received (what Asterisk 22 showed for the agent's half).
     pub fn dtmf(&mut self, id: &str, digit: char) -> bool {
-        if !self.st.channels.get(id).is_some_and(|c| c.in_stasis) {
+        let Some(chan) = self.st.channels.get(id) else {
+            return false;
+        };
+        if !chan.in_stasis {
             return false;
         }
+        let passes = (!chan.absorb_dtmf)
+            .then(|| chan.bridge.clone())
+            .flatten()
+            .and_then(|b| self.st.bridges.get(&b))
+            .map(|b| b.channels.clone())
+            .unwrap_or_default();
         let duration = self.opts().dtmf_duration_ms;
-        self.emit_channel(
-            "ChannelDtmfReceived",
-            id,
-            json!({ "digit": digit.to_string(), "duration_ms": duration }),
-        );
+        let body = json!({ "digit": digit.to_string(), "duration_ms": duration });
+        self.emit_channel("ChannelDtmfReceived", id, body.clone());
+        for member in passes.iter().filter(|m| *m != id) {
+            let receiver = self
+                .st
+                .channels
+                .get(member)
+                .and_then(|c| c.peer.clone())
+                .filter(|p| self.st.channels.get(p).is_some_and(|c| c.subscribed));
+            if let Some(receiver) = receiver {
+                self.emit_channel("ChannelDtmfReceived", &receiver, body.clone());
+            }
+        }
         true
+    }
+}
+
+fn hangup_cause(by: Party) -> Value {
+    match by {
+        Party::App => json!({ "cause": 32, "soft": true }),
+        Party::Caller => json!({ "cause": 16 }),
+    }
+}
+
+/// `Local/<exten>@<context>[/options]` → `(exten, context)`.
+fn local_target(endpoint: &str) -> Option<(&str, &str)> {
+    let rest = endpoint.strip_prefix("Local/")?;
+    let rest = rest.split('/').next().unwrap_or(rest);
+    rest.split_once('@')
+}
+
+/// `Name <number>` or a bare number.
+fn parse_caller_id(text: &str) -> CallerId {
+    match text.split_once('<') {
+        Some((name, number)) => CallerId {
+            name: name.trim().trim_matches('"').to_owned(),
+            number: number.trim_end_matches('>').trim().to_owned(),
+        },
+        None => CallerId {
+            name: String::new(),
+            number: text.trim().to_owned(),
+        },
     }
 }
 
 fn new_chan(snapshot: Channel, in_stasis: bool) -> Chan {
     Chan {
+        linkedid: snapshot.id.clone(),
+        subscribed: false,
+        peer: None,
+        mute_in: false,
+        mute_out: false,
+        absorb_dtmf: false,
+        bridge_mute: false,
         snapshot,
         in_stasis,
         vars: BTreeMap::new(),
