@@ -1452,3 +1452,175 @@ async fn a_restart_leaves_bridged_calls_running_and_adopts_them() {
     all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
 }
+
+// ---- the agent API on anchored calls ----
+
+/// A live stream read over HTTP/1.0 (no chunking), for events in the order they came.
+struct RawStream {
+    socket: tokio::net::TcpStream,
+    text: String,
+    /// How far events were taken.
+    read: usize,
+}
+
+impl RawStream {
+    async fn open(addr: SocketAddr, path: &str, token: &str) -> RawStream {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n");
+        socket.write_all(req.as_bytes()).await.unwrap();
+        RawStream {
+            socket,
+            text: String::new(),
+            read: 0,
+        }
+    }
+
+    /// The next event (name, data).
+    async fn next(&mut self) -> (String, serde_json::Value) {
+        loop {
+            let rest = &self.text[self.read..];
+            if let Some(start) = rest.find("event: ") {
+                if let Some(len) = rest[start..].find("\n\n") {
+                    let block = &rest[start..start + len];
+                    self.read += start + len + 2;
+                    let mut name = String::new();
+                    let mut data = String::new();
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event: ") {
+                            name = v.to_owned();
+                        } else if let Some(v) = line.strip_prefix("data: ") {
+                            data.push_str(v);
+                        }
+                    }
+                    return (name, serde_json::from_str(&data).unwrap());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(20), self.socket.read(&mut chunk))
+                .await
+                .expect("no event on the stream")
+                .unwrap();
+            assert!(n > 0, "the stream ended; so far:\n{}", self.text);
+            self.text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+
+    /// Events up to and including `name`; the names of those skipped.
+    async fn until(&mut self, name: &str) -> (Vec<String>, serde_json::Value) {
+        let mut skipped = Vec::new();
+        loop {
+            let (got, data) = self.next().await;
+            if got == name {
+                return (skipped, data);
+            }
+            skipped.push(got);
+        }
+    }
+}
+
+/// The agent who answered a call starts a keypad check through the API, watches it on the live
+/// stream to the fraud warning and reads the result after the call; another agent sees nothing.
+#[tokio::test]
+async fn an_agent_verifies_a_caller_through_the_api_and_watches_the_stream() {
+    const MINE: &str = "lab-agent-token-answering-1";
+    const OTHER: &str = "lab-agent-token-elsewhere-2";
+    let options = LabOptions {
+        api_tokens: vec![
+            demo::LabToken {
+                name: "desk-agent1".into(),
+                token: MINE.into(),
+                role: callgate::config::Role::Agent,
+                agent: Some(demo::LAB_AGENT.into()),
+            },
+            demo::LabToken {
+                name: "desk-other".into(),
+                token: OTHER.into(),
+                role: callgate::config::Role::Agent,
+                agent: Some("PJSIP/nobody".into()),
+            },
+        ],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    let mut mine = RawStream::open(addr, "/v1/events", MINE).await;
+    assert_eq!(mine.until("snapshot_complete").await.1["calls"], 0);
+    let mut other = RawStream::open(addr, "/v1/events", OTHER).await;
+    other.until("snapshot_complete").await;
+
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    let (skipped, call) = mine.until("agent_connected").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(call["call_id"], id.as_str());
+    assert_eq!(call["agent"], demo::LAB_AGENT);
+    assert_eq!(call["state"], "talking");
+
+    let path = format!("/v1/calls/{id}/verifications");
+    let (status, text) = api_request(addr, "POST", &path, OTHER, r#"{"collect":"keypad"}"#).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = api_request(addr, "POST", &path, MINE, r#"{"collect":"keypad"}"#).await;
+    assert_eq!(status, 202, "{text}");
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    let accepted: serde_json::Value = serde_json::from_str(body).unwrap();
+    let check = accepted["verification_id"].as_str().unwrap().to_owned();
+
+    until("the caller to be muted", || {
+        lab.asterisk.is_muted(&id, Direction::In)
+    })
+    .await;
+    let number = Lab::number(Scenario::DeclinesCall);
+    assert!(
+        lab.asterisk
+            .press(&id, &format!("{number}#"), lab.options.key_gap)
+            .await
+    );
+    let (progress, done) = mine.until("verification_completed").await;
+    assert!(
+        !progress.is_empty() && progress.iter().all(|e| e == "verification_progress"),
+        "{progress:?}"
+    );
+    let v = &done["verification"];
+    assert_eq!(v["verification_id"], check.as_str());
+    assert_eq!(v["method"], "keypad");
+    assert_eq!(v["started_by"], "api:desk-agent1");
+    assert_eq!(v["reason"], "declined_call");
+    let (skipped, fraud) = mine.until("fraud_warning").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(fraud["verification"]["fraud"], true);
+
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    mine.until("call_ended").await;
+    let (status, text) = http(addr, "GET", &format!("/v1/calls/{id}")).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) =
+        api_request(addr, "GET", &format!("/v1/verifications/{check}"), MINE, "").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"fraud\":true"), "{text}");
+    let (status, _) = api_request(
+        addr,
+        "GET",
+        &format!("/v1/verifications/{check}"),
+        OTHER,
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    // The other agent's stream saw none of it.
+    drop(mine);
+    lab.shutdown().await.unwrap();
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        other.socket.read_to_string(&mut rest),
+    )
+    .await
+    .expect("the stream stayed open after the drain");
+    other.text.push_str(&rest);
+    assert!(
+        !other.text[other.read..].contains("event: "),
+        "{}",
+        other.text
+    );
+}
