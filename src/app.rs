@@ -1,5 +1,5 @@
-//! Wiring: builds the identity providers, the PBX adapter, the call registry and the ops API from a
-//! `Config`, runs until shutdown, then drains.
+//! Wiring: builds the identity providers, the PBX adapter, the call registry, the agent API and the ops
+//! API from a `Config`, runs until shutdown, then drains.
 //!
 //! Drain: `/readyz` turns false and new calls are passed on as `skipped/draining`; calls in the gate get
 //! `shutdown_grace` to finish; the rest are interrupted (each cancels its order, sets its metadata and
@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::agent::{self, AgentState};
 use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
 use crate::audit::Audit;
 use crate::calls::journal::Journal;
@@ -44,6 +45,8 @@ pub struct Options {
     pub verify: Option<verify::Settings>,
     /// A pre-bound ops listener (tests bind 127.0.0.1:0); default: bind `server.ops_listen`.
     pub ops_listener: Option<TcpListener>,
+    /// A pre-bound agent API listener (tests bind 127.0.0.1:0); default: bind `server.listen`.
+    pub api_listener: Option<TcpListener>,
     /// Reload on SIGHUP.
     pub sighup: bool,
 }
@@ -51,6 +54,8 @@ pub struct Options {
 /// A running callgate.
 pub struct Running {
     pub ops_addr: SocketAddr,
+    /// Where the agent API listens.
+    pub api_addr: SocketAddr,
     pub registry: Registry,
     /// What the agent API sees of calls and checks.
     pub live: Arc<Live>,
@@ -134,7 +139,7 @@ pub async fn start(
     } else {
         PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec())
     };
-    let live = Arc::new(Live::default());
+    let live = Arc::new(Live::new(cfg.api.keep_verifications));
     let drain_token = CancellationToken::new();
     let deps = Arc::new(Deps {
         providers,
@@ -208,7 +213,38 @@ pub async fn start(
             tracing::error!(error = %e, "ops listener failed");
         }
     });
-    tracing::info!(ops = %ops_addr, "callgate started");
+    // The agent API.
+    let listener = match opts.api_listener {
+        Some(l) => l,
+        None => TcpListener::bind(cfg.server.listen)
+            .await
+            .with_context(|| format!("binding server.listen {}", cfg.server.listen))?,
+    };
+    let api_addr = listener.local_addr()?;
+    let api_token = CancellationToken::new();
+    let api_router = agent::router(AgentState {
+        live: Arc::clone(&live),
+        registry: registry.clone(),
+        tokens: Arc::new(agent::auth::Tokens::from_config(&cfg.api)),
+        limits: agent::Limits {
+            max_body: cfg.api.max_body,
+            ..agent::Limits::default()
+        },
+        readiness: Arc::clone(&readiness),
+        stop: api_token.clone(),
+    });
+    if cfg.api.tokens.is_empty() {
+        tracing::info!("no [api.tokens]: the agent API answers 401 to every request");
+    }
+    let api_stop = api_token.clone();
+    let api_task = tokio::spawn(async move {
+        let serve = axum::serve(listener, api_router)
+            .with_graceful_shutdown(async move { api_stop.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "agent api listener failed");
+        }
+    });
+    tracing::info!(ops = %ops_addr, api = %api_addr, "callgate started");
 
     // Reloads: validate the whole file first; keep the old config on any error.
     let config_path = opts.config_path.clone();
@@ -287,8 +323,11 @@ pub async fn start(
             }
         }
         ops_token.cancel();
+        // Also ends every live stream, so the graceful shutdown does not wait for them.
+        api_token.cancel();
         root.cancel();
         let _ = ops_task.await;
+        let _ = api_task.await;
         let _ = router.await;
         let _ = events_task.await;
         reload_task.abort();
@@ -299,6 +338,7 @@ pub async fn start(
 
     Ok(Running {
         ops_addr,
+        api_addr,
         registry,
         live,
         readiness,
@@ -320,8 +360,8 @@ pub async fn run(
     Ok(())
 }
 
-/// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners
-/// and the limits are built once at start; a new file that needs different ones is refused rather than
+/// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners,
+/// the limits and the API tokens are built once at start; a new file that needs different ones is refused rather than
 /// half applied.
 fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -337,6 +377,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.limits != running.limits {
         problems.push(restart("limits"));
+    }
+    if new.api != running.api {
+        problems.push(restart("api"));
     }
     if problems.is_empty() {
         Ok(())

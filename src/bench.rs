@@ -269,6 +269,7 @@ impl Fakes {
     /// Starts `callgate serve` (this binary) against the fakes; its log goes to the data directory.
     fn spawn_callgate(&self, options: &LabOptions) -> anyhow::Result<Callgate> {
         let ops = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let toml = lab_toml(
             options,
             &self.asterisk.settings(),
@@ -287,6 +288,8 @@ impl Fakes {
                 std::env::var("CALLGATE_BENCH_LOG").unwrap_or_else(|_| "error".into()),
             )
             .env("NO_COLOR", "1")
+            // The agent API on a free port, not the default one.
+            .env("CALLGATE__SERVER__LISTEN", api.to_string())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -50,8 +50,22 @@ pub struct LabOptions {
     /// `[limits] max_concurrent_orders` (the bench raises it to its load; written only when it is not
     /// the default).
     pub max_concurrent_orders: usize,
+    /// Agent API tokens written to `[api.tokens]` (as their hashes).
+    pub api_tokens: Vec<LabToken>,
     /// The anchored queues' agent context has nobody to answer (`agents-closed`).
     pub agents_closed: bool,
+}
+
+/// An agent API token of a lab.
+#[derive(Debug, Clone)]
+pub struct LabToken {
+    /// `[api.tokens.<name>]`.
+    pub name: String,
+    /// The bearer token itself; the config gets its SHA-256.
+    pub token: String,
+    pub role: crate::config::Role,
+    /// The agent's interface, for role agent (`PJSIP/1001`).
+    pub agent: Option<String>,
 }
 
 impl LabOptions {
@@ -71,6 +85,7 @@ impl LabOptions {
             handover: false,
             ari_url: None,
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
+            api_tokens: Vec::new(),
             agents_closed: false,
         }
     }
@@ -91,6 +106,7 @@ impl LabOptions {
             handover: false,
             ari_url: None,
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
+            api_tokens: Vec::new(),
             agents_closed: false,
         }
     }
@@ -315,6 +331,7 @@ async fn start_app(
                 ..verify::Settings::default()
             }),
             ops_listener: Some(TcpListener::bind("127.0.0.1:0").await?),
+            api_listener: Some(TcpListener::bind("127.0.0.1:0").await?),
             config_path: Some(config_path.to_path_buf()),
             sighup: false,
         },
@@ -350,6 +367,7 @@ pub fn lab_toml(
             options.max_concurrent_orders
         )
     };
+    let api_tokens = lab_api_tokens(&options.api_tokens);
     format!(
         r#"
 [server]
@@ -378,6 +396,7 @@ url = "{idp_url}"
 request_timeout = "2s"
 
 {limits}
+{api_tokens}
 [queues.support]
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
@@ -450,6 +469,7 @@ no_agent = "queues,care-noagent,1"
         rmin = ms(ari.reconnect_min),
         rmax = ms(ari.reconnect_max),
         limits = limits,
+        api_tokens = api_tokens,
         first = ms(options.first_digit_timeout),
         inter = ms(options.inter_digit_timeout),
         verify = ms(options.verify_timeout),
@@ -466,6 +486,25 @@ no_agent = "queues,care-noagent,1"
             .collect::<Vec<_>>()
             .join("\n"),
     )
+}
+
+/// `[api.tokens.<name>]` tables for a lab's tokens.
+fn lab_api_tokens(tokens: &[LabToken]) -> String {
+    let mut out = String::new();
+    for t in tokens {
+        let hash = crate::api::agent::auth::token_hash(&t.token).unwrap_or_default();
+        // An invalid token leaves the hash empty: the lab's config then says which.
+        let _ = writeln!(
+            out,
+            "[api.tokens.{}]\nsha256 = \"{hash}\"\nrole = \"{}\"",
+            t.name,
+            t.role.code()
+        );
+        if let Some(agent) = &t.agent {
+            let _ = writeln!(out, "agent = \"{agent}\"");
+        }
+    }
+    out
 }
 
 /// One scripted call of the demo.

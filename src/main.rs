@@ -45,6 +45,9 @@ enum Command {
     },
     /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
     CheckConfig { file: PathBuf },
+    /// Read an agent API token from stdin and print its SHA-256 (hex) for `[api.tokens.<name>] sha256`.
+    /// The token is never taken from the command line.
+    TokenHash,
     /// Run the BankID RP v6 simulator on loopback.
     SimIdp {
         #[arg(long, default_value = "127.0.0.1:8585")]
@@ -72,6 +75,23 @@ fn main() -> ExitCode {
             let (report, code) = callgate::config::check_config(&file);
             print!("{report}");
             ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Command::TokenHash => {
+            let mut input = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                eprintln!("cannot read the token from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            match callgate::api::agent::auth::token_hash(&input) {
+                Ok(hash) => {
+                    println!("{hash}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(64)
+                }
+            }
         }
         Command::Serve { config } => {
             let cfg = match callgate::config::load_file(&config) {

@@ -834,6 +834,10 @@ impl Lab {
                 "asterisk-test-pseudonym-key-0123456789",
             )
             .env("CALLGATE__SERVER__OPS_LISTEN", format!("127.0.0.1:{ops}"))
+            .env(
+                "CALLGATE__SERVER__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
             .env("CALLGATE__SERVER__DATA_DIR", &data)
             .env("CALLGATE__PBX__ARI__URL", url)
             .env("CALLGATE__IDP__BANKID__URL", &self.sim.url)

@@ -925,6 +925,198 @@ async fn a_verified_call_makes_three_ari_requests_besides_its_prompts_and_checks
     lab.shutdown().await.unwrap();
 }
 
+// ---- agent API ----
+
+/// The agent API listens next to the ops API, answers with the lab's tokens, and a live stream left
+/// open does not hold up the drain: it ends with it.
+#[tokio::test]
+async fn the_agent_api_serves_tokens_and_its_streams_end_with_the_drain() {
+    const LEAD: &str = "lab-supervisor-token-0123";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "lead".into(),
+            token: LEAD.into(),
+            role: callgate::config::Role::Supervisor,
+            agent: None,
+        }],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    assert_ne!(addr, lab.app.ops_addr);
+    let (status, body) = http(addr, "GET", "/v1/calls").await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("\"unauthorized\""), "{body}");
+
+    let request = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {LEAD}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request("/v1/calls").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("{\"calls\":[]}"), "{text}");
+
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(request("/v1/events").as_bytes())
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("event: snapshot_complete") {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("no snapshot_complete on the stream")
+            .unwrap();
+        assert!(n > 0, "the stream closed early");
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    tokio::time::timeout(Duration::from_secs(30), lab.shutdown())
+        .await
+        .expect("an open stream held up the drain")
+        .unwrap();
+    let rest = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen))
+        .await
+        .expect("the stream stayed open after the drain");
+    assert!(rest.is_ok());
+}
+
+async fn api_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A number an agent types reaches the call as a `TypedNumber` and nothing else: not the logs (at
+/// trace level, the HTTP server's included), not an answer, not an error about a misplaced number.
+#[tokio::test]
+async fn a_number_typed_through_the_agent_api_reaches_no_log_and_no_answer() {
+    use callgate::calls::live::{CallState, CallView, LiveKind};
+    use callgate::calls::registry::Handle;
+    use callgate::calls::{CallEvent, Snapshot};
+
+    const AGENT: &str = "lab-agent-token-1001-abcdef";
+    let number = person(777);
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "desk-1001".into(),
+            token: AGENT.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some("PJSIP/1001".into()),
+        }],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    // A call with the agent, answered by a stand-in for its task.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (_snapshot_tx, snapshot) = tokio::sync::watch::channel(Snapshot {
+        call_id: "api-call-1".into(),
+        queue: "support".into(),
+        reference: String::new(),
+        stage: None,
+        outcome: None,
+        started_at: std::time::SystemTime::UNIX_EPOCH,
+    });
+    let entry = lab
+        .app
+        .registry
+        .insert(
+            "api-call-1",
+            Handle {
+                inbox: tx,
+                snapshot,
+                cancel: tokio_util::sync::CancellationToken::new(),
+            },
+        )
+        .unwrap();
+    let typed = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&typed);
+    tokio::spawn(async move {
+        while let Some(event) = rx.recv().await {
+            if let CallEvent::StartCheck(req) = event {
+                seen.lock().unwrap().push(req.number.map(|n| n.0));
+                let _ = req.reply.send(Ok("v-api-1".into()));
+            }
+        }
+    });
+    lab.app.live.publish(
+        LiveKind::AgentConnected,
+        CallView {
+            call_id: "api-call-1".into(),
+            queue: "support".into(),
+            state: CallState::Talking,
+            agent: Some("PJSIP/1001".into()),
+            aliases: vec![],
+            started_at: std::time::SystemTime::UNIX_EPOCH,
+            can_verify: true,
+            verification: None,
+        },
+    );
+    let addr = lab.app.api_addr;
+    let path = "/v1/calls/api-call-1/verifications";
+    let mut answers = Vec::new();
+    let (status, text) = api_request(
+        addr,
+        "POST",
+        path,
+        AGENT,
+        &format!(r#"{{"number":"{number}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    answers.push(text);
+    for (path, body) in [
+        (
+            format!("{path}?number={number}"),
+            r#"{"collect":"keypad"}"#.to_owned(),
+        ),
+        (path.to_owned(), format!(r#"{{"number":{number}}}"#)),
+        (path.to_owned(), format!(r#"{{"number":"{number}","x":1}}"#)),
+    ] {
+        let (status, text) = api_request(addr, "POST", &path, AGENT, &body).await;
+        assert_eq!(status, 422, "{text}");
+        answers.push(text);
+    }
+    assert_eq!(*typed.lock().unwrap(), [Some(number.clone())]);
+    let logs = captured();
+    assert!(
+        logs.contains("route=\"/v1/calls/{id}/verifications\" token=\"desk-1001\""),
+        "the requests were not traced"
+    );
+    for form in [number.as_str(), &number[2..]] {
+        assert!(!logs.contains(form), "a typed number reached the logs");
+        for a in &answers {
+            assert!(!a.contains(form), "a typed number reached an answer");
+        }
+    }
+    // The stand-in call ends, so the drain has nothing to wait for.
+    drop(entry);
+    lab.shutdown().await.unwrap();
+}
+
 // ---- anchored calls: agents verify during the call ----
 
 /// Asks a call for a check as the agent API does; the verification id or why not.
@@ -1259,4 +1451,176 @@ async fn a_restart_leaves_bridged_calls_running_and_adopts_them() {
     lab.asterisk.hang_up(&id);
     all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
+}
+
+// ---- the agent API on anchored calls ----
+
+/// A live stream read over HTTP/1.0 (no chunking), for events in the order they came.
+struct RawStream {
+    socket: tokio::net::TcpStream,
+    text: String,
+    /// How far events were taken.
+    read: usize,
+}
+
+impl RawStream {
+    async fn open(addr: SocketAddr, path: &str, token: &str) -> RawStream {
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n");
+        socket.write_all(req.as_bytes()).await.unwrap();
+        RawStream {
+            socket,
+            text: String::new(),
+            read: 0,
+        }
+    }
+
+    /// The next event (name, data).
+    async fn next(&mut self) -> (String, serde_json::Value) {
+        loop {
+            let rest = &self.text[self.read..];
+            if let Some(start) = rest.find("event: ") {
+                if let Some(len) = rest[start..].find("\n\n") {
+                    let block = &rest[start..start + len];
+                    self.read += start + len + 2;
+                    let mut name = String::new();
+                    let mut data = String::new();
+                    for line in block.lines() {
+                        if let Some(v) = line.strip_prefix("event: ") {
+                            name = v.to_owned();
+                        } else if let Some(v) = line.strip_prefix("data: ") {
+                            data.push_str(v);
+                        }
+                    }
+                    return (name, serde_json::from_str(&data).unwrap());
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(20), self.socket.read(&mut chunk))
+                .await
+                .expect("no event on the stream")
+                .unwrap();
+            assert!(n > 0, "the stream ended; so far:\n{}", self.text);
+            self.text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    }
+
+    /// Events up to and including `name`; the names of those skipped.
+    async fn until(&mut self, name: &str) -> (Vec<String>, serde_json::Value) {
+        let mut skipped = Vec::new();
+        loop {
+            let (got, data) = self.next().await;
+            if got == name {
+                return (skipped, data);
+            }
+            skipped.push(got);
+        }
+    }
+}
+
+/// The agent who answered a call starts a keypad check through the API, watches it on the live
+/// stream to the fraud warning and reads the result after the call; another agent sees nothing.
+#[tokio::test]
+async fn an_agent_verifies_a_caller_through_the_api_and_watches_the_stream() {
+    const MINE: &str = "lab-agent-token-answering-1";
+    const OTHER: &str = "lab-agent-token-elsewhere-2";
+    let options = LabOptions {
+        api_tokens: vec![
+            demo::LabToken {
+                name: "desk-agent1".into(),
+                token: MINE.into(),
+                role: callgate::config::Role::Agent,
+                agent: Some(demo::LAB_AGENT.into()),
+            },
+            demo::LabToken {
+                name: "desk-other".into(),
+                token: OTHER.into(),
+                role: callgate::config::Role::Agent,
+                agent: Some("PJSIP/nobody".into()),
+            },
+        ],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    let mut mine = RawStream::open(addr, "/v1/events", MINE).await;
+    assert_eq!(mine.until("snapshot_complete").await.1["calls"], 0);
+    let mut other = RawStream::open(addr, "/v1/events", OTHER).await;
+    other.until("snapshot_complete").await;
+
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    let (skipped, call) = mine.until("agent_connected").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(call["call_id"], id.as_str());
+    assert_eq!(call["agent"], demo::LAB_AGENT);
+    assert_eq!(call["state"], "talking");
+
+    let path = format!("/v1/calls/{id}/verifications");
+    let (status, text) = api_request(addr, "POST", &path, OTHER, r#"{"collect":"keypad"}"#).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = api_request(addr, "POST", &path, MINE, r#"{"collect":"keypad"}"#).await;
+    assert_eq!(status, 202, "{text}");
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    let accepted: serde_json::Value = serde_json::from_str(body).unwrap();
+    let check = accepted["verification_id"].as_str().unwrap().to_owned();
+
+    until("the caller to be muted", || {
+        lab.asterisk.is_muted(&id, Direction::In)
+    })
+    .await;
+    let number = Lab::number(Scenario::DeclinesCall);
+    assert!(
+        lab.asterisk
+            .press(&id, &format!("{number}#"), lab.options.key_gap)
+            .await
+    );
+    let (progress, done) = mine.until("verification_completed").await;
+    assert!(
+        !progress.is_empty() && progress.iter().all(|e| e == "verification_progress"),
+        "{progress:?}"
+    );
+    let v = &done["verification"];
+    assert_eq!(v["verification_id"], check.as_str());
+    assert_eq!(v["method"], "keypad");
+    assert_eq!(v["started_by"], "api:desk-agent1");
+    assert_eq!(v["reason"], "declined_call");
+    let (skipped, fraud) = mine.until("fraud_warning").await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+    assert_eq!(fraud["verification"]["fraud"], true);
+
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    mine.until("call_ended").await;
+    let (status, text) = http(addr, "GET", &format!("/v1/calls/{id}")).await;
+    assert_eq!(status, 401, "{text}");
+    let (status, text) =
+        api_request(addr, "GET", &format!("/v1/verifications/{check}"), MINE, "").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"fraud\":true"), "{text}");
+    let (status, _) = api_request(
+        addr,
+        "GET",
+        &format!("/v1/verifications/{check}"),
+        OTHER,
+        "",
+    )
+    .await;
+    assert_eq!(status, 403);
+    // The other agent's stream saw none of it.
+    drop(mine);
+    lab.shutdown().await.unwrap();
+    let mut rest = String::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        other.socket.read_to_string(&mut rest),
+    )
+    .await
+    .expect("the stream stayed open after the drain");
+    other.text.push_str(&rest);
+    assert!(
+        !other.text[other.read..].contains("event: "),
+        "{}",
+        other.text
+    );
 }

@@ -156,14 +156,24 @@ pub struct LiveEvent {
     pub call: CallView,
 }
 
+/// A verification as kept by [`Live`].
+#[derive(Debug, Clone)]
+struct Kept {
+    view: VerificationView,
+    /// The agent of its call when it was last published (an agent may read only checks of its calls).
+    agent: Option<String>,
+    /// Once its call ended: when it may be forgotten.
+    expiry: Option<tokio::time::Instant>,
+}
+
 /// The live view of one process.
 #[derive(Debug)]
 pub struct Live {
     calls: DashMap<String, CallView>,
     /// Alias → call id.
     aliases: DashMap<String, String>,
-    /// Verification id → view and, once its call ended, when it may be forgotten.
-    verifications: DashMap<String, (VerificationView, Option<tokio::time::Instant>)>,
+    /// Verification id → what is kept of it.
+    verifications: DashMap<String, Kept>,
     keep: Duration,
     tx: broadcast::Sender<LiveEvent>,
 }
@@ -189,7 +199,18 @@ impl Live {
         }
         if let Some(v) = &call.verification {
             let expiry = (call.state == CallState::Ended).then(|| now + self.keep);
-            self.verifications.insert(v.id.clone(), (v.clone(), expiry));
+            let agent = call
+                .agent
+                .clone()
+                .or_else(|| self.verifications.get(&v.id).and_then(|k| k.agent.clone()));
+            self.verifications.insert(
+                v.id.clone(),
+                Kept {
+                    view: v.clone(),
+                    agent,
+                    expiry,
+                },
+            );
         }
         if call.state == CallState::Ended {
             self.calls.remove(&call.call_id);
@@ -198,12 +219,12 @@ impl Live {
             }
             // The call's earlier checks may be forgotten after `keep` too.
             for mut e in self.verifications.iter_mut() {
-                if e.0.call_id == call.call_id && e.1.is_none() {
-                    e.1 = Some(now + self.keep);
+                if e.view.call_id == call.call_id && e.expiry.is_none() {
+                    e.expiry = Some(now + self.keep);
                 }
             }
             self.verifications
-                .retain(|_, (_, expiry)| expiry.is_none_or(|at| at > now));
+                .retain(|_, k| k.expiry.is_none_or(|at| at > now));
         } else {
             self.calls.insert(call.call_id.clone(), call.clone());
         }
@@ -248,11 +269,17 @@ impl Live {
 
     /// A verification by id: live, or ended less than `keep` ago.
     pub fn verification(&self, id: &str) -> Option<VerificationView> {
+        self.verification_with_agent(id).map(|(v, _)| v)
+    }
+
+    /// A verification by id (as [`Live::verification`]) and the agent its call had when it was last
+    /// published, if any.
+    pub fn verification_with_agent(&self, id: &str) -> Option<(VerificationView, Option<String>)> {
         let now = instant_now();
         self.verifications
             .get(id)
-            .filter(|e| e.1.is_none_or(|at| at > now))
-            .map(|e| e.0.clone())
+            .filter(|k| k.expiry.is_none_or(|at| at > now))
+            .map(|k| (k.view.clone(), k.agent.clone()))
     }
 
     /// Events from now on. Read the current state ([`Live::calls`]) after subscribing, so nothing

@@ -48,6 +48,11 @@
 //! | `limits.max_concurrent_orders` | `200` | 1..=1000000 |
 //! | `limits.max_starts_per_number_per_hour` | `6` | 1..=10000 |
 //! | `limits.max_starts_per_line_per_hour` | `10` | 1..=10000 |
+//! | `api.keep_verifications` | `1h` | duration > 0: how long a verification stays readable after its call ended |
+//! | `api.max_body` | `16384` | request body limit in bytes, 1024..=1048576 |
+//! | `api.tokens.<name>.sha256` | — | **required**: 64 hex digits, the SHA-256 of the bearer token (`callgate token-hash`); no two tokens alike |
+//! | `api.tokens.<name>.role` | — | **required**: `agent`, `supervisor` or `ops` |
+//! | `api.tokens.<name>.agent` | — | the agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); required for role `agent`, not allowed for the others |
 //!
 //! Queue keys (`[queues.<name>]` and `[defaults]`), defaults as in [`QueuePolicy::with_defaults`]:
 //!
@@ -113,7 +118,9 @@ pub use source::{interpolate, ENV_PREFIX, ENV_SEPARATOR};
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 6] = ["server", "pbx", "idp", "queues", "defaults", "limits"];
+const TOP_KEYS: [&str; 7] = [
+    "server", "pbx", "idp", "queues", "defaults", "limits", "api",
+];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
 
@@ -145,6 +152,74 @@ pub struct Config {
     /// The complete `[defaults]` policy (named `defaults`), if the file has one.
     pub defaults: Option<Arc<QueuePolicy>>,
     pub limits: Limits,
+    pub api: Api,
+}
+
+/// `[api]`: the agent API's limits and its bearer tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Api {
+    /// How long a verification stays readable by id after its call ended.
+    pub keep_verifications: Duration,
+    /// Largest accepted request body, in bytes.
+    pub max_body: usize,
+    /// `[api.tokens.<name>]`, by name.
+    pub tokens: BTreeMap<String, ApiToken>,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api {
+            keep_verifications: Duration::from_secs(3600),
+            max_body: 16 * 1024,
+            tokens: BTreeMap::new(),
+        }
+    }
+}
+
+/// One bearer token of the agent API. Only its SHA-256 is configured.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub sha256: [u8; 32],
+    pub role: Role,
+    /// The agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); set for
+    /// role agent only.
+    pub agent: Option<String>,
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiToken")
+            .field("role", &self.role)
+            .field("agent", &self.agent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sees and verifies only the calls it is the agent of.
+    Agent,
+    /// Sees every call (by queue), starts and cancels checks on any.
+    Supervisor,
+    /// Sees every call; starts nothing.
+    Ops,
+}
+
+impl Role {
+    pub fn code(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Supervisor => "supervisor",
+            Role::Ops => "ops",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Role> {
+        [Role::Agent, Role::Supervisor, Role::Ops]
+            .into_iter()
+            .find(|r| r.code() == code)
+    }
 }
 
 /// `[server]`.
@@ -258,6 +333,8 @@ pub fn load(
     let idps = sections::idps(&mut ctx, idp_t);
     let limits_t = section(&mut ctx, "limits");
     let limits = sections::limits(&mut ctx, limits_t);
+    let api_t = section(&mut ctx, "api");
+    let api = sections::api(&mut ctx, api_t);
 
     let defaults_spec =
         section(&mut ctx, "defaults").map(|t| queue::parse(&mut ctx, "defaults", t));
@@ -314,6 +391,7 @@ pub fn load(
             queues,
             defaults,
             limits,
+            api,
         })
     } else {
         Err(issues)
@@ -382,6 +460,21 @@ pub fn summary(cfg: &Config) -> String {
     if out.is_empty() {
         out.push_str("no queues configured\n");
     }
+    let roles: Vec<String> = [Role::Agent, Role::Supervisor, Role::Ops]
+        .into_iter()
+        .map(|r| {
+            let n = cfg.api.tokens.values().filter(|t| t.role == r).count();
+            format!("{}={n}", r.code())
+        })
+        .collect();
+    out.push_str(&format!(
+        "api: listen={} tokens={} ({}) keep_verifications={}s max_body={}\n",
+        cfg.server.listen,
+        cfg.api.tokens.len(),
+        roles.join(","),
+        cfg.api.keep_verifications.as_secs(),
+        cfg.api.max_body,
+    ));
     out
 }
 

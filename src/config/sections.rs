@@ -11,7 +11,7 @@ use ::config::{Map, Value};
 use reqwest::Url;
 
 use super::walk::{join, sorted_keys, Ctx};
-use super::{valid_name, Idp, Limits, OnShutdown, Pbx, Server, NAME_RULE};
+use super::{valid_name, Api, ApiToken, Idp, Limits, OnShutdown, Pbx, Role, Server, NAME_RULE};
 use crate::idp::{BankIdSettings, ClientIdentity};
 use crate::pbx::ari;
 use crate::secret::Secret;
@@ -52,6 +52,10 @@ pub const LIMITS_KEYS: [&str; 3] = [
     "max_starts_per_number_per_hour",
     "max_starts_per_line_per_hour",
 ];
+pub const API_KEYS: [&str; 3] = ["keep_verifications", "max_body", "tokens"];
+pub const TOKEN_KEYS: [&str; 3] = ["sha256", "role", "agent"];
+/// Bounds of `api.max_body`, in bytes.
+pub const MAX_BODY_RANGE: (u64, u64) = (1024, 1024 * 1024);
 /// Shortest accepted `server.pseudonym_key`, in bytes.
 pub const MIN_PSEUDONYM_KEY: usize = 16;
 
@@ -424,4 +428,121 @@ pub fn limits(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Limits {
         }
     }
     l
+}
+
+pub fn api(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Api {
+    let mut a = Api::default();
+    let Some(t) = t else { return a };
+    ctx.known_keys("api", t, &API_KEYS);
+    if let Some(v) = t.get("keep_verifications") {
+        a.keep_verifications = ctx
+            .duration("api.keep_verifications", v, false)
+            .unwrap_or(a.keep_verifications);
+    }
+    if let Some(v) = t.get("max_body") {
+        let (min, max) = MAX_BODY_RANGE;
+        if let Some(n) = ctx.number("api.max_body", v, min, max) {
+            a.max_body = usize::try_from(n).unwrap_or(a.max_body);
+        }
+    }
+    let Some(tt) = t.get("tokens").and_then(|v| ctx.table("api.tokens", v)) else {
+        return a;
+    };
+    for name in sorted_keys(tt) {
+        let path = join("api.tokens", name);
+        if !valid_name(name) {
+            ctx.issue(&path, format!("token names {NAME_RULE}"));
+            continue;
+        }
+        let Some(it) = ctx.table(&path, &tt[name]) else {
+            continue;
+        };
+        if let Some(token) = api_token(ctx, &path, it) {
+            if let Some((other, _)) = a.tokens.iter().find(|(_, o)| o.sha256 == token.sha256) {
+                ctx.issue(
+                    join(&path, "sha256"),
+                    format!("the same hash as api.tokens.{other}: each token must be distinct"),
+                );
+                continue;
+            }
+            a.tokens.insert(name.clone(), token);
+        }
+    }
+    a
+}
+
+fn api_token(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<ApiToken> {
+    ctx.known_keys(path, t, &TOKEN_KEYS);
+    let sha256 = match t.get("sha256") {
+        Some(v) => ctx.parsed(&join(path, "sha256"), v, sha256_hex),
+        None => {
+            ctx.issue(
+                join(path, "sha256"),
+                "required: the SHA-256 of the token in hex (callgate token-hash)",
+            );
+            None
+        }
+    };
+    let role = match t.get("role") {
+        Some(v) => ctx.parsed(&join(path, "role"), v, |x| {
+            Role::from_code(x)
+                .ok_or_else(|| format!("{x:?} is not one of \"agent\", \"supervisor\", \"ops\""))
+        }),
+        None => {
+            ctx.issue(join(path, "role"), "required (agent, supervisor or ops)");
+            None
+        }
+    };
+    let agent_path = join(path, "agent");
+    let agent = match t.get("agent") {
+        Some(v) => match ctx.text(&agent_path, v) {
+            Some(x) if x.is_empty() || x.contains(char::is_whitespace) => {
+                ctx.issue(
+                    &agent_path,
+                    "must be non-empty, without spaces (e.g. \"PJSIP/1001\")",
+                );
+                return None;
+            }
+            Some(x) => Some(x),
+            None => return None,
+        },
+        None => None,
+    };
+    let role = role?;
+    match (role, &agent) {
+        (Role::Agent, None) => {
+            ctx.issue(
+                &agent_path,
+                "required for role agent: the agent's interface as the queue reports it (e.g. \"PJSIP/1001\")",
+            );
+            return None;
+        }
+        (Role::Supervisor | Role::Ops, Some(_)) => {
+            ctx.issue(&agent_path, "only for role agent");
+            return None;
+        }
+        _ => {}
+    }
+    Some(ApiToken {
+        sha256: sha256?,
+        role,
+        agent,
+    })
+}
+
+/// 64 hex digits (either case) → 32 bytes. The message never quotes the value.
+fn sha256_hex(x: &str) -> Result<[u8; 32], String> {
+    let err =
+        || "expected 64 hex digits (the SHA-256 of the token; see callgate token-hash)".to_owned();
+    let bytes = x.as_bytes();
+    if bytes.len() != 64 {
+        return Err(err());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16).ok_or_else(err)?;
+        let lo = (pair[1] as char).to_digit(16).ok_or_else(err)?;
+        out[i] = u8::try_from(hi * 16 + lo).map_err(|_| err())?;
+    }
+    Ok(out)
 }

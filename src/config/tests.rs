@@ -921,7 +921,7 @@ fn check_config_summarises_a_good_file_and_lists_every_issue_of_a_bad_one() {
     let (out, code) = check_config(&repo_file("deploy/callgate.example.toml"));
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
     assert_eq!(
         lines[1],
         "queue support: mode=before_agent idp=sim languages=sv,en verified=queues,support,1 \
@@ -929,6 +929,10 @@ fn check_config_summarises_a_good_file_and_lists_every_issue_of_a_bad_one() {
     );
     assert!(lines[0].starts_with("queue sales: "), "{out}");
     assert!(lines[2].starts_with("[defaults]: "), "{out}");
+    assert!(
+        lines[3].starts_with("api: listen=127.0.0.1:8080 tokens="),
+        "{out}"
+    );
 
     let (out, code) = check_config(&repo_file("fixtures/config/broken.toml"));
     assert_eq!(code, EXIT_CONFIG);
@@ -1000,4 +1004,132 @@ fn on_shutdown_is_interrupt_by_default_and_handover_on_request() {
     assert_eq!(issues.len(), 1);
     assert_eq!(issues[0].path, "server.on_shutdown");
     assert!(issues[0].message.contains("handover"));
+}
+
+const HASH_A: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+const HASH_B: &str = "60303AE22B998861BCE3B28F33EEC1BE758A213C86C93C076DBE9F558C11C752";
+
+#[test]
+fn api_defaults_tokens_and_overrides() {
+    let cfg = ok(MINIMAL);
+    assert_eq!(cfg.api, Api::default());
+    assert_eq!(cfg.api.keep_verifications, Duration::from_secs(3600));
+    assert_eq!(cfg.api.max_body, 16 * 1024);
+    let cfg = ok(&minimal_with(&format!(
+        r#"
+[api]
+keep_verifications = "10m"
+max_body = 4096
+
+[api.tokens.desk-1001]
+sha256 = "{HASH_A}"
+role = "agent"
+agent = "PJSIP/1001"
+
+[api.tokens.lead]
+sha256 = "{HASH_B}"
+role = "supervisor"
+"#
+    )));
+    assert_eq!(cfg.api.keep_verifications, Duration::from_secs(600));
+    assert_eq!(cfg.api.max_body, 4096);
+    let desk = &cfg.api.tokens["desk-1001"];
+    assert_eq!(desk.role, Role::Agent);
+    assert_eq!(desk.agent.as_deref(), Some("PJSIP/1001"));
+    assert_eq!(desk.sha256[0], 0x9f);
+    assert_eq!(cfg.api.tokens["lead"].sha256[0], 0x60);
+    assert!(
+        !format!("{desk:?}").contains("9f86"),
+        "Debug shows the hash"
+    );
+
+    // A token from the environment alone.
+    let cfg = try_load(
+        MINIMAL,
+        &[
+            ("CALLGATE__API__TOKENS__CRM__SHA256", HASH_A),
+            ("CALLGATE__API__TOKENS__CRM__ROLE", "ops"),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.api.tokens["crm"].role, Role::Ops);
+    let summary = summary(&cfg);
+    assert!(
+        summary.contains("tokens=1 (agent=0,supervisor=0,ops=1)"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn api_token_problems_are_reported_at_their_key() {
+    only_issue(
+        &minimal_with("[api.tokens.a]\nsha256 = \"abc\"\nrole = \"ops\""),
+        "api.tokens.a.sha256",
+        "64 hex digits",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{}\"\nrole = \"ops\"",
+            "g".repeat(64)
+        )),
+        "api.tokens.a.sha256",
+        "64 hex digits",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"boss\""
+        )),
+        "api.tokens.a.role",
+        "not one of",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"agent\""
+        )),
+        "api.tokens.a.agent",
+        "required for role agent",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"ops\"\nagent = \"PJSIP/1\""
+        )),
+        "api.tokens.a.agent",
+        "only for role agent",
+    );
+    only_issue(
+        &minimal_with("[api.tokens.a]\nrole = \"ops\""),
+        "api.tokens.a.sha256",
+        "required",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"ops\"\n[api.tokens.b]\nsha256 = \"{}\"\nrole = \"supervisor\"",
+            HASH_A.to_uppercase()
+        )),
+        "api.tokens.b.sha256",
+        "api.tokens.a",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"ops\"\nrol = \"x\""
+        )),
+        "api.tokens.a.rol",
+        "did you mean \"role\"",
+    );
+    only_issue(
+        &minimal_with("[api]\nmax_body = 10"),
+        "api.max_body",
+        "from 1024",
+    );
+    only_issue(
+        &minimal_with("[api]\nkeep_verifications = \"0s\""),
+        "api.keep_verifications",
+        "longer than zero",
+    );
+    only_issue(
+        &minimal_with("[api]\ntoken = 1"),
+        "api.token",
+        "did you mean \"tokens\"",
+    );
 }
