@@ -717,6 +717,8 @@ fn parse_counts(line: &str) -> Option<(usize, usize, usize)> {
 struct Gate {
     child: Child,
     ops: u16,
+    /// The agent API's port.
+    api: u16,
     log: PathBuf,
 }
 
@@ -817,6 +819,7 @@ impl Lab {
     async fn gate(&mut self, ari_url: Option<&str>, extra: &[(&str, &str)]) -> Gate {
         self.gates += 1;
         let ops = free_port();
+        let api = free_port();
         let log = self.dir.join(format!("callgate-{}.log", self.gates));
         let data = self.dir.join("data");
         let url = ari_url
@@ -834,10 +837,11 @@ impl Lab {
                 "asterisk-test-pseudonym-key-0123456789",
             )
             .env("CALLGATE__SERVER__OPS_LISTEN", format!("127.0.0.1:{ops}"))
-            .env(
-                "CALLGATE__SERVER__LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
+            .env("CALLGATE__SERVER__LISTEN", format!("127.0.0.1:{api}"))
+            // The test agent's token for the agent API.
+            .env("CALLGATE__API__TOKENS__TESTAGENT__SHA256", sha256_hex(AGENT_TOKEN))
+            .env("CALLGATE__API__TOKENS__TESTAGENT__ROLE", "agent")
+            .env("CALLGATE__API__TOKENS__TESTAGENT__AGENT", TEST_AGENT)
             .env("CALLGATE__SERVER__DATA_DIR", &data)
             .env("CALLGATE__PBX__ARI__URL", url)
             .env("CALLGATE__IDP__BANKID__URL", &self.sim.url)
@@ -855,7 +859,12 @@ impl Lab {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let mut gate = Gate { child, ops, log };
+        let mut gate = Gate {
+            child,
+            ops,
+            api,
+            log,
+        };
         self.wait_ready(&mut gate).await;
         gate
     }
@@ -1540,6 +1549,77 @@ async fn flapping_ari_link_a_caller_who_never_types_ends_pbx_lost() {
 
 /// What `Queue()` reports as the test agent's interface.
 const TEST_AGENT: &str = "Local/agent@callgate-test-agent/n";
+/// The test agent's bearer token for the agent API.
+const AGENT_TOKEN: &str = "asterisk-test-agent-token-0123456789";
+
+fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A request to the agent API as the test agent.
+async fn agent_api(
+    gate: &Gate,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = http_client()
+        .request(method, format!("http://127.0.0.1:{}{path}", gate.api))
+        .bearer_auth(AGENT_TOKEN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Reads a call's live stream until a completed check, returning the event names and stages seen.
+async fn read_stream(gate: &Gate, call: &str) -> tokio::task::JoinHandle<Vec<String>> {
+    let response = http_client()
+        .get(format!("http://127.0.0.1:{}/v1/calls/{call}/events", gate.api))
+        .bearer_auth(AGENT_TOKEN)
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::spawn(async move {
+        let mut response = response;
+        let mut text = String::new();
+        let mut seen = Vec::new();
+        while let Ok(Some(chunk)) = response.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some((event, rest)) = text.split_once("\n\n") {
+                let name = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("event: "))
+                    .unwrap_or_default()
+                    .to_owned();
+                let data: Value = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .and_then(|d| serde_json::from_str(d).ok())
+                    .unwrap_or(Value::Null);
+                if let Some(stage) = data["verification"]["stage"].as_str() {
+                    seen.push(format!("{name}:{stage}"));
+                } else if !name.is_empty() {
+                    seen.push(name.clone());
+                }
+                text = rest.to_owned();
+                if name == "verification_completed" {
+                    return seen;
+                }
+            }
+        }
+        seen
+    })
+}
 
 #[tokio::test]
 async fn a_bridged_caller_is_checked_again_when_the_agent_presses_keys_and_goes_on_when_the_agent_hangs_up(
@@ -1653,28 +1733,66 @@ async fn a_restart_leaves_a_bridged_call_running_and_adopts_it() {
     assert_eq!(status, 200);
     assert_eq!(body["channels"].as_array().map(Vec::len), Some(2), "{body}");
 
-    // The next start adopts it: the agent's keys start a check on it.
-    let _gate = lab.gate(None, &during_call).await;
-    let (status, body) = lab
-        .ari
-        .post(
-            &format!("/channels/{agent}/dtmf"),
-            &[("dtmf", "*5"), ("duration", "80"), ("between", "200")],
-        )
-        .await;
-    assert_eq!(status, 204, "{body}");
-    lab.until_var(&call.gated, "CALLGATE_STATUS", |v| v == Some("verified"))
-        .await;
+    // The next start adopts it: the agent sees it in the API and starts a keypad check there.
+    let gate = lab.gate(None, &during_call).await;
+    let path = format!("/v1/calls/{}", call.gated);
+    let deadline = now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = agent_api(&gate, reqwest::Method::GET, &path, None).await;
+        if status == 200 && body["can_verify"] == true {
+            assert_eq!(body["agent"], TEST_AGENT);
+            break;
+        }
+        assert!(now() < deadline, "not adopted: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stream = read_stream(&gate, &call.gated).await;
+    let (status, body) = agent_api(
+        &gate,
+        reqwest::Method::POST,
+        &format!("{path}/verifications"),
+        Some(serde_json::json!({ "collect": "keypad" })),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let check = body["verification_id"].as_str().unwrap().to_owned();
+    let seen = tokio::time::timeout(Duration::from_secs(90), stream)
+        .await
+        .expect("the stream ended the check")
+        .unwrap();
+    assert!(
+        seen.iter().any(|e| e.ends_with(":order_created"))
+            && seen.last().map(String::as_str) == Some("verification_completed:done"),
+        "{seen:?}"
+    );
+    let (status, body) = agent_api(
+        &gate,
+        reqwest::Method::GET,
+        &format!("/v1/verifications/{check}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "verified", "{body}");
+    assert_eq!(lab.var(&call, "CALLGATE_REF").await.as_deref(), Some(check.as_str()));
+    assert_eq!(lab.outcome(&call).await, ("verified".into(), String::new()));
 
     // The caller hangs up: callgate ends the agent leg and the bridge.
     assert_eq!(lab.ari.delete(&format!("/channels/{}", call.caller)).await, 204);
     lab.nothing_left().await;
-    let agent2 = agent.clone();
-    lab.obs
-        .until("the agent's phone to hang up", Duration::from_secs(20), |s| {
-            s.channels.get(&agent2)?.destroyed.then_some(())
-        })
-        .await;
+    // The agent's phone hangs up too: no channel at all is left.
+    let deadline = now() + Duration::from_secs(20);
+    loop {
+        let left = lab.ari.channel_ids().await;
+        if left.is_empty() {
+            break;
+        }
+        if now() >= deadline {
+            let (_, detail) = lab.ari.get(&format!("/channels/{agent}"), &[]).await;
+            panic!("channels left: {left:?}\nagent: {detail}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     lab.sim.no_open_orders().await;
     lab.finish().await;
 }
