@@ -735,7 +735,14 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
         crate::telemetry::init_logging(format);
     }
     println!("callgate demo: a simulated Asterisk and a simulated BankID on 127.0.0.1, scripted callers\n");
-    let mut lab = Lab::start(LabOptions::demo()).await?;
+    let mut options = LabOptions::demo();
+    options.api_tokens.push(LabToken {
+        name: "demo-agent".into(),
+        token: DEMO_AGENT_TOKEN.into(),
+        role: crate::config::Role::Agent,
+        agent: Some(LAB_AGENT.into()),
+    });
+    let mut lab = Lab::start(options).await?;
     let rows = run_calls(&mut lab).await?;
     let orders_left = lab.bankid.open_orders();
     print!("{}", table(&rows));
@@ -753,12 +760,138 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let audit_lines = count();
-    lab.shutdown().await?;
-    let ok = rows.iter().all(|r| r.outcome == r.expected) && orders_left == 0;
     println!(
         "\n{} calls, {} as expected; BankID orders left open: {orders_left}; audit records written: {audit_lines}",
         rows.len(),
         rows.iter().filter(|r| r.outcome == r.expected).count(),
     );
+    println!("\nDuring a call: a caller of queue `desk` talks to agent {LAB_AGENT}, whose CRM asks callgate");
+    println!("(POST /v1/calls/<call>/verifications, {{\"collect\":\"keypad\"}}) to verify them; the live stream shows:\n");
+    let mid_call = mid_call(&lab).await?;
+    let orders_left = lab.bankid.open_orders();
+    lab.shutdown().await?;
+    let ok = rows.iter().all(|r| r.outcome == r.expected) && mid_call && orders_left == 0;
     Ok(ok)
+}
+
+#[allow(clippy::disallowed_methods)] // the demo prints when each event arrived
+fn demo_clock() -> tokio::time::Instant {
+    tokio::time::Instant::now()
+}
+
+/// The demo agent's bearer token (the lab's config holds only its SHA-256).
+const DEMO_AGENT_TOKEN: &str = "demo-agent-token-not-for-production";
+
+/// The demo's mid-call check: an anchored call, the agent's CRM starts a keypad check through the
+/// agent API and prints the call's live stream until the check is over. `true` when verified.
+async fn mid_call(lab: &Lab) -> anyhow::Result<bool> {
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .build()?;
+    let base = format!("http://{}", lab.app.api_addr);
+    let number = Lab::number(Scenario::Approve);
+    let call = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    let began = demo_clock();
+    if lab.asterisk.wait_for_agent(&call).await.is_none() {
+        anyhow::bail!("no agent answered the demo call");
+    }
+    let mut stream = http
+        .get(format!("{base}/v1/calls/{call}/events"))
+        .bearer_auth(DEMO_AGENT_TOKEN)
+        .send()
+        .await?
+        .error_for_status()?;
+    // Wait until the agent may verify (the agent is connected), then ask.
+    let mut text = String::new();
+    let mut asked = false;
+    let mut verified = false;
+    'read: while let Some(chunk) =
+        tokio::time::timeout(Duration::from_secs(60), stream.chunk()).await??
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some((event, rest)) = text.split_once("\n\n") {
+            let name = event
+                .lines()
+                .find_map(|l| l.strip_prefix("event: "))
+                .unwrap_or_default()
+                .to_owned();
+            let data: serde_json::Value = event
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default();
+            text = rest.to_owned();
+            if name.is_empty() {
+                continue;
+            }
+            let v = &data["verification"];
+            let detail = match name.as_str() {
+                "verification_progress" => match v["stage"].as_str() {
+                    Some(stage) if !stage.is_empty() => stage.to_owned(),
+                    _ => format!("started ({})", v["method"].as_str().unwrap_or("")),
+                },
+                "verification_completed" => format!(
+                    "{} {}",
+                    v["status"].as_str().unwrap_or(""),
+                    v["fields"]
+                        .as_object()
+                        .map(|f| f
+                            .iter()
+                            .filter(|(k, _)| !matches!(
+                                k.as_str(),
+                                "status" | "reason" | "ref" | "at" | "method"
+                            ))
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                            .collect::<Vec<_>>()
+                            .join(" "))
+                        .unwrap_or_default()
+                ),
+                _ => format!(
+                    "state={} agent={}",
+                    data["state"].as_str().unwrap_or(""),
+                    data["agent"].as_str().unwrap_or("-")
+                ),
+            };
+            println!(
+                "  {:>6.2} s  {name:<24} {detail}",
+                began.elapsed().as_secs_f64()
+            );
+            if !asked && data["can_verify"] == true {
+                asked = true;
+                let answer = http
+                    .post(format!("{base}/v1/calls/{call}/verifications"))
+                    .bearer_auth(DEMO_AGENT_TOKEN)
+                    .json(&serde_json::json!({ "collect": "keypad" }))
+                    .send()
+                    .await?;
+                if !answer.status().is_success() {
+                    anyhow::bail!("the agent API refused the check: {}", answer.status());
+                }
+                // The caller is asked on the keypad (muted towards the agent while typing) and types;
+                // the stream's next events wait in the socket meanwhile.
+                while !lab.asterisk.is_muted(&call, pbx_sim::Direction::In) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                lab.asterisk
+                    .press(&call, &format!("{number}#"), lab.options.key_gap)
+                    .await;
+            }
+            if name == "verification_completed" {
+                verified = v["status"] == "verified";
+                break 'read;
+            }
+        }
+    }
+    lab.asterisk.hang_up(&call);
+    lab.asterisk
+        .wait_for_bridge_gone(&crate::pbx::asterisk::bridge_id(&call))
+        .await;
+    println!("\nThe caller hung up: callgate ended the agent leg and removed the bridge.");
+    Ok(verified)
 }

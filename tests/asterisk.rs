@@ -839,7 +839,10 @@ impl Lab {
             .env("CALLGATE__SERVER__OPS_LISTEN", format!("127.0.0.1:{ops}"))
             .env("CALLGATE__SERVER__LISTEN", format!("127.0.0.1:{api}"))
             // The test agent's token for the agent API.
-            .env("CALLGATE__API__TOKENS__TESTAGENT__SHA256", sha256_hex(AGENT_TOKEN))
+            .env(
+                "CALLGATE__API__TOKENS__TESTAGENT__SHA256",
+                sha256_hex(AGENT_TOKEN),
+            )
             .env("CALLGATE__API__TOKENS__TESTAGENT__ROLE", "agent")
             .env("CALLGATE__API__TOKENS__TESTAGENT__AGENT", TEST_AGENT)
             .env("CALLGATE__SERVER__DATA_DIR", &data)
@@ -1544,7 +1547,6 @@ async fn flapping_ari_link_a_caller_who_never_types_ends_pbx_lost() {
     lab.finish().await;
 }
 
-
 // ---- anchored calls: agents verify during the call ----
 
 /// What `Queue()` reports as the test agent's interface.
@@ -1582,7 +1584,10 @@ async fn agent_api(
 /// Reads a call's live stream until a completed check, returning the event names and stages seen.
 async fn read_stream(gate: &Gate, call: &str) -> tokio::task::JoinHandle<Vec<String>> {
     let response = http_client()
-        .get(format!("http://127.0.0.1:{}/v1/calls/{call}/events", gate.api))
+        .get(format!(
+            "http://127.0.0.1:{}/v1/calls/{call}/events",
+            gate.api
+        ))
         .bearer_auth(AGENT_TOKEN)
         .timeout(Duration::from_secs(120))
         .send()
@@ -1634,11 +1639,17 @@ async fn a_bridged_caller_is_checked_again_when_the_agent_presses_keys_and_goes_
         .call_line("300", "46701234567", Does::Types(number))
         .await;
     let agent = lab.agent_answered().await;
-    let (leg, peer) = (format!("{}-agent", call.gated), format!("{}-agent-q", call.gated));
+    let (leg, peer) = (
+        format!("{}-agent", call.gated),
+        format!("{}-agent-q", call.gated),
+    );
     // Queue() names the agent on callgate's agent leg, which carries the gate's result.
     lab.until_var(&peer, "MEMBERINTERFACE", |v| v == Some(TEST_AGENT))
         .await;
-    assert_eq!(lab.ari.var(&peer, "CALLGATE_STATUS").await.as_deref(), Some("verified"));
+    assert_eq!(
+        lab.ari.var(&peer, "CALLGATE_STATUS").await.as_deref(),
+        Some("verified")
+    );
     let gate_ref = lab.var(&call, "CALLGATE_REF").await.unwrap();
     assert_eq!(lab.bridges().await, [format!("callgate-{}", call.gated)]);
     lab.watch(&leg).await;
@@ -1659,21 +1670,36 @@ async fn a_bridged_caller_is_checked_again_when_the_agent_presses_keys_and_goes_
     .await;
     let check_ref = lab.var(&call, "CALLGATE_REF").await.unwrap();
     assert_eq!(lab.outcome(&call).await, ("verified".into(), String::new()));
-    assert_eq!(lab.ari.var(&leg, "CALLGATE_REF").await.as_deref(), Some(check_ref.as_str()));
-    assert_eq!(lab.ari.var(&leg, "CALLGATE_STATUS").await.as_deref(), Some("verified"));
+    assert_eq!(
+        lab.ari.var(&leg, "CALLGATE_REF").await.as_deref(),
+        Some(check_ref.as_str())
+    );
+    assert_eq!(
+        lab.ari.var(&leg, "CALLGATE_STATUS").await.as_deref(),
+        Some("verified")
+    );
     let leg2 = leg.clone();
     lab.obs
-        .until("the agent to hear the outcome", Duration::from_secs(20), |s| {
-            s.channels
-                .get(&leg2)?
-                .media
-                .iter()
-                .any(|m| m.contains("agent-verified"))
-                .then_some(())
-        })
+        .until(
+            "the agent to hear the outcome",
+            Duration::from_secs(20),
+            |s| {
+                s.channels
+                    .get(&leg2)?
+                    .media
+                    .iter()
+                    .any(|m| m.contains("agent-verified"))
+                    .then_some(())
+            },
+        )
         .await;
     let heard = lab.obs.log(&call.gated);
-    assert_eq!(heard.asks(), 2, "asked in the gate and once during the call: {:?}", heard.media);
+    assert_eq!(
+        heard.asks(),
+        2,
+        "asked in the gate and once during the call: {:?}",
+        heard.media
+    );
     assert!(!heard.media.iter().any(|m| m.contains("agent-")));
 
     // The agent hangs up first: the caller goes to the after_agent route; nothing is left.
@@ -1774,11 +1800,17 @@ async fn a_restart_leaves_a_bridged_call_running_and_adopts_it() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(body["status"], "verified", "{body}");
-    assert_eq!(lab.var(&call, "CALLGATE_REF").await.as_deref(), Some(check.as_str()));
+    assert_eq!(
+        lab.var(&call, "CALLGATE_REF").await.as_deref(),
+        Some(check.as_str())
+    );
     assert_eq!(lab.outcome(&call).await, ("verified".into(), String::new()));
 
     // The caller hangs up: callgate ends the agent leg and the bridge.
-    assert_eq!(lab.ari.delete(&format!("/channels/{}", call.caller)).await, 204);
+    assert_eq!(
+        lab.ari.delete(&format!("/channels/{}", call.caller)).await,
+        204
+    );
     lab.nothing_left().await;
     // The agent's phone hangs up too: no channel at all is left.
     let deadline = now() + Duration::from_secs(20);
