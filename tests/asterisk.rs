@@ -1754,7 +1754,7 @@ async fn a_restart_leaves_a_bridged_call_running_and_adopts_it() {
     gate.sigterm();
     assert!(gate.exited(Duration::from_secs(30)).await.success());
     let bridge = format!("callgate-{}", call.gated);
-    assert_eq!(lab.bridges().await, [bridge.clone()]);
+    assert_eq!(lab.bridges().await, std::slice::from_ref(&bridge));
     let (status, body) = lab.ari.get(&format!("/bridges/{bridge}"), &[]).await;
     assert_eq!(status, 200);
     assert_eq!(body["channels"].as_array().map(Vec::len), Some(2), "{body}");
