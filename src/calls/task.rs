@@ -738,7 +738,7 @@ impl Driver {
         };
         let record = Record {
             reference: self.reference.clone(),
-            method: method.clone(),
+            method,
             outcome,
             at: wall_clock(),
             identity,
@@ -789,15 +789,7 @@ impl Driver {
         let m = &self.deps.metrics;
         m.call_ended(&policy.name.0, outcome);
         if checked {
-            m.verification_ended(&policy.idp, outcome);
-            match outcome {
-                Outcome::Verified => m.funnel(&policy.idp, FunnelStep::Verified),
-                Outcome::NotVerified(Reason::DeclinedCall) => {
-                    m.funnel(&policy.idp, FunnelStep::Declined)
-                }
-                Outcome::NotVerified(Reason::Expired) => m.funnel(&policy.idp, FunnelStep::Expired),
-                Outcome::NotVerified(_) => {}
-            }
+            count_verification(m, &policy.idp, outcome);
         }
         let level_error = matches!(outcome.status(), Status::Unavailable | Status::Interrupted)
             || destination == Destination::NextPriority;
@@ -807,29 +799,8 @@ impl Driver {
             tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, reference = %self.reference, "call left the gate");
         }
         if let Some(audit) = &self.deps.audit {
-            let verified = record
-                .identity
-                .as_ref()
-                .filter(|_| outcome == Outcome::Verified);
             audit
-                .record(audit::Entry {
-                    at: outcome::rfc3339(record.at),
-                    reference: record.reference.clone(),
-                    call_id: self.setup.call_id.clone(),
-                    queue: policy.name.0.clone(),
-                    status: outcome.status().code(),
-                    reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
-                    method,
-                    person: verified
-                        .map(|i| i.number.pseudonym(&self.deps.key))
-                        .unwrap_or_default(),
-                    evidence: verified
-                        .and_then(|i| i.evidence_digest.clone())
-                        .unwrap_or_default(),
-                    stages: self.stages.iter().map(|s| s.code()).collect(),
-                    destination: destination.to_string(),
-                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                })
+                .record(self.audit_entry(&record, &destination, duration))
                 .await;
         }
         let _ = self.deps.reports.send(Report {
@@ -1181,6 +1152,39 @@ impl Driver {
         }
     }
 
+    /// The audit line of a check (the gate's, or one during the call): pseudonym and evidence only
+    /// when verified, never a number.
+    fn audit_entry(
+        &self,
+        record: &Record,
+        destination: &Destination,
+        duration: Duration,
+    ) -> audit::Entry {
+        let outcome = record.outcome;
+        let verified = record
+            .identity
+            .as_ref()
+            .filter(|_| outcome == Outcome::Verified);
+        audit::Entry {
+            at: outcome::rfc3339(record.at),
+            reference: record.reference.clone(),
+            call_id: self.setup.call_id.clone(),
+            queue: self.setup.policy.name.0.clone(),
+            status: outcome.status().code(),
+            reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+            method: record.method.clone(),
+            person: verified
+                .map(|i| i.number.pseudonym(&self.deps.key))
+                .unwrap_or_default(),
+            evidence: verified
+                .and_then(|i| i.evidence_digest.clone())
+                .unwrap_or_default(),
+            stages: self.stages.iter().map(|s| s.code()).collect(),
+            destination: destination.to_string(),
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
     /// The gate's result, for the agent leg's inheritable variables.
     fn gate_vars(&self) -> Vec<(&'static str, String)> {
         let Some(v) = &self.check else {
@@ -1209,7 +1213,7 @@ impl Driver {
             .unwrap_or_default();
         let record = Record {
             reference: self.reference.clone(),
-            method: method.clone(),
+            method,
             outcome,
             at: wall_clock(),
             identity,
@@ -1231,15 +1235,7 @@ impl Driver {
         let m = &self.deps.metrics;
         let checked = !self.stages.is_empty();
         if checked {
-            m.verification_ended(&policy.idp, outcome);
-            match outcome {
-                Outcome::Verified => m.funnel(&policy.idp, FunnelStep::Verified),
-                Outcome::NotVerified(Reason::DeclinedCall) => {
-                    m.funnel(&policy.idp, FunnelStep::Declined)
-                }
-                Outcome::NotVerified(Reason::Expired) => m.funnel(&policy.idp, FunnelStep::Expired),
-                Outcome::NotVerified(_) => {}
-            }
+            count_verification(m, &policy.idp, outcome);
         }
         if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
             tracing::warn!(reference = %self.reference, "the person declined the call in their app: someone may be calling in their name");
@@ -1247,32 +1243,11 @@ impl Driver {
             tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), reference = %self.reference, "check during the call ended");
         }
         if let Some(audit) = &self.deps.audit {
-            let verified = record
-                .identity
-                .as_ref()
-                .filter(|_| outcome == Outcome::Verified);
             let duration = started
                 .and_then(|s| record.at.duration_since(s).ok())
                 .unwrap_or_default();
             audit
-                .record(audit::Entry {
-                    at: outcome::rfc3339(record.at),
-                    reference: record.reference.clone(),
-                    call_id: self.setup.call_id.clone(),
-                    queue: policy.name.0.clone(),
-                    status: outcome.status().code(),
-                    reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
-                    method,
-                    person: verified
-                        .map(|i| i.number.pseudonym(&self.deps.key))
-                        .unwrap_or_default(),
-                    evidence: verified
-                        .and_then(|i| i.evidence_digest.clone())
-                        .unwrap_or_default(),
-                    stages: self.stages.iter().map(|s| s.code()).collect(),
-                    destination: Destination::Agent.to_string(),
-                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                })
+                .record(self.audit_entry(&record, &Destination::Agent, duration))
                 .await;
         }
         self.publish(LiveKind::Completed);
@@ -1286,6 +1261,17 @@ impl Driver {
             Ok(d) => tracing::info!(destination = %d, "stopping: caller routed instead of bridged"),
             Err(e) => tracing::warn!(error = %e, "stopping: could not route the caller"),
         }
+    }
+}
+
+/// Counts a check's outcome (verifications and the funnel's last step).
+fn count_verification(m: &Metrics, idp: &str, outcome: Outcome) {
+    m.verification_ended(idp, outcome);
+    match outcome {
+        Outcome::Verified => m.funnel(idp, FunnelStep::Verified),
+        Outcome::NotVerified(Reason::DeclinedCall) => m.funnel(idp, FunnelStep::Declined),
+        Outcome::NotVerified(Reason::Expired) => m.funnel(idp, FunnelStep::Expired),
+        Outcome::NotVerified(_) => {}
     }
 }
 

@@ -766,17 +766,12 @@ impl Anchor {
                 cmds.push(c);
             }
             for c in cmds {
-                match c {
-                    verify::Command::Cancel(r) => {
-                        self.emit(Command::Idp(gen, IdpCommand::Cancel(r)))
-                    }
-                    verify::Command::Poll(r) => self.emit(Command::Idp(gen, IdpCommand::Poll(r))),
-                    verify::Command::Start(o) => self.emit(Command::Idp(gen, IdpCommand::Start(o))),
-                    verify::Command::ArmTimer { timer, at } => {
-                        self.arm(Timer::Verify(gen, timer), at)
-                    }
-                    verify::Command::DisarmTimer(t) => self.disarm(Timer::Verify(gen, t)),
-                    verify::Command::Progress(_) | verify::Command::Finished(_) => {}
+                // A superseded check's progress and end were reported when it was superseded.
+                if !matches!(
+                    c,
+                    verify::Command::Progress(_) | verify::Command::Finished(_)
+                ) {
+                    self.session_command(gen, c, now);
                 }
             }
             self.retiring.retain(|(_, s)| !s.is_quiescent());
@@ -791,15 +786,20 @@ impl Anchor {
             }
         }
         for c in cmds {
-            match c {
-                verify::Command::Start(o) => self.emit(Command::Idp(gen, IdpCommand::Start(o))),
-                verify::Command::Poll(r) => self.emit(Command::Idp(gen, IdpCommand::Poll(r))),
-                verify::Command::Cancel(r) => self.emit(Command::Idp(gen, IdpCommand::Cancel(r))),
-                verify::Command::ArmTimer { timer, at } => self.arm(Timer::Verify(gen, timer), at),
-                verify::Command::DisarmTimer(t) => self.disarm(Timer::Verify(gen, t)),
-                verify::Command::Progress(stage) => self.on_progress(gen, stage, now),
-                verify::Command::Finished(c) => self.check_done(c.outcome, c.identity, now),
-            }
+            self.session_command(gen, c, now);
+        }
+    }
+
+    /// What a command of the session of check `gen` means for the call.
+    fn session_command(&mut self, gen: u32, c: verify::Command, now: Instant) {
+        match c {
+            verify::Command::Start(o) => self.emit(Command::Idp(gen, IdpCommand::Start(o))),
+            verify::Command::Poll(r) => self.emit(Command::Idp(gen, IdpCommand::Poll(r))),
+            verify::Command::Cancel(r) => self.emit(Command::Idp(gen, IdpCommand::Cancel(r))),
+            verify::Command::ArmTimer { timer, at } => self.arm(Timer::Verify(gen, timer), at),
+            verify::Command::DisarmTimer(t) => self.disarm(Timer::Verify(gen, t)),
+            verify::Command::Progress(stage) => self.on_progress(gen, stage, now),
+            verify::Command::Finished(c) => self.check_done(c.outcome, c.identity, now),
         }
     }
 

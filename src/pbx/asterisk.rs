@@ -94,6 +94,21 @@ impl AriControl {
         }
     }
 
+    /// Plays `media` (in order, one playback) to one channel.
+    async fn play_on(
+        &self,
+        channel: &str,
+        playback_id: &str,
+        media: &[String],
+        lang: Language,
+    ) -> Result<(), ControlError> {
+        self.client
+            .play(channel, playback_id, &media.join(","), Some(lang.code()))
+            .await
+            .map(|_| ())
+            .map_err(map)
+    }
+
     /// Whether the route exists, from the answers [`RouteCheck`] remembers (one request for every
     /// configured route when it has none). A check that cannot be made trusts the validated config.
     async fn route_exists(&self, route: &Route) -> Result<bool, ControlError> {
@@ -123,18 +138,7 @@ impl CallControl for AriControl {
         media: &'a [String],
         lang: Language,
     ) -> BoxFuture<'a, Result<(), ControlError>> {
-        Box::pin(async move {
-            self.client
-                .play(
-                    &self.channel,
-                    playback_id,
-                    &media.join(","),
-                    Some(lang.code()),
-                )
-                .await
-                .map(|_| ())
-                .map_err(map)
-        })
+        Box::pin(async move { self.play_on(&self.channel, playback_id, media, lang).await })
     }
 
     fn stop_playback<'a>(
@@ -297,16 +301,8 @@ impl AnchorControl for AriControl {
         lang: Language,
     ) -> BoxFuture<'a, Result<(), ControlError>> {
         Box::pin(async move {
-            self.client
-                .play(
-                    &agent_leg_id(&self.channel),
-                    playback_id,
-                    &media.join(","),
-                    Some(lang.code()),
-                )
-                .await
-                .map(|_| ())
-                .map_err(map)
+            let leg = agent_leg_id(&self.channel);
+            self.play_on(&leg, playback_id, media, lang).await
         })
     }
 
