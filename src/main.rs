@@ -45,6 +45,15 @@ enum Command {
     },
     /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
     CheckConfig { file: PathBuf },
+    /// Check a config against the live PBX and identity providers: one line per check; exit 0 when
+    /// none failed, 1 when one did, 64 when the config is not valid.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Report format on stdout.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
     /// Run the BankID RP v6 simulator on loopback.
     SimIdp {
         #[arg(long, default_value = "127.0.0.1:8585")]
@@ -61,6 +70,13 @@ enum Command {
     },
 }
 
+/// `callgate doctor` output.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     callgate::config::duration::parse(s)
 }
@@ -71,6 +87,25 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => {
             let (report, code) = callgate::config::check_config(&file);
             print!("{report}");
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Command::Doctor { config, format } => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let now = time::OffsetDateTime::now_utc();
+            let (report, code) = rt.block_on(callgate::doctor::run_file(&config, now));
+            match format {
+                ReportFormat::Text => print!("{}", report.text()),
+                ReportFormat::Json => println!("{}", report.json()),
+            }
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Serve { config } => {

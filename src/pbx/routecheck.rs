@@ -181,7 +181,7 @@ fn exists_call(route: &Route) -> String {
 }
 
 /// Asks Asterisk, on `channel`, which of `routes` exist.
-async fn check(
+pub(crate) async fn check(
     client: &Client,
     channel: &str,
     routes: &[Route],

@@ -66,10 +66,10 @@ pub enum ConnState {
 /// not a failing server, so the reconnect is immediate.
 pub const PROVEN_AFTER: Duration = Duration::from_secs(1);
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-type Socket = WebSocketStream<Box<dyn Io>>;
+pub(crate) type Socket = WebSocketStream<Box<dyn Io>>;
 
 enum SessionEnd {
     Shutdown,
@@ -217,7 +217,8 @@ async fn deliver(
     }
 }
 
-async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
+/// Opens the events websocket at `url` with the credentials of `settings`.
+pub(crate) async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
     let host = url.host_str().ok_or("url has no host")?.to_owned();
     let port = url.port_or_known_default().ok_or("url has no port")?;
     let mut request = url

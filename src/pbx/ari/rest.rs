@@ -13,7 +13,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use super::wire::{Application, Bridge, Channel, ErrorBody, Playback, Variable};
+use super::wire::{
+    Application, AsteriskInfo, Bridge, Channel, ErrorBody, Playback, Sound, Variable,
+};
 use super::Settings;
 use crate::secret::Secret;
 use crate::telemetry::ErrorChain;
@@ -589,6 +591,46 @@ impl Client {
         self.send(Method::GET, &["asterisk", "ping"], &[], None)
             .await?
             .empty(Target::Other)
+    }
+
+    /// `GET /asterisk/info`: the version and entity of this Asterisk (also proves the credentials).
+    pub async fn info(&self) -> Result<AsteriskInfo, Error> {
+        self.send(Method::GET, &["asterisk", "info"], &[], None)
+            .await?
+            .json(Target::Other)
+    }
+
+    /// `GET /sounds/{id}` (e.g. `callgate/enter-number`); `None` when Asterisk has no such sound in
+    /// any language.
+    pub async fn sound(&self, id: &str) -> Result<Option<Sound>, Error> {
+        let answer = self.send(Method::GET, &["sounds", id], &[], None).await?;
+        if answer.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        answer.json(Target::Other).map(Some)
+    }
+
+    /// `POST /channels/create?endpoint=…&app=…&channelId=…`: a channel in application `app`, in state
+    /// `Down`, that is never dialled unless asked to (`POST /channels/{id}/dial`). For a `Local`
+    /// endpoint no dialplan runs.
+    pub async fn create_channel(
+        &self,
+        endpoint: &str,
+        app: &str,
+        channel_id: &str,
+    ) -> Result<Channel, Error> {
+        self.send(
+            Method::POST,
+            &["channels", "create"],
+            &[
+                ("endpoint", endpoint),
+                ("app", app),
+                ("channelId", channel_id),
+            ],
+            None,
+        )
+        .await?
+        .json(Target::Other)
     }
 
     /// `POST /bridges/{id}?type=…&name={id}`; `types` e.g. `["mixing", "dtmf_events"]`.

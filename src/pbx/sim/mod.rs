@@ -8,7 +8,8 @@
 //!
 //! Invariant: inspection helpers wait on state changes (a `watch` counter), never on sleeps; the only
 //! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`).
-//! Limits: one application per fake; originate/create are minimal (no dialing, `Local` halves are
+//! Limits: one application per fake that calls enter (other names may connect and get the channels
+//! created into them, nothing else); originate/create are minimal (no dialing, `Local` halves are
 //! plain channels); no `ChannelDestroyed` is sent for channels the application originated.
 
 mod http;
@@ -55,6 +56,11 @@ pub struct SimOptions {
     pub inbound_context: String,
     pub inbound_exten: String,
     pub asterisk_id: String,
+    /// What `GET /asterisk/info` reports as `system.version`.
+    pub version: String,
+    /// Sound files that exist, as `(language, id)`, e.g. `("sv", "callgate/enter-number")`, for
+    /// `GET /sounds/{id}`.
+    pub sounds: BTreeSet<(String, String)>,
 }
 
 impl Default for SimOptions {
@@ -72,6 +78,8 @@ impl Default for SimOptions {
             inbound_context: "callgate-in".into(),
             inbound_exten: "100".into(),
             asterisk_id: "02:fc:00:00:00:01".into(),
+            version: "22.10.1".into(),
+            sounds: BTreeSet::new(),
         }
     }
 }
@@ -305,6 +313,17 @@ impl FakeAsterisk {
     /// were unreachable; REST keeps working.
     pub fn set_accepting(&self, accepting: bool) {
         self.shared.with(|ctx| ctx.st.accepting = accepting);
+    }
+
+    /// Acts like another client holding the application while callgate's is not connected:
+    /// `GET /applications/{app}` finds it.
+    pub fn hold_app_elsewhere(&self) {
+        self.shared.with(|ctx| ctx.hold_elsewhere());
+    }
+
+    /// Websockets of other application names connected now.
+    pub fn other_app_sockets(&self) -> usize {
+        self.shared.read(|st| st.other_sockets.len())
     }
 
     /// Waits until at least `n` events were lost because no socket owned the application.

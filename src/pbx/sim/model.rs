@@ -52,6 +52,8 @@ pub(super) enum Owner {
 
 pub(super) struct Chan {
     pub snapshot: Channel,
+    /// The application the channel was created into when it is not the main one.
+    pub other_app: Option<String>,
     pub in_stasis: bool,
     pub vars: BTreeMap<String, String>,
     pub moh: bool,
@@ -71,6 +73,8 @@ pub(super) struct State {
     pub owner: Owner,
     /// Replaced sockets stay open (Asterisk does not close them) but get nothing more.
     pub replaced: Vec<(u64, mpsc::UnboundedSender<WsOut>)>,
+    /// Sockets of other application names: `(socket id, app, writer)`.
+    pub other_sockets: Vec<(u64, String, mpsc::UnboundedSender<WsOut>)>,
     pub connections: u64,
     pub pings: u64,
     /// Events produced while no socket owned the application (lost, as in Asterisk).
@@ -115,6 +119,7 @@ impl Shared {
             state: Mutex::new(State {
                 owner: Owner::None,
                 replaced: Vec::new(),
+                other_sockets: Vec::new(),
                 connections: 0,
                 pings: 0,
                 dropped_events: 0,
@@ -215,7 +220,47 @@ impl Ctx<'_> {
         if let Value::Object(map) = &mut extra {
             map.insert("channel".into(), channel);
         }
-        self.emit(kind, extra);
+        let other = self.st.channels.get(id).and_then(|c| c.other_app.clone());
+        match other {
+            Some(app) => self.emit_other(&app, kind, extra),
+            None => self.emit(kind, extra),
+        }
+    }
+
+    /// Sends one event to the sockets of another application name (none: dropped).
+    fn emit_other(&mut self, app: &str, kind: &str, fields: Value) {
+        let mut obj = Map::new();
+        obj.insert("type".into(), kind.into());
+        obj.insert("timestamp".into(), timestamp().into());
+        if let Value::Object(fields) = fields {
+            obj.extend(fields);
+        }
+        obj.insert("application".into(), app.into());
+        let text = Value::Object(obj).to_string();
+        for (_, name, tx) in &self.st.other_sockets {
+            if name == app {
+                let _ = tx.send(WsOut::Text(text.clone()));
+            }
+        }
+    }
+
+    /// A websocket for an application name other than the main one; it takes nothing over.
+    pub fn connect_other_socket(&mut self, app: &str, tx: mpsc::UnboundedSender<WsOut>) -> u64 {
+        self.st.next_conn += 1;
+        let id = self.st.next_conn;
+        self.st.other_sockets.push((id, app.to_owned(), tx));
+        id
+    }
+
+    /// Another client holds the main application while none of ours is connected.
+    pub fn hold_elsewhere(&mut self) {
+        if matches!(self.st.owner, Owner::None) {
+            self.st.owner = Owner::Phantom;
+        }
+    }
+
+    fn other_app_active(&self, app: &str) -> bool {
+        self.st.other_sockets.iter().any(|(_, name, _)| name == app)
     }
 
     /// A new websocket for the application: the previous owner gets `ApplicationReplaced`.
@@ -242,6 +287,7 @@ impl Ctx<'_> {
     }
 
     pub fn socket_closed(&mut self, id: u64) {
+        self.st.other_sockets.retain(|(oid, _, _)| *oid != id);
         if matches!(self.st.owner, Owner::Socket { id: owner, .. } if owner == id) {
             self.st.owner = Owner::None;
         }
@@ -798,13 +844,15 @@ impl Ctx<'_> {
         other: Option<&str>,
         endpoint: &str,
         app_args: Option<&str>,
-        into_app: bool,
+        app: Option<&str>,
         up: bool,
         variables: BTreeMap<String, String>,
     ) -> Reply {
         if endpoint.is_empty() {
             return error(400, "Endpoint must be specified");
         }
+        let other_app = app.filter(|a| *a != self.opts().app).map(str::to_owned);
+        let into_app = app.is_some();
         if self.st.channels.contains_key(id)
             || other.is_some_and(|o| self.st.channels.contains_key(o))
         {
@@ -853,8 +901,15 @@ impl Ctx<'_> {
             chan.vars = vars.clone();
             self.st.channels.insert(other.to_owned(), chan);
         }
+        if let Some(other) = &other_app {
+            if !self.other_app_active(other) {
+                // Asterisk creates the channel, finds no such application and destroys it at once.
+                return (200, body);
+            }
+        }
         let mut chan = new_chan(snapshot, into_app);
         chan.vars = vars;
+        chan.other_app = other_app;
         self.st.channels.insert(id.to_owned(), chan);
         if into_app {
             if up {
@@ -869,15 +924,20 @@ impl Ctx<'_> {
     }
 
     pub fn application(&self, app: &str) -> Reply {
+        let main = app == self.opts().app;
         let in_stasis: Vec<String> = self
             .st
             .channels
             .iter()
-            .filter(|(_, c)| c.in_stasis)
+            .filter(|(_, c)| c.in_stasis && c.other_app.as_deref() == (!main).then_some(app))
             .map(|(id, _)| id.clone())
             .collect();
-        let inactive = matches!(self.st.owner, Owner::None) && in_stasis.is_empty();
-        if app != self.opts().app || inactive {
+        let inactive = if main {
+            matches!(self.st.owner, Owner::None) && in_stasis.is_empty()
+        } else {
+            !self.other_app_active(app) && in_stasis.is_empty()
+        };
+        if inactive {
             return error(404, "Application not found");
         }
         let bridges: Vec<&String> = self.st.bridges.keys().collect();
@@ -920,6 +980,21 @@ impl Ctx<'_> {
         self.application(app)
     }
 
+    /// `GET /sounds/{id}`: the languages the sound exists in.
+    pub fn sound(&self, id: &str) -> Reply {
+        let formats: Vec<Value> = self
+            .opts()
+            .sounds
+            .iter()
+            .filter(|(_, sound)| sound == id)
+            .map(|(lang, _)| json!({ "language": lang, "format": "wav" }))
+            .collect();
+        if formats.is_empty() {
+            return error(404, "Sound not found");
+        }
+        (200, Some(json!({ "id": id, "formats": formats })))
+    }
+
     pub fn dtmf(&mut self, id: &str, digit: char) -> bool {
         if !self.st.channels.get(id).is_some_and(|c| c.in_stasis) {
             return false;
@@ -937,6 +1012,7 @@ impl Ctx<'_> {
 fn new_chan(snapshot: Channel, in_stasis: bool) -> Chan {
     Chan {
         snapshot,
+        other_app: None,
         in_stasis,
         vars: BTreeMap::new(),
         moh: false,
