@@ -343,15 +343,25 @@ pub(crate) fn tls_cause(
 ) -> Option<String> {
     let mut next = Some(e);
     while let Some(err) = next {
-        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
-            err.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        });
-        if let Some(tls) = tls {
+        if let Some(tls) = find_rustls(err) {
             return Some(describe_tls(tls, server_ca));
         }
         next = err.source();
+    }
+    None
+}
+
+/// `err` itself as a rustls error, or the one inside (possibly nested) `io::Error`s.
+fn find_rustls<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let mut io = err.downcast_ref::<std::io::Error>();
+    while let Some(inner) = io.and_then(|e| e.get_ref()) {
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        io = inner.downcast_ref::<std::io::Error>();
     }
     None
 }
