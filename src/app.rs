@@ -199,7 +199,7 @@ pub async fn start(
         let serve = axum::serve(listener, ops_router)
             .with_graceful_shutdown(async move { ops_stop.cancelled().await });
         if let Err(e) = serve.await {
-            tracing::error!(error = %e, "ops listener failed");
+            tracing::error!(error = %crate::telemetry::ErrorChain(&e), "ops listener failed");
         }
     });
     tracing::info!(ops = %ops_addr, "callgate started");

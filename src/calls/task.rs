@@ -207,7 +207,7 @@ impl Driver {
                 Some(done) = self.idp.join_next(), if !self.idp.is_empty() => match done {
                     Ok(i) => Some(Input::Idp(i)),
                     Err(e) => {
-                        tracing::error!(error = %e, "provider request task failed");
+                        tracing::error!(error = %crate::telemetry::ErrorChain(&e), "provider request task failed");
                         None
                     }
                 },

@@ -121,7 +121,7 @@ impl RouteCheck {
             }
             Err(e) if e.is_gone() => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "could not check the routes; using them as configured");
+                tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "could not check the routes; using them as configured");
                 let all = routes.iter().map(|r| (r.clone(), true)).collect();
                 (all, UNVERIFIED_FOR)
             }

@@ -93,7 +93,8 @@ pub fn spawn(
 
 /// `http(s)://host:port[/prefix]` → `ws(s)://host:port[/prefix]/ari/events?app=NAME&subscribeAll=false`.
 pub fn events_url(settings: &Settings) -> Result<Url, String> {
-    let mut url = Url::parse(&settings.url).map_err(|e| e.to_string())?;
+    let mut url =
+        Url::parse(&settings.url).map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let scheme = match url.scheme() {
         "http" => "ws",
         "https" => "wss",
@@ -224,7 +225,7 @@ pub(crate) async fn connect(url: &Url, settings: &Settings) -> Result<Socket, St
     let mut request = url
         .as_str()
         .into_client_request()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let credentials = base64::engine::general_purpose::STANDARD.encode(format!(
         "{}:{}",
         settings.username,
@@ -237,22 +238,24 @@ pub(crate) async fn connect(url: &Url, settings: &Settings) -> Result<Socket, St
 
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if url.scheme() == "wss" {
-        let tls = super::tls::client_config().map_err(|e| e.to_string())?;
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let tls = super::tls::client_config()
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
         Box::new(stream)
     } else {
         Box::new(tcp)
     };
     let (socket, _response) = tokio_tungstenite::client_async(request, io)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     Ok(socket)
 }
 

@@ -300,7 +300,7 @@ impl Client {
             Ok(a) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
                 status = a.status.as_u16(), "ari request"),
             Err(e) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
-                error = %e, "ari request failed"),
+                error = %crate::telemetry::ErrorChain(e), "ari request failed"),
         }
         answer
     }
@@ -445,7 +445,7 @@ impl Client {
                 Err(e) if e.is_gone() => return Err(e),
                 // Timed out or refused: one by one, so that what can be set is set.
                 Err(e) => {
-                    tracing::warn!(error = %e, "setting the variables in one request failed; setting them one by one")
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "setting the variables in one request failed; setting them one by one")
                 }
             }
         }
