@@ -97,7 +97,18 @@ pub async fn start(
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for (name, idp_cfg) in &cfg.idps {
         let settings = match idp_cfg {
-            Idp::BankId(s) => s.clone(),
+            Idp::BankId(s) => {
+                let rp = s
+                    .identity
+                    .as_ref()
+                    .and_then(|i| idp::bankid::rp_certificate_not_after(i).ok());
+                let ca = s
+                    .server_ca
+                    .as_deref()
+                    .and_then(|p| idp::bankid::ca_not_after(p).ok());
+                metrics.certificate_expiry(name, rp, ca);
+                s.clone()
+            }
             Idp::Simulator { step } => {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let sim = idp::sim::start(

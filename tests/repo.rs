@@ -189,3 +189,115 @@ fn config_routes_exist_in_the_dialplan() {
     }
     assert!(checked >= 6, "found only {checked} routes in the config");
 }
+
+// ---- dashboard and alerts ----
+
+/// Every `callgate_…` name in a file, once each.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("callgate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `callgate_` inside a longer word (e.g. `mycallgate_x`) is not a metric.
+        let word_start =
+            at == 0 || !rest[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        if word_start {
+            out.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The dashboard and the alert rules use only metrics callgate exports (the registry in
+/// `telemetry::METRICS`), and only funnel steps it counts.
+#[test]
+fn dashboard_and_alerts_use_only_exported_metrics() {
+    let exported = callgate::telemetry::exported_names();
+    let steps: Vec<&str> = callgate::telemetry::FunnelStep::ALL
+        .iter()
+        .map(|s| s.code())
+        .collect();
+    for file in [
+        "deploy/grafana/callgate.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text = fs::read_to_string(root().join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(used.len() >= 4, "{file}: only {used:?}");
+        for name in &used {
+            assert!(
+                exported.contains(name),
+                "{file} uses {name}, which callgate does not export (exported: {exported:?})"
+            );
+        }
+        for part in text
+            .split("step=\\\"")
+            .skip(1)
+            .chain(text.split("step=\"").skip(1))
+        {
+            let step = part.split(['"', '\\']).next().unwrap();
+            assert!(
+                steps.contains(&step),
+                "{file}: unknown funnel step {step:?}"
+            );
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(root().join("deploy/grafana/callgate.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard["uid"], "callgate");
+    // The funnel panel shows every step, in order.
+    let funnel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["title"]
+                .as_str()
+                .unwrap()
+                .starts_with("Verification funnel")
+        })
+        .unwrap();
+    let shown: Vec<&str> = funnel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["legendFormat"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, steps);
+}
+
+/// `promtool check rules` accepts the alert rules (skipped, with one line, without promtool; the
+/// Debian package `prometheus` has it).
+#[test]
+fn alert_rules_pass_promtool() {
+    let rules = root().join("deploy/prometheus/alerts.yml");
+    let out = match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "promtool check skipped: promtool not found (Debian package prometheus)"
+            );
+            return;
+        }
+        Err(e) => panic!("promtool: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "promtool check rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -115,8 +115,7 @@ pub fn spawn(
         order_person: None,
         start_person: None,
         journalled: None,
-        funnel_app: false,
-        funnel_confirmed: false,
+        funnel: Default::default(),
         started: now(),
         setup,
         _entry: entry,
@@ -162,8 +161,8 @@ struct Driver {
     start_person: Option<String>,
     /// The order of this call that is open in the journal.
     journalled: Option<String>,
-    funnel_app: bool,
-    funnel_confirmed: bool,
+    /// Funnel steps this call has reached (each counted once).
+    funnel: std::collections::BTreeSet<FunnelStep>,
     started: Instant,
     _entry: Entry,
 }
@@ -173,6 +172,7 @@ impl Driver {
         let mut call = match self.setup.resume.clone() {
             None => {
                 tracing::info!("call entered the gate");
+                self.step(FunnelStep::Entered);
                 Call::new(
                     Arc::clone(&self.setup.policy),
                     self.deps.verify.clone(),
@@ -217,6 +217,7 @@ impl Driver {
                 if let Input::Idp(verify::Input::Started(Ok(started))) = &input {
                     // Durable before the caller is told to open the app.
                     self.journal_open(&started.order.0).await;
+                    self.step(FunnelStep::OrderCreated);
                 }
                 call.handle(input, now().into_std());
             }
@@ -457,6 +458,7 @@ impl Driver {
                 self.spawn_start(provider, order, idp_name, metrics);
             }
             IdpCommand::Start(order) => {
+                self.step(FunnelStep::NumberAccepted);
                 let person = order.number.pseudonym(&self.deps.key);
                 let line = line_key(&self.setup.caller_line);
                 match self.deps.limits.acquire(
@@ -483,7 +485,6 @@ impl Driver {
                         }
                     }
                 }
-                metrics.funnel(&idp_name, FunnelStep::Started);
                 self.spawn_start(provider, order, idp_name, metrics);
             }
             IdpCommand::Poll(order) => {
@@ -517,17 +518,11 @@ impl Driver {
     fn progress(&mut self, stage: Stage) {
         tracing::debug!(stage = stage.code(), "verification progress");
         self.stages.push(stage);
-        let idp = self.setup.policy.idp.clone();
-        let m = &self.deps.metrics;
         match stage {
             Stage::ConfirmingCall | Stage::Identifying => {
-                if !self.funnel_app {
-                    self.funnel_app = true;
-                    m.funnel(&idp, FunnelStep::AppOpened);
-                }
-                if stage == Stage::Identifying && !self.funnel_confirmed {
-                    self.funnel_confirmed = true;
-                    m.funnel(&idp, FunnelStep::CallConfirmed);
+                self.step(FunnelStep::AppOpened);
+                if stage == Stage::Identifying {
+                    self.step(FunnelStep::CallConfirmed);
                 }
             }
             Stage::Done => {
@@ -535,6 +530,14 @@ impl Driver {
                 self.journal_close();
             }
             _ => {}
+        }
+    }
+
+    /// Counts a funnel step the first time this call reaches it.
+    fn step(&mut self, step: FunnelStep) {
+        if self.funnel.insert(step) {
+            let policy = &self.setup.policy;
+            self.deps.metrics.funnel(&policy.name.0, &policy.idp, step);
         }
     }
 
@@ -582,18 +585,16 @@ impl Driver {
             }
         };
         let duration = self.started.elapsed();
-        let m = &self.deps.metrics;
-        m.call_ended(&policy.name.0, outcome);
+        self.deps.metrics.call_ended(&policy.name.0, outcome);
         if checked {
-            m.verification_ended(&policy.idp, outcome);
-            match outcome {
-                Outcome::Verified => m.funnel(&policy.idp, FunnelStep::Verified),
-                Outcome::NotVerified(Reason::DeclinedCall) => {
-                    m.funnel(&policy.idp, FunnelStep::Declined)
-                }
-                Outcome::NotVerified(Reason::Expired) => m.funnel(&policy.idp, FunnelStep::Expired),
-                Outcome::NotVerified(_) => {}
-            }
+            self.deps.metrics.verification_ended(&policy.idp, outcome);
+        }
+        match outcome {
+            Outcome::Verified => self.step(FunnelStep::Verified),
+            Outcome::NotVerified(Reason::DeclinedCall) => self.step(FunnelStep::Declined),
+            Outcome::NotVerified(Reason::Expired) => self.step(FunnelStep::Expired),
+            _ if outcome.status() == Status::Unavailable => self.step(FunnelStep::Unavailable),
+            _ => {}
         }
         let level_error = matches!(outcome.status(), Status::Unavailable | Status::Interrupted)
             || destination == Destination::NextPriority;
@@ -666,6 +667,7 @@ async fn timed<T>(
         });
     metrics.provider_latency(idp, op, t.elapsed());
     if let Err(e) = &r {
+        metrics.provider_error(idp, op, e.class());
         tracing::warn!(op, error = ?e, "provider request failed");
     }
     r
