@@ -301,3 +301,184 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- the Debian package ----
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `deploy/debian/build-deb.sh` builds a package (here from the debug binary) with the binary, the
+/// hardened unit pointing at it, the configs as conffiles, the prompts, and maintainer scripts that
+/// create the user and start nothing; lintian (where installed) finds no error.
+#[test]
+fn the_debian_package_has_the_binary_unit_configs_and_prompts() {
+    use std::io::Write as _;
+    if !have("dpkg-deb") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "debian package test skipped: dpkg-deb not found"
+        );
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("callgate-deb-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&out);
+    let deb = run(std::process::Command::new("bash")
+        .arg(root().join("deploy/debian/build-deb.sh"))
+        .args(["--binary", env!("CARGO_BIN_EXE_callgate"), "--out"])
+        .arg(&out)
+        // Fast compression: the test checks contents, not size.
+        .env("DEB_COMPRESSION", "gzip")
+        .env("DEB_LEVEL", "1"));
+    let deb = PathBuf::from(deb.trim());
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("callgate_{version}_amd64.deb")
+    );
+
+    let field = |name: &str| {
+        run(std::process::Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .arg(name))
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(field("Package"), "callgate");
+    assert_eq!(field("Version"), version);
+    assert_eq!(field("Architecture"), "amd64");
+    assert!(field("Depends").contains("adduser"), "{}", field("Depends"));
+
+    // Contents: path → mode.
+    let listing = run(std::process::Command::new("dpkg-deb").arg("-c").arg(&deb));
+    let contents: HashMap<String, String> = listing
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                cols.last()?.trim_start_matches('.').to_owned(),
+                cols.first()?.to_string(),
+            ))
+        })
+        .collect();
+    for (path, mode) in [
+        ("/usr/bin/callgate", "-rwxr-xr-x"),
+        ("/lib/systemd/system/callgate.service", "-rw-r--r--"),
+        ("/etc/callgate/callgate.toml", "-rw-r-----"),
+        ("/etc/callgate/env", "-rw-------"),
+    ] {
+        assert_eq!(
+            contents.get(path).map(String::as_str),
+            Some(mode),
+            "{path} in\n{listing}"
+        );
+    }
+    for lang in Language::ALL {
+        for prompt in PromptId::ALL {
+            let path = format!(
+                "/usr/share/callgate/sounds/{}/callgate/{}.wav",
+                lang.code(),
+                prompt.code()
+            );
+            assert!(contents.contains_key(&path), "{path} missing");
+        }
+    }
+
+    // Control files and the unit, unpacked.
+    let control = out.join("control");
+    run(std::process::Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(&control));
+    let conffiles = fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(
+        conffiles,
+        "/etc/callgate/callgate.toml\n/etc/callgate/env\n"
+    );
+    let postinst = fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system --group"), "{postinst}");
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = fs::read_to_string(control.join(script)).unwrap();
+        run(std::process::Command::new("sh")
+            .arg("-n")
+            .arg(control.join(script)));
+        // Commands only: what the scripts print or say in comments is advice to the operator.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("echo") && !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for starts in [
+            "systemctl start",
+            "systemctl enable",
+            "systemctl restart",
+            "invoke start",
+            "invoke restart",
+            "deb-systemd-helper enable",
+        ] {
+            assert!(!text.contains(starts), "{script} runs `{starts}`:\n{text}");
+        }
+    }
+    let files = out.join("files");
+    run(std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&files));
+    let unit = fs::read_to_string(files.join("lib/systemd/system/callgate.service")).unwrap();
+    let shipped = fs::read_to_string(root().join("deploy/systemd/callgate.service")).unwrap();
+    // The shipped unit line by line (its hardening included), only with the packaged binary path.
+    assert_eq!(
+        unit,
+        shipped.replace("/usr/local/bin/callgate", "/usr/bin/callgate")
+    );
+    for line in [
+        "ExecStartPre=/usr/bin/callgate check-config /etc/callgate/callgate.toml",
+        "ExecStart=/usr/bin/callgate serve --config /etc/callgate/callgate.toml",
+        "EnvironmentFile=/etc/callgate/env",
+        "User=callgate",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    // Every file the unit names is in the package.
+    for path in [
+        "/usr/bin/callgate",
+        "/etc/callgate/callgate.toml",
+        "/etc/callgate/env",
+    ] {
+        assert!(contents.contains_key(path), "{path}");
+    }
+    let packaged = run(std::process::Command::new(files.join("usr/bin/callgate")).arg("--version"));
+    assert!(packaged.contains(version), "{packaged}");
+
+    if have("lintian") {
+        // Exit status 0: no error-level tag (the package's overrides cover the deliberate ones).
+        let report = run(std::process::Command::new("lintian").arg(&deb));
+        assert!(!report.contains("E: "), "{report}");
+    } else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "lintian check skipped: lintian not found"
+        );
+    }
+    let _ = fs::remove_dir_all(&out);
+}
