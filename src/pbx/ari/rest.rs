@@ -24,6 +24,8 @@ use crate::telemetry::ErrorChain;
 const MAX_MESSAGE: usize = 200;
 /// Asterisk's message for a path it has no resource for (an older Asterisk without a newer call).
 const RESOURCE_NOT_FOUND: &str = "Resource not found";
+/// Asterisk's message for a sound file it does not have (`GET /sounds/{id}`).
+const SOUND_NOT_FOUND: &str = "Sound not found";
 /// Requests in flight at once. Each needs its own HTTP connection, and Asterisk serves at most
 /// `sessionlimit` (http.conf, default 100) sessions, the events websocket included: beyond that it
 /// drops new connections and the requests fail. Further requests wait for a slot (within their
@@ -601,10 +603,10 @@ impl Client {
     }
 
     /// `GET /sounds/{id}` (e.g. `callgate/enter-number`); `None` when Asterisk has no such sound in
-    /// any language.
+    /// any language (404 `Sound not found`; any other 404, e.g. without `res_ari_sounds`, is an error).
     pub async fn sound(&self, id: &str) -> Result<Option<Sound>, Error> {
         let answer = self.send(Method::GET, &["sounds", id], &[], None).await?;
-        if answer.status == StatusCode::NOT_FOUND {
+        if answer.status == StatusCode::NOT_FOUND && answer.message() == SOUND_NOT_FOUND {
             return Ok(None);
         }
         answer.json(Target::Other).map(Some)
