@@ -381,8 +381,12 @@ fn describe_tls(e: &rustls::Error, server_ca: Option<&std::path::Path>) -> Strin
         .map(|p| format!(" ({})", p.display()))
         .unwrap_or_default();
     match e {
-        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
-            format!("server certificate not trusted by server_ca{ca}: UnknownIssuer")
+        rustls::Error::InvalidCertificate(c @ (C::UnknownIssuer | C::BadSignature)) => {
+            // No chain to the trust anchor (a root of the same name but another key: BadSignature).
+            format!(
+                "server certificate not trusted by server_ca{ca}: {}",
+                variant(c)
+            )
         }
         rustls::Error::InvalidCertificate(c) => {
             format!("server certificate refused: {}", variant(c))
