@@ -104,7 +104,18 @@ pub async fn start(
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for (name, idp_cfg) in &cfg.idps {
         let settings = match idp_cfg {
-            Idp::BankId(s) => s.clone(),
+            Idp::BankId(s) => {
+                let rp = s
+                    .identity
+                    .as_ref()
+                    .and_then(|i| idp::bankid::rp_certificate_not_after(i).ok());
+                let ca = s
+                    .server_ca
+                    .as_deref()
+                    .and_then(|p| idp::bankid::ca_not_after(p).ok());
+                metrics.certificate_expiry(name, rp, ca);
+                s.clone()
+            }
             Idp::Simulator { step } => {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 let sim = idp::sim::start(
@@ -210,7 +221,7 @@ pub async fn start(
         let serve = axum::serve(listener, ops_router)
             .with_graceful_shutdown(async move { ops_stop.cancelled().await });
         if let Err(e) = serve.await {
-            tracing::error!(error = %e, "ops listener failed");
+            tracing::error!(error = %crate::telemetry::ErrorChain(&e), "ops listener failed");
         }
     });
     // The agent API.

@@ -55,15 +55,15 @@ impl Audit {
                 };
                 line.push(b'\n');
                 if let Err(e) = file.write_all(&line).await {
-                    tracing::error!(path = %shown, error = %e, "audit write failed");
+                    tracing::error!(path = %shown, error = %crate::telemetry::ErrorChain(&e), "audit write failed");
                     continue;
                 }
                 if let Err(e) = file.flush().await {
-                    tracing::error!(path = %shown, error = %e, "audit flush failed");
+                    tracing::error!(path = %shown, error = %crate::telemetry::ErrorChain(&e), "audit flush failed");
                 }
                 // Durable before the next record: an outcome is not lost to a crash or power cut.
                 if let Err(e) = file.sync_data().await {
-                    tracing::error!(path = %shown, error = %e, "audit sync failed");
+                    tracing::error!(path = %shown, error = %crate::telemetry::ErrorChain(&e), "audit sync failed");
                 }
             }
             let _ = file.sync_all().await;

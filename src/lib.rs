@@ -9,6 +9,7 @@ pub mod calls;
 pub mod config;
 pub mod demo;
 pub mod dialog;
+pub mod doctor;
 pub mod idp;
 pub mod outcome;
 pub mod pbx;

@@ -48,6 +48,15 @@ enum Command {
     /// Read an agent API token from stdin and print its SHA-256 (hex) for `[api.tokens.<name>] sha256`.
     /// The token is never taken from the command line.
     TokenHash,
+    /// Check a config against the live PBX and identity providers: one line per check; exit 0 when
+    /// none failed, 1 when one did, 64 when the config is not valid.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Report format on stdout.
+        #[arg(long, value_enum, default_value = "text")]
+        format: ReportFormat,
+    },
     /// Run the BankID RP v6 simulator on loopback.
     SimIdp {
         #[arg(long, default_value = "127.0.0.1:8585")]
@@ -62,6 +71,13 @@ enum Command {
         #[arg(long)]
         cert_dir: Option<PathBuf>,
     },
+}
+
+/// `callgate doctor` output.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -92,6 +108,25 @@ fn main() -> ExitCode {
                     ExitCode::from(64)
                 }
             }
+        }
+        Command::Doctor { config, format } => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let now = time::OffsetDateTime::now_utc();
+            let (report, code) = rt.block_on(callgate::doctor::run_file(&config, now));
+            match format {
+                ReportFormat::Text => print!("{}", report.text()),
+                ReportFormat::Json => println!("{}", report.json()),
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Serve { config } => {
             let cfg = match callgate::config::load_file(&config) {

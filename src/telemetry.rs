@@ -80,26 +80,48 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Steps of the verification funnel.
+/// Steps of the verification funnel, each counted at most once per call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FunnelStep {
-    Started,
+    /// The call entered the gate.
+    Entered,
+    /// A valid number was typed and an order is asked for.
+    NumberAccepted,
+    /// The provider created the order.
+    OrderCreated,
     AppOpened,
     CallConfirmed,
+    Verified,
     Declined,
     Expired,
-    Verified,
+    /// The provider could not be used (plan B).
+    Unavailable,
 }
 
 impl FunnelStep {
-    fn code(self) -> &'static str {
+    pub const ALL: [FunnelStep; 9] = [
+        FunnelStep::Entered,
+        FunnelStep::NumberAccepted,
+        FunnelStep::OrderCreated,
+        FunnelStep::AppOpened,
+        FunnelStep::CallConfirmed,
+        FunnelStep::Verified,
+        FunnelStep::Declined,
+        FunnelStep::Expired,
+        FunnelStep::Unavailable,
+    ];
+
+    pub fn code(self) -> &'static str {
         match self {
-            FunnelStep::Started => "started",
+            FunnelStep::Entered => "entered",
+            FunnelStep::NumberAccepted => "number_accepted",
+            FunnelStep::OrderCreated => "order_created",
             FunnelStep::AppOpened => "app_opened",
             FunnelStep::CallConfirmed => "call_confirmed",
+            FunnelStep::Verified => "verified",
             FunnelStep::Declined => "declined",
             FunnelStep::Expired => "expired",
-            FunnelStep::Verified => "verified",
+            FunnelStep::Unavailable => "unavailable",
         }
     }
 }
@@ -128,11 +150,18 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-const HELP: [(&str, &str, &str); 6] = [
+/// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
+/// the shipped dashboard and alerts are checked against [`exported_names`].
+pub const METRICS: [(&str, &str, &str); 10] = [
+    (
+        "callgate_build_info",
+        "gauge",
+        "Always 1; the version label says which callgate runs.",
+    ),
     (
         "callgate_calls_total",
         "counter",
-        "Gated calls by queue and outcome.",
+        "Gated calls by queue and outcome (status, reason).",
     ),
     (
         "callgate_verifications_total",
@@ -142,7 +171,7 @@ const HELP: [(&str, &str, &str); 6] = [
     (
         "callgate_funnel_total",
         "counter",
-        "Identity checks reaching each step: started, app_opened, call_confirmed, declined, expired, verified.",
+        "Calls reaching each step of the verification funnel, by queue and provider: entered, number_accepted, order_created, app_opened, call_confirmed, verified, declined, expired, unavailable.",
     ),
     (
         "callgate_provider_request_seconds",
@@ -150,16 +179,53 @@ const HELP: [(&str, &str, &str); 6] = [
         "Identity-provider request latency by provider and operation.",
     ),
     (
+        "callgate_provider_errors_total",
+        "counter",
+        "Failed identity-provider requests by provider, operation and class (not_sent, outcome_unknown, unavailable, rate_limited, rejected, fatal).",
+    ),
+    (
         "callgate_pbx_connected",
         "gauge",
         "1 while the PBX event stream is connected.",
     ),
     ("callgate_calls_active", "gauge", "Calls in the gate now."),
+    (
+        "callgate_rp_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When the RP (client) certificate of each identity provider expires, in Unix seconds.",
+    ),
+    (
+        "callgate_server_ca_expiry_timestamp_seconds",
+        "gauge",
+        "When the server_ca of each identity provider expires, in Unix seconds.",
+    ),
 ];
+
+/// Every series name a scrape of callgate can contain (histograms with their `_bucket`, `_sum` and
+/// `_count` series).
+pub fn exported_names() -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, kind, _) in METRICS {
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                out.push(format!("{name}{suffix}"));
+            }
+        } else {
+            out.push(name.to_owned());
+        }
+    }
+    out
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics::default()
+        let m = Metrics::default();
+        m.set_gauge_with(
+            "callgate_build_info",
+            vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+            1.0,
+        );
+        m
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
@@ -188,11 +254,51 @@ impl Metrics {
         );
     }
 
-    pub fn funnel(&self, idp: &str, step: FunnelStep) {
+    pub fn funnel(&self, queue: &str, idp: &str, step: FunnelStep) {
         self.inc(
             "callgate_funnel_total",
-            vec![("idp", idp.to_owned()), ("step", step.code().to_owned())],
+            vec![
+                ("queue", queue.to_owned()),
+                ("idp", idp.to_owned()),
+                ("step", step.code().to_owned()),
+            ],
         );
+    }
+
+    /// A provider request failed; `class` is [`ProviderError::class`](crate::verify::ProviderError::class).
+    pub fn provider_error(&self, idp: &str, op: &'static str, class: &'static str) {
+        self.inc(
+            "callgate_provider_errors_total",
+            vec![
+                ("idp", idp.to_owned()),
+                ("op", op.to_owned()),
+                ("class", class.to_owned()),
+            ],
+        );
+    }
+
+    /// Records when an identity provider's RP certificate and server CA expire.
+    pub fn certificate_expiry(
+        &self,
+        idp: &str,
+        rp: Option<time::OffsetDateTime>,
+        server_ca: Option<time::OffsetDateTime>,
+    ) {
+        let labels = || vec![("idp", idp.to_owned())];
+        if let Some(at) = rp {
+            self.set_gauge_with(
+                "callgate_rp_certificate_expiry_timestamp_seconds",
+                labels(),
+                at.unix_timestamp() as f64,
+            );
+        }
+        if let Some(at) = server_ca {
+            self.set_gauge_with(
+                "callgate_server_ca_expiry_timestamp_seconds",
+                labels(),
+                at.unix_timestamp() as f64,
+            );
+        }
     }
 
     pub fn provider_latency(&self, idp: &str, op: &'static str, took: Duration) {
@@ -216,8 +322,12 @@ impl Metrics {
     }
 
     pub fn set_gauge(&self, name: &'static str, value: f64) {
+        self.set_gauge_with(name, Vec::new(), value);
+    }
+
+    fn set_gauge_with(&self, name: &'static str, labels: Labels, value: f64) {
         self.with(|i| {
-            i.gauges.insert((name, Vec::new()), value);
+            i.gauges.insert((name, labels), value);
         });
     }
 
@@ -229,7 +339,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         self.with(|i| {
             let mut out = String::new();
-            for (name, kind, help) in HELP {
+            for (name, kind, help) in METRICS {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
                 for ((n, labels), v) in &i.counters {
                     if *n == name {
@@ -427,14 +537,24 @@ mod tests {
     fn renders_counters_gauges_and_histograms() {
         let m = Metrics::new();
         m.call_ended("support", Outcome::NotVerified(Reason::DeclinedCall));
-        m.funnel("bankid", FunnelStep::Started);
+        m.funnel("support", "bankid", FunnelStep::NumberAccepted);
         m.provider_latency("bankid", "collect", Duration::from_millis(120));
         m.set_pbx_connected(true);
+        m.provider_error("bankid", "start", "outcome_unknown");
         let text = m.render();
+        assert!(text.contains(
+            "callgate_provider_errors_total{idp=\"bankid\",op=\"start\",class=\"outcome_unknown\"} 1"
+        ));
         assert!(text.contains(
             "callgate_calls_total{queue=\"support\",status=\"failed\",reason=\"declined_call\"} 1"
         ));
-        assert!(text.contains("callgate_funnel_total{idp=\"bankid\",step=\"started\"} 1"));
+        assert!(text.contains(
+            "callgate_funnel_total{queue=\"support\",idp=\"bankid\",step=\"number_accepted\"} 1"
+        ));
+        assert!(text.contains(&format!(
+            "callgate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
         assert!(text.contains(
             "callgate_provider_request_seconds_bucket{idp=\"bankid\",op=\"collect\",le=\"0.25\"} 1"
         ));

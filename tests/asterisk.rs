@@ -20,6 +20,9 @@
 
 mod support;
 
+#[path = "asterisk/doctor.rs"]
+mod doctor;
+
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -651,20 +651,26 @@ async fn metrics_show_the_funnel_and_reload_keeps_serving_on_a_broken_file() {
             "no TYPE for {base}"
         );
     }
-    for step in [
-        "started",
-        "app_opened",
-        "call_confirmed",
-        "declined",
-        "verified",
+    for (step, calls) in [
+        ("entered", 2),
+        ("number_accepted", 2),
+        ("order_created", 2),
+        ("app_opened", 2),
+        ("call_confirmed", 1),
+        ("declined", 1),
+        ("verified", 1),
     ] {
         assert!(
             metrics.contains(&format!(
-                "callgate_funnel_total{{idp=\"bankid\",step=\"{step}\"}}"
+                "callgate_funnel_total{{queue=\"support\",idp=\"bankid\",step=\"{step}\"}} {calls}\n"
             )),
-            "funnel step {step} missing:\n{metrics}"
+            "funnel step {step} is not {calls}:\n{metrics}"
         );
     }
+    assert!(
+        metrics.contains("callgate_build_info{version="),
+        "{metrics}"
+    );
     assert!(metrics.contains("callgate_pbx_connected 1"));
 
     let good = std::fs::read_to_string(&lab.config_path).unwrap();

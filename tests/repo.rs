@@ -189,3 +189,296 @@ fn config_routes_exist_in_the_dialplan() {
     }
     assert!(checked >= 6, "found only {checked} routes in the config");
 }
+
+// ---- dashboard and alerts ----
+
+/// Every `callgate_…` name in a file, once each.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("callgate_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // `callgate_` inside a longer word (e.g. `mycallgate_x`) is not a metric.
+        let word_start =
+            at == 0 || !rest[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        if word_start {
+            out.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The dashboard and the alert rules use only metrics callgate exports (the registry in
+/// `telemetry::METRICS`), and only funnel steps it counts.
+#[test]
+fn dashboard_and_alerts_use_only_exported_metrics() {
+    let exported = callgate::telemetry::exported_names();
+    let steps: Vec<&str> = callgate::telemetry::FunnelStep::ALL
+        .iter()
+        .map(|s| s.code())
+        .collect();
+    for file in [
+        "deploy/grafana/callgate.json",
+        "deploy/prometheus/alerts.yml",
+    ] {
+        let text = fs::read_to_string(root().join(file)).unwrap();
+        let used = metric_names(&text);
+        assert!(used.len() >= 4, "{file}: only {used:?}");
+        for name in &used {
+            assert!(
+                exported.contains(name),
+                "{file} uses {name}, which callgate does not export (exported: {exported:?})"
+            );
+        }
+        for part in text
+            .split("step=\\\"")
+            .skip(1)
+            .chain(text.split("step=\"").skip(1))
+        {
+            let step = part.split(['"', '\\']).next().unwrap();
+            assert!(
+                steps.contains(&step),
+                "{file}: unknown funnel step {step:?}"
+            );
+        }
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(root().join("deploy/grafana/callgate.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(dashboard["uid"], "callgate");
+    // The funnel panel shows every step, in order.
+    let funnel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| {
+            p["title"]
+                .as_str()
+                .unwrap()
+                .starts_with("Verification funnel")
+        })
+        .unwrap();
+    let shown: Vec<&str> = funnel["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["legendFormat"].as_str().unwrap())
+        .collect();
+    assert_eq!(shown, steps);
+}
+
+/// `promtool check rules` accepts the alert rules (skipped, with one line, without promtool; the
+/// Debian package `prometheus` has it).
+#[test]
+fn alert_rules_pass_promtool() {
+    let rules = root().join("deploy/prometheus/alerts.yml");
+    let out = match std::process::Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(&rules)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "promtool check skipped: promtool not found (Debian package prometheus)"
+            );
+            return;
+        }
+        Err(e) => panic!("promtool: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "promtool check rules failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- the Debian package ----
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `deploy/debian/build-deb.sh` builds a package (here from the debug binary) with the binary, the
+/// hardened unit pointing at it, the configs as conffiles, the prompts, and maintainer scripts that
+/// create the user and start nothing; lintian (where installed) finds no error.
+#[test]
+fn the_debian_package_has_the_binary_unit_configs_and_prompts() {
+    use std::io::Write as _;
+    if !have("dpkg-deb") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "debian package test skipped: dpkg-deb not found"
+        );
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("callgate-deb-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&out);
+    let deb = run(std::process::Command::new("bash")
+        .arg(root().join("deploy/debian/build-deb.sh"))
+        .args(["--binary", env!("CARGO_BIN_EXE_callgate"), "--out"])
+        .arg(&out)
+        // Fast compression: the test checks contents, not size.
+        .env("DEB_COMPRESSION", "gzip")
+        .env("DEB_LEVEL", "1"));
+    let deb = PathBuf::from(deb.trim());
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        deb.file_name().unwrap().to_str().unwrap(),
+        format!("callgate_{version}_amd64.deb")
+    );
+
+    let field = |name: &str| {
+        run(std::process::Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .arg(name))
+        .trim()
+        .to_owned()
+    };
+    assert_eq!(field("Package"), "callgate");
+    assert_eq!(field("Version"), version);
+    assert_eq!(field("Architecture"), "amd64");
+    assert!(field("Depends").contains("adduser"), "{}", field("Depends"));
+
+    // Contents: path → mode.
+    let listing = run(std::process::Command::new("dpkg-deb").arg("-c").arg(&deb));
+    let contents: HashMap<String, String> = listing
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                cols.last()?.trim_start_matches('.').to_owned(),
+                cols.first()?.to_string(),
+            ))
+        })
+        .collect();
+    for (path, mode) in [
+        ("/usr/bin/callgate", "-rwxr-xr-x"),
+        ("/lib/systemd/system/callgate.service", "-rw-r--r--"),
+        ("/etc/callgate/callgate.toml", "-rw-r-----"),
+        ("/etc/callgate/env", "-rw-------"),
+    ] {
+        assert_eq!(
+            contents.get(path).map(String::as_str),
+            Some(mode),
+            "{path} in\n{listing}"
+        );
+    }
+    for lang in Language::ALL {
+        for prompt in PromptId::ALL {
+            let path = format!(
+                "/usr/share/callgate/sounds/{}/callgate/{}.wav",
+                lang.code(),
+                prompt.code()
+            );
+            assert!(contents.contains_key(&path), "{path} missing");
+        }
+    }
+
+    // Control files and the unit, unpacked.
+    let control = out.join("control");
+    run(std::process::Command::new("dpkg-deb")
+        .arg("-e")
+        .arg(&deb)
+        .arg(&control));
+    let conffiles = fs::read_to_string(control.join("conffiles")).unwrap();
+    assert_eq!(
+        conffiles,
+        "/etc/callgate/callgate.toml\n/etc/callgate/env\n"
+    );
+    let postinst = fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(postinst.contains("adduser --system --group"), "{postinst}");
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = fs::read_to_string(control.join(script)).unwrap();
+        run(std::process::Command::new("sh")
+            .arg("-n")
+            .arg(control.join(script)));
+        // Commands only: what the scripts print or say in comments is advice to the operator.
+        let text: String = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("echo") && !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for starts in [
+            "systemctl start",
+            "systemctl enable",
+            "systemctl restart",
+            "invoke start",
+            "invoke restart",
+            "deb-systemd-helper enable",
+        ] {
+            assert!(!text.contains(starts), "{script} runs `{starts}`:\n{text}");
+        }
+    }
+    let files = out.join("files");
+    run(std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&files));
+    let unit = fs::read_to_string(files.join("lib/systemd/system/callgate.service")).unwrap();
+    let shipped = fs::read_to_string(root().join("deploy/systemd/callgate.service")).unwrap();
+    // The shipped unit line by line (its hardening included), only with the packaged binary path.
+    assert_eq!(
+        unit,
+        shipped.replace("/usr/local/bin/callgate", "/usr/bin/callgate")
+    );
+    for line in [
+        "ExecStartPre=/usr/bin/callgate check-config /etc/callgate/callgate.toml",
+        "ExecStart=/usr/bin/callgate serve --config /etc/callgate/callgate.toml",
+        "EnvironmentFile=/etc/callgate/env",
+        "User=callgate",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+        "SystemCallFilter=@system-service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    // Every file the unit names is in the package.
+    for path in [
+        "/usr/bin/callgate",
+        "/etc/callgate/callgate.toml",
+        "/etc/callgate/env",
+    ] {
+        assert!(contents.contains_key(path), "{path}");
+    }
+    let packaged = run(std::process::Command::new(files.join("usr/bin/callgate")).arg("--version"));
+    assert!(packaged.contains(version), "{packaged}");
+
+    if have("lintian") {
+        // Exit status 0: no error-level tag (the package's overrides cover the deliberate ones).
+        let report = run(std::process::Command::new("lintian").arg(&deb));
+        assert!(!report.contains("E: "), "{report}");
+    } else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "lintian check skipped: lintian not found"
+        );
+    }
+    let _ = fs::remove_dir_all(&out);
+}

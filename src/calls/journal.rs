@@ -229,7 +229,7 @@ impl Writer {
                 self.closed = 0;
             }
             Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e, "order journal compaction failed")
+                tracing::error!(path = %self.path.display(), error = %crate::telemetry::ErrorChain(&e), "order journal compaction failed")
             }
         }
     }

@@ -101,7 +101,7 @@ impl Registry {
         match inbox.send_timeout(event, Duration::from_secs(2)).await {
             Ok(()) => true,
             Err(e) => {
-                tracing::warn!(call.id = id, error = %e, "call did not take an event");
+                tracing::warn!(call.id = id, error = %crate::telemetry::ErrorChain(&e), "call did not take an event");
                 false
             }
         }

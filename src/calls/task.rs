@@ -144,8 +144,7 @@ pub fn spawn(
         order_person: None,
         start_person: None,
         journalled: None,
-        funnel_app: false,
-        funnel_confirmed: false,
+        funnel: Default::default(),
         started: now(),
         setup,
         _entry: entry,
@@ -209,8 +208,8 @@ struct Driver {
     start_person: Option<String>,
     /// The order of this call that is open in the journal.
     journalled: Option<String>,
-    funnel_app: bool,
-    funnel_confirmed: bool,
+    /// Funnel steps this call has reached (each counted once).
+    funnel: std::collections::BTreeSet<FunnelStep>,
     started: Instant,
     _entry: Entry,
 }
@@ -283,6 +282,7 @@ impl Driver {
         let mut call = match self.setup.resume.clone() {
             None => {
                 tracing::info!("call entered the gate");
+                self.step(FunnelStep::Entered);
                 Call::new(
                     Arc::clone(&self.setup.policy),
                     self.deps.verify.clone(),
@@ -317,7 +317,7 @@ impl Driver {
                 Some(done) = self.idp.join_next(), if !self.idp.is_empty() => match done {
                     Ok((_, i)) => Some(Input::Idp(i)),
                     Err(e) => {
-                        tracing::error!(error = %e, "provider request task failed");
+                        tracing::error!(error = %crate::telemetry::ErrorChain(&e), "provider request task failed");
                         None
                     }
                 },
@@ -327,6 +327,7 @@ impl Driver {
                 if let Input::Idp(verify::Input::Started(Ok(started))) = &input {
                     // Durable before the caller is told to open the app.
                     self.journal_open(&started.order.0).await;
+                    self.step(FunnelStep::OrderCreated);
                 }
                 call.handle(input, now().into_std());
             }
@@ -629,6 +630,7 @@ impl Driver {
                 self.spawn_start(gen, provider, order, idp_name, metrics);
             }
             IdpCommand::Start(order) => {
+                self.step(FunnelStep::NumberAccepted);
                 let person = order.number.pseudonym(&self.deps.key);
                 let line = line_key(&self.setup.caller_line);
                 match self.deps.limits.acquire(
@@ -652,7 +654,6 @@ impl Driver {
                         }
                     }
                 }
-                metrics.funnel(&idp_name, FunnelStep::Started);
                 self.spawn_start(gen, provider, order, idp_name, metrics);
             }
             IdpCommand::Poll(order) => {
@@ -694,17 +695,11 @@ impl Driver {
         if stage != Stage::Done {
             self.publish(LiveKind::Progress);
         }
-        let idp = self.setup.policy.idp.clone();
-        let m = &self.deps.metrics;
         match stage {
             Stage::ConfirmingCall | Stage::Identifying => {
-                if !self.funnel_app {
-                    self.funnel_app = true;
-                    m.funnel(&idp, FunnelStep::AppOpened);
-                }
-                if stage == Stage::Identifying && !self.funnel_confirmed {
-                    self.funnel_confirmed = true;
-                    m.funnel(&idp, FunnelStep::CallConfirmed);
+                self.step(FunnelStep::AppOpened);
+                if stage == Stage::Identifying {
+                    self.step(FunnelStep::CallConfirmed);
                 }
             }
             Stage::Done => {
@@ -712,6 +707,14 @@ impl Driver {
                 self.journal_close();
             }
             _ => {}
+        }
+    }
+
+    /// Counts a funnel step the first time this call reaches it.
+    fn step(&mut self, step: FunnelStep) {
+        if self.funnel.insert(step) {
+            let policy = &self.setup.policy;
+            self.deps.metrics.funnel(&policy.name.0, &policy.idp, step);
         }
     }
 
@@ -786,11 +789,8 @@ impl Driver {
         if checked {
             self.publish(LiveKind::Completed);
         }
-        let m = &self.deps.metrics;
-        m.call_ended(&policy.name.0, outcome);
-        if checked {
-            count_verification(m, &policy.idp, outcome);
-        }
+        self.deps.metrics.call_ended(&policy.name.0, outcome);
+        self.count_outcome(outcome, checked);
         let level_error = matches!(outcome.status(), Status::Unavailable | Status::Interrupted)
             || destination == Destination::NextPriority;
         if level_error {
@@ -868,6 +868,7 @@ impl Driver {
             if let Some(input) = input {
                 if let anchor::Input::Idp(gen, verify::Input::Started(Ok(started))) = &input {
                     if *gen == self.check_gen {
+                        self.step(FunnelStep::OrderCreated);
                         self.journal_open(&started.order.0).await;
                     }
                 }
@@ -964,8 +965,8 @@ impl Driver {
         tracing::info!(by = %by, method = method.code(), reference = %id, "check started during the call");
         self.check_gen = gen;
         self.stages.clear();
-        self.funnel_app = false;
-        self.funnel_confirmed = false;
+        // Each check during the call is its own way through the funnel, from the number on.
+        self.funnel.clear();
         self.new_check(id, method, by);
         self.publish(LiveKind::Progress);
     }
@@ -1152,6 +1153,22 @@ impl Driver {
         }
     }
 
+    /// Counts a check's outcome: verifications (when a check ran) and the funnel's last step.
+    fn count_outcome(&mut self, outcome: Outcome, checked: bool) {
+        if checked {
+            self.deps
+                .metrics
+                .verification_ended(&self.setup.policy.idp, outcome);
+        }
+        match outcome {
+            Outcome::Verified => self.step(FunnelStep::Verified),
+            Outcome::NotVerified(Reason::DeclinedCall) => self.step(FunnelStep::Declined),
+            Outcome::NotVerified(Reason::Expired) => self.step(FunnelStep::Expired),
+            _ if outcome.status() == Status::Unavailable => self.step(FunnelStep::Unavailable),
+            _ => {}
+        }
+    }
+
     /// The audit line of a check (the gate's, or one during the call): pseudonym and evidence only
     /// when verified, never a number.
     fn audit_entry(
@@ -1232,11 +1249,8 @@ impl Driver {
             v.ended_at = Some(record.at);
             v.fields = live_fields(&vars);
         }
-        let m = &self.deps.metrics;
         let checked = !self.stages.is_empty();
-        if checked {
-            count_verification(m, &policy.idp, outcome);
-        }
+        self.count_outcome(outcome, checked);
         if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
             tracing::warn!(reference = %self.reference, "the person declined the call in their app: someone may be calling in their name");
         } else {
@@ -1261,17 +1275,6 @@ impl Driver {
             Ok(d) => tracing::info!(destination = %d, "stopping: caller routed instead of bridged"),
             Err(e) => tracing::warn!(error = %e, "stopping: could not route the caller"),
         }
-    }
-}
-
-/// Counts a check's outcome (verifications and the funnel's last step).
-fn count_verification(m: &Metrics, idp: &str, outcome: Outcome) {
-    m.verification_ended(idp, outcome);
-    match outcome {
-        Outcome::Verified => m.funnel(idp, FunnelStep::Verified),
-        Outcome::NotVerified(Reason::DeclinedCall) => m.funnel(idp, FunnelStep::Declined),
-        Outcome::NotVerified(Reason::Expired) => m.funnel(idp, FunnelStep::Expired),
-        Outcome::NotVerified(_) => {}
     }
 }
 
@@ -1314,6 +1317,7 @@ async fn timed<T>(
         });
     metrics.provider_latency(idp, op, t.elapsed());
     if let Err(e) = &r {
+        metrics.provider_error(idp, op, e.class());
         tracing::warn!(op, error = ?e, "provider request failed");
     }
     r

@@ -616,7 +616,7 @@ impl Adapter {
             Ok(Some(app)) => (app.channel_ids, app.bridge_ids),
             Ok(None) => (Vec::new(), Vec::new()),
             Err(e) => {
-                tracing::error!(error = %e, "reconcile: cannot read the application; calls resync without it");
+                tracing::error!(error = %crate::telemetry::ErrorChain(&e), "reconcile: cannot read the application; calls resync without it");
                 for id in before {
                     registry.send(&id, CallEvent::Resync).await;
                 }
@@ -875,7 +875,7 @@ impl Adapter {
             .filter(|e| !(anchoring && *e == "ChannelVarset"))
             .collect();
         if let Err(e) = self.client.set_event_filter(&self.app, &ignored).await {
-            tracing::info!(error = %e, "could not set the application's event filter; ignored events are dropped here");
+            tracing::info!(error = %crate::telemetry::ErrorChain(&e), "could not set the application's event filter; ignored events are dropped here");
         }
     }
 }
@@ -913,9 +913,11 @@ impl AriControl {
         for (i, e) in failed {
             match vars.get(i) {
                 Some((name, _)) => {
-                    tracing::error!(variable = name, error = %e, "could not set call metadata")
+                    tracing::error!(variable = name, error = %crate::telemetry::ErrorChain(&e), "could not set call metadata")
                 }
-                None => tracing::warn!(error = %e, "could not clear the safety-net timeout"),
+                None => {
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "could not clear the safety-net timeout")
+                }
             }
         }
         Ok(())
@@ -957,7 +959,7 @@ impl AriControl {
                 Ok(()) => return Ok(destination),
                 Err(e) if e.is_gone() => return Err(ControlError::Gone),
                 Err(e) => {
-                    tracing::warn!(error = %e, "continue failed");
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "continue failed");
                     last = Some(e);
                 }
             }

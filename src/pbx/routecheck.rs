@@ -121,7 +121,7 @@ impl RouteCheck {
             }
             Err(e) if e.is_gone() => return Err(e),
             Err(e) => {
-                tracing::warn!(error = %e, "could not check the routes; using them as configured");
+                tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "could not check the routes; using them as configured");
                 let all = routes.iter().map(|r| (r.clone(), true)).collect();
                 (all, UNVERIFIED_FOR)
             }
@@ -181,7 +181,7 @@ fn exists_call(route: &Route) -> String {
 }
 
 /// Asks Asterisk, on `channel`, which of `routes` exist.
-async fn check(
+pub(crate) async fn check(
     client: &Client,
     channel: &str,
     routes: &[Route],

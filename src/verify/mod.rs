@@ -145,6 +145,21 @@ pub enum ProviderError {
     Fatal,
 }
 
+impl ProviderError {
+    /// The class as a stable code (metric label): `not_sent`, `outcome_unknown`, `unavailable`,
+    /// `rate_limited`, `rejected`, `fatal`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ProviderError::NotSent => "not_sent",
+            ProviderError::OutcomeUnknown => "outcome_unknown",
+            ProviderError::Unavailable => "unavailable",
+            ProviderError::RateLimited { .. } => "rate_limited",
+            ProviderError::Rejected(_) => "rejected",
+            ProviderError::Fatal => "fatal",
+        }
+    }
+}
+
 /// The provider accepted a start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {

@@ -97,6 +97,8 @@ struct Answer {
 /// A BankID RP v6.0 client for phone orders.
 pub struct Client {
     http: reqwest::Client,
+    /// The configured trust anchor, for messages about the server's certificate.
+    server_ca: Option<PathBuf>,
     phone_auth: Url,
     collect: Url,
     cancel: Url,
@@ -162,6 +164,7 @@ impl Client {
         let join = |path: &str| base.join(path).map_err(|e| url_error(&e.to_string()));
         Ok(Client {
             http,
+            server_ca: settings.server_ca.clone(),
             phone_auth: join(Endpoint::PhoneAuth.path())?,
             collect: join(Endpoint::Collect.path())?,
             cancel: join(Endpoint::Cancel.path())?,
@@ -189,7 +192,8 @@ impl Client {
             Ok(r) => r,
             Err(e) => {
                 let class = classify_transport(&e);
-                warn!(method = endpoint.path(), error = %ErrorChain(&e), class = ?class, "bankid request failed");
+                let cause = tls_cause(&e, self.server_ca.as_deref());
+                warn!(method = endpoint.path(), cause = cause.as_deref(), error = %ErrorChain(&e), class = ?class, "bankid request failed");
                 return Err(class);
             }
         };
@@ -276,6 +280,129 @@ impl Client {
             return Ok(());
         }
         Err(error_answer(Endpoint::Cancel, &answer, Some(order)))
+    }
+}
+
+impl Client {
+    /// Checks that the provider answers over (mutual) TLS without creating an order: a `collect` of
+    /// an order that cannot exist, which BankID answers with 400 `invalidParameters`. `Ok` describes
+    /// the answer; `Err` names the cause (a refused certificate in words, then the error chain).
+    pub async fn probe(&self) -> Result<String, String> {
+        let body = order_ref_body(&OrderRef(PROBE_ORDER_REF.to_owned()))
+            .map_err(|_| "cannot build the request".to_owned())?;
+        let sent = self
+            .http
+            .post(self.collect.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                let e = e.without_url();
+                let chain = ErrorChain(&e).to_string();
+                return Err(match tls_cause(&e, self.server_ca.as_deref()) {
+                    Some(cause) => format!("{cause} ({chain})"),
+                    None => chain,
+                });
+            }
+        };
+        let status = response.status();
+        let body = response.bytes().await.unwrap_or_default();
+        let code = serde_json::from_slice::<ErrorBody>(&body)
+            .ok()
+            .map(|b| b.error_code.as_str().to_owned());
+        match (status.as_u16(), code.as_deref()) {
+            (400, Some("invalidParameters")) | (200, _) => Ok(format!(
+                "answers over {} (collect of a made-up order: {}{})",
+                self.collect.scheme(),
+                status.as_u16(),
+                code.map(|c| format!(" {c}")).unwrap_or_default()
+            )),
+            (401 | 403, _) => Err(format!(
+                "the server refused the RP certificate: HTTP {}",
+                status.as_u16()
+            )),
+            (s, c) => Err(format!(
+                "unexpected answer: HTTP {s}{}",
+                c.map(|c| format!(" {c}")).unwrap_or_default()
+            )),
+        }
+    }
+}
+
+/// An order reference no BankID order has (the nil UUID), for [`Client::probe`].
+const PROBE_ORDER_REF: &str = "00000000-0000-0000-0000-000000000000";
+
+/// Names the TLS cause of a transport failure in words an operator can act on, when the error chain
+/// holds one (rustls errors travel inside an `io::Error`, whose `source()` skips them).
+pub(crate) fn tls_cause(
+    e: &(dyn std::error::Error + 'static),
+    server_ca: Option<&std::path::Path>,
+) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = find_rustls(err) {
+            return Some(describe_tls(tls, server_ca));
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// `err` itself as a rustls error, or the one inside (possibly nested) `io::Error`s.
+fn find_rustls<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let mut io = err.downcast_ref::<std::io::Error>();
+    while let Some(inner) = io.and_then(|e| e.get_ref()) {
+        if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        io = inner.downcast_ref::<std::io::Error>();
+    }
+    None
+}
+
+/// The variant name of a rustls enum value (`Expired`, not its whole `Debug` with timestamps).
+fn variant(v: &impl std::fmt::Debug) -> String {
+    let text = format!("{v:?}");
+    text.split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn describe_tls(e: &rustls::Error, server_ca: Option<&std::path::Path>) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C};
+    let ca = server_ca
+        .map(|p| format!(" ({})", p.display()))
+        .unwrap_or_default();
+    match e {
+        rustls::Error::InvalidCertificate(c @ (C::UnknownIssuer | C::BadSignature)) => {
+            // No chain to the trust anchor (a root of the same name but another key: BadSignature).
+            format!(
+                "server certificate not trusted by server_ca{ca}: {}",
+                variant(c)
+            )
+        }
+        rustls::Error::InvalidCertificate(c) => {
+            format!("server certificate refused: {}", variant(c))
+        }
+        rustls::Error::AlertReceived(
+            a @ (A::BadCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::UnknownCA
+            | A::CertificateRequired
+            | A::AccessDenied),
+        ) => format!("the server refused the RP certificate: {a:?}"),
+        rustls::Error::AlertReceived(a) => format!("the server ended the TLS session: {a:?}"),
+        other => format!("TLS: {other}"),
     }
 }
 

@@ -10,6 +10,18 @@ pub mod wire;
 pub use client::{Client, Error, MAX_VISIBLE_DATA_B64};
 pub(crate) use tls::provider as tls_provider;
 
+/// When the RP certificate of `identity` (its leaf) expires.
+pub fn rp_certificate_not_after(
+    identity: &crate::idp::ClientIdentity,
+) -> Result<time::OffsetDateTime, Error> {
+    tls::identity_not_after(identity)
+}
+
+/// When the earliest-expiring certificate of a CA file (e.g. `server_ca`) expires.
+pub fn ca_not_after(path: &std::path::Path) -> Result<time::OffsetDateTime, Error> {
+    tls::ca_not_after(path)
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -946,6 +946,10 @@ async fn a_refused_handshake_is_logged_with_its_cause() {
     // reqwest names only its own layer; the TLS cause comes from the source chain.
     assert!(line.contains("error sending request"), "{line}");
     assert!(line.contains("alert"), "{line}");
+    assert!(
+        line.contains("cause=\"the server refused the RP certificate: "),
+        "{line}"
+    );
     assert!(!line.contains(NUMBER), "{line}");
 }
 
@@ -957,11 +961,22 @@ async fn client_refuses_a_server_not_signed_by_the_configured_root() {
     let mut settings = sim_a.settings();
     settings.server_ca = sim_b.settings().server_ca;
     let client = Client::new(&settings).unwrap();
-    assert_eq!(
-        client.start(&order(NUMBER)).await.map(|_| ()),
-        Err(ProviderError::NotSent)
-    );
+    let logs = crate::telemetry::LogCapture::default();
+    let started = {
+        let _guard = logs.install();
+        client.start(&order(NUMBER)).await
+    };
+    assert_eq!(started.map(|_| ()), Err(ProviderError::NotSent));
     assert_eq!(sim_a.starts(), 0);
+    // The log says which side refused what, in words, before the chain.
+    let ca = settings.server_ca.as_ref().unwrap().display().to_string();
+    let text = logs.text();
+    assert!(
+        text.contains(&format!(
+            "cause=\"server certificate not trusted by server_ca ({ca}): "
+        )),
+        "{text}"
+    );
 
     // The refusal is the client's certificate check, not the server's.
     let config = client_config(settings.server_ca.as_deref(), settings.identity.as_ref()).unwrap();

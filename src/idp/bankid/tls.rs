@@ -12,6 +12,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
 
 use super::client::Error;
 use crate::idp::ClientIdentity;
@@ -62,6 +63,33 @@ fn identity_path(identity: &ClientIdentity) -> &Path {
         ClientIdentity::Pkcs12 { path, .. } => path,
         ClientIdentity::Pem { cert, .. } => cert,
     }
+}
+
+/// When the RP certificate (the leaf of the configured identity) stops being valid.
+pub(crate) fn identity_not_after(identity: &ClientIdentity) -> Result<OffsetDateTime, Error> {
+    let (chain, _key) = load_identity(identity)?;
+    let path = identity_path(identity);
+    chain
+        .first()
+        .and_then(|leaf| x509_validity(leaf))
+        .map(|(_, not_after)| not_after)
+        .ok_or_else(|| Error::Identity {
+            path: path.to_owned(),
+            reason: "the RP certificate's validity cannot be read".into(),
+        })
+}
+
+/// When the first certificate of a CA file stops being valid (the earliest end among them).
+pub(crate) fn ca_not_after(path: &Path) -> Result<OffsetDateTime, Error> {
+    read_certs(path)?
+        .iter()
+        .filter_map(|c| x509_validity(c))
+        .map(|(_, not_after)| not_after)
+        .min()
+        .ok_or_else(|| Error::Pem {
+            path: path.to_owned(),
+            reason: "no certificate validity could be read".into(),
+        })
 }
 
 /// Loads the RP certificate chain (leaf first) and its private key.
@@ -170,6 +198,49 @@ pub(super) fn x509_version(der: &[u8]) -> Option<u8> {
         [v @ 0..=2] => Some(v + 1),
         _ => None,
     }
+}
+
+/// The validity period (`notBefore`, `notAfter`) of a DER certificate, or `None` when it does not
+/// parse that far. `tbsCertificate ::= SEQUENCE { [0] version OPTIONAL, serialNumber INTEGER,
+/// signature AlgorithmIdentifier, issuer Name, validity SEQUENCE { notBefore Time, notAfter Time }, … }`.
+pub(crate) fn x509_validity(der: &[u8]) -> Option<(OffsetDateTime, OffsetDateTime)> {
+    let (_, certificate) = der_element(der, 0x30)?;
+    let (_, mut tbs) = der_element(certificate, 0x30)?;
+    if tbs.first() == Some(&0xa0) {
+        tbs = der_element(tbs, 0xa0)?.0;
+    }
+    let (rest, _serial) = der_element(tbs, 0x02)?;
+    let (rest, _signature) = der_element(rest, 0x30)?;
+    let (rest, _issuer) = der_element(rest, 0x30)?;
+    let (_, validity) = der_element(rest, 0x30)?;
+    let (rest, not_before) = der_time(validity)?;
+    let (_, not_after) = der_time(rest)?;
+    Some((not_before, not_after))
+}
+
+/// `Time ::= CHOICE { utcTime (YYMMDDHHMMSSZ), generalTime (YYYYMMDDHHMMSSZ) }` at the start of `input`.
+fn der_time(input: &[u8]) -> Option<(&[u8], OffsetDateTime)> {
+    let (tag, year_digits) = match input.first()? {
+        0x17 => (0x17, 2),
+        0x18 => (0x18, 4),
+        _ => return None,
+    };
+    let (rest, text) = der_element(input, tag)?;
+    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
+    if text.len() != year_digits + 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let num = |from: usize, len: usize| text.get(from..from + len)?.parse::<i32>().ok();
+    let mut year = num(0, year_digits)?;
+    if year_digits == 2 {
+        // RFC 5280: UTCTime years 50..99 are 19xx, 00..49 are 20xx.
+        year += if year >= 50 { 1900 } else { 2000 };
+    }
+    let at = |i: usize| num(year_digits + i * 2, 2).and_then(|v| u8::try_from(v).ok());
+    let month = time::Month::try_from(at(0)?).ok()?;
+    let date = time::Date::from_calendar_date(year, month, at(1)?).ok()?;
+    let time = time::Time::from_hms(at(2)?, at(3)?, at(4)?).ok()?;
+    Some((rest, time::PrimitiveDateTime::new(date, time).assume_utc()))
 }
 
 /// Splits the DER element with `tag` at the start of `input` into (the rest, its contents).

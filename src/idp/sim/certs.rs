@@ -75,6 +75,11 @@ fn pki(e: impl std::fmt::Display) -> Error {
     Error::Pki(e.to_string())
 }
 
+/// Common name of the simulator's RP (client) root.
+const RP_ROOT: &str = "callgate simulator RP root";
+/// File of the RP root's private key in the certificate directory.
+const RP_ROOT_KEY: &str = "client-ca.key";
+
 fn ca(name: &str) -> Result<(CertificateParams, KeyPair, CertificateDer<'static>), Error> {
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki)?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -132,6 +137,94 @@ pub(crate) fn foreign_client(dir: &Path) -> Result<ClientIdentity, Error> {
     })
 }
 
+/// Issues another RP certificate from the simulator's RP root in `files.dir`, valid from `not_before`
+/// until `not_after` (e.g. one that has expired, to see it refused), and writes it as
+/// `<name>.p12` (with the simulator's PKCS#12 password), `<name>.pem` and `<name>.key`. Returns the
+/// PKCS#12 identity.
+pub fn issue_rp_certificate(
+    files: &SimFiles,
+    name: &str,
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> Result<ClientIdentity, Error> {
+    let key_path = files.dir.join(RP_ROOT_KEY);
+    let root_key = std::fs::read_to_string(&key_path).map_err(|e| io(&key_path, e))?;
+    let root_key = KeyPair::from_pem(&root_key).map_err(pki)?;
+    let (root_params, _, _) = ca(RP_ROOT)?;
+    let root_der = root_params
+        .self_signed(&root_key)
+        .map_err(pki)?
+        .der()
+        .clone();
+    let issuer = Issuer::new(root_params, root_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(pki)?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("callgate simulator RP ({name})"),
+    );
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate().map_err(pki)?;
+    let cert = params.signed_by(&key, &issuer).map_err(pki)?.der().clone();
+    let chain = format!(
+        "{}{}",
+        pem("CERTIFICATE", &cert),
+        pem("CERTIFICATE", &root_der)
+    );
+    write(
+        &files.dir.join(format!("{name}.pem")),
+        chain.as_bytes(),
+        false,
+    )?;
+    write(
+        &files.dir.join(format!("{name}.key")),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    let p12_path = files.dir.join(format!("{name}.p12"));
+    let p12 = pkcs12(&key, &cert, &root_der, files.p12_password.expose())?;
+    write(&p12_path, &p12, true)?;
+    Ok(ClientIdentity::Pkcs12 {
+        path: p12_path,
+        password: files.p12_password.clone(),
+    })
+}
+
+/// Writes a self-signed root that issued nothing the simulator uses (PEM), e.g. to configure as a
+/// `server_ca` that does not trust the simulator's server.
+pub fn write_unrelated_root(path: &Path) -> Result<(), Error> {
+    let (_, _, der) = ca("an unrelated root")?;
+    write(path, pem("CERTIFICATE", &der).as_bytes(), false)
+}
+
+fn pkcs12(
+    key: &KeyPair,
+    cert: &CertificateDer<'_>,
+    root: &CertificateDer<'_>,
+    password: &str,
+) -> Result<Vec<u8>, Error> {
+    let mut store = KeyStore::new();
+    let chain = PrivateKeyChain::new(
+        "callgate-sim-rp",
+        PrivateKey::from_der(&key.serialize_der()).map_err(pki)?,
+        [
+            P12Cert::from_der(cert).map_err(pki)?,
+            P12Cert::from_der(root).map_err(pki)?,
+        ],
+    );
+    store.add_entry("callgate-sim-rp", KeyStoreEntry::PrivateKeyChain(chain));
+    store
+        .writer(password)
+        .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithHmacSha256AndAes256)
+        .mac_algorithm(p12_keystore::MacAlgorithm::HmacSha256)
+        .write()
+        .map_err(pki)
+}
+
 /// Generates the PKI, writes the files into `dir` and builds the server's TLS configuration.
 pub(crate) fn generate(dir: &Path) -> Result<Material, Error> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
@@ -145,7 +238,13 @@ pub(crate) fn generate(dir: &Path) -> Result<Material, Error> {
         &server_issuer,
     )?;
 
-    let (client_ca_params, client_ca_key, client_ca_der) = ca("callgate simulator RP root")?;
+    let (client_ca_params, client_ca_key, client_ca_der) = ca(RP_ROOT)?;
+    // Kept so that more RP certificates can be issued later (`issue_rp_certificate`).
+    write(
+        &dir.join(RP_ROOT_KEY),
+        client_ca_key.serialize_pem().as_bytes(),
+        true,
+    )?;
     let client_issuer = Issuer::new(client_ca_params, client_ca_key);
     let (client_key, client_der) = leaf(
         "callgate simulator RP",
@@ -180,22 +279,12 @@ pub(crate) fn generate(dir: &Path) -> Result<Material, Error> {
         true,
     )?;
 
-    let mut store = KeyStore::new();
-    let chain = PrivateKeyChain::new(
-        "callgate-sim-rp",
-        PrivateKey::from_der(&client_key.serialize_der()).map_err(pki)?,
-        [
-            P12Cert::from_der(&client_der).map_err(pki)?,
-            P12Cert::from_der(&client_ca_der).map_err(pki)?,
-        ],
-    );
-    store.add_entry("callgate-sim-rp", KeyStoreEntry::PrivateKeyChain(chain));
-    let p12 = store
-        .writer(files.p12_password.expose())
-        .encryption_algorithm(p12_keystore::EncryptionAlgorithm::PbeWithHmacSha256AndAes256)
-        .mac_algorithm(p12_keystore::MacAlgorithm::HmacSha256)
-        .write()
-        .map_err(pki)?;
+    let p12 = pkcs12(
+        &client_key,
+        &client_der,
+        &client_ca_der,
+        files.p12_password.expose(),
+    )?;
     write(&files.client_p12, &p12, true)?;
 
     let mut client_roots = RootCertStore::empty();

@@ -55,7 +55,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 #[cfg(test)]
 pub(crate) use certs::foreign_client;
-pub use certs::SimFiles;
+pub use certs::{issue_rp_certificate, write_unrelated_root, SimFiles};
 pub use scenario::{
     is_valid_number, luhn_check_digit, number_with_serial, scenario_table, Scenario,
     RATE_LIMIT_RESET_SECS, SLOW_DELAY, TABLE_DATE, UNKNOWN_FAILED_HINT, UNKNOWN_PENDING_HINT,

@@ -66,10 +66,10 @@ pub enum ConnState {
 /// not a failing server, so the reconnect is immediate.
 pub const PROVEN_AFTER: Duration = Duration::from_secs(1);
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-type Socket = WebSocketStream<Box<dyn Io>>;
+pub(crate) type Socket = WebSocketStream<Box<dyn Io>>;
 
 enum SessionEnd {
     Shutdown,
@@ -93,7 +93,8 @@ pub fn spawn(
 
 /// `http(s)://host:port[/prefix]` → `ws(s)://host:port[/prefix]/ari/events?app=NAME&subscribeAll=false`.
 pub fn events_url(settings: &Settings) -> Result<Url, String> {
-    let mut url = Url::parse(&settings.url).map_err(|e| e.to_string())?;
+    let mut url =
+        Url::parse(&settings.url).map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let scheme = match url.scheme() {
         "http" => "ws",
         "https" => "wss",
@@ -217,13 +218,14 @@ async fn deliver(
     }
 }
 
-async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
+/// Opens the events websocket at `url` with the credentials of `settings`.
+pub(crate) async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
     let host = url.host_str().ok_or("url has no host")?.to_owned();
     let port = url.port_or_known_default().ok_or("url has no port")?;
     let mut request = url
         .as_str()
         .into_client_request()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let credentials = base64::engine::general_purpose::STANDARD.encode(format!(
         "{}:{}",
         settings.username,
@@ -236,22 +238,24 @@ async fn connect(url: &Url, settings: &Settings) -> Result<Socket, String> {
 
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     let _ = tcp.set_nodelay(true);
     let io: Box<dyn Io> = if url.scheme() == "wss" {
-        let tls = super::tls::client_config().map_err(|e| e.to_string())?;
-        let name = rustls::pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let tls = super::tls::client_config()
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(host)
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
         Box::new(stream)
     } else {
         Box::new(tcp)
     };
     let (socket, _response) = tokio_tungstenite::client_async(request, io)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::telemetry::ErrorChain(&e).to_string())?;
     Ok(socket)
 }
 

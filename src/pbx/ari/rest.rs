@@ -13,7 +13,9 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use super::wire::{Application, Bridge, Channel, ErrorBody, Playback, Variable};
+use super::wire::{
+    Application, AsteriskInfo, Bridge, Channel, ErrorBody, Playback, Sound, Variable,
+};
 use super::Settings;
 use crate::secret::Secret;
 use crate::telemetry::ErrorChain;
@@ -22,6 +24,8 @@ use crate::telemetry::ErrorChain;
 const MAX_MESSAGE: usize = 200;
 /// Asterisk's message for a path it has no resource for (an older Asterisk without a newer call).
 const RESOURCE_NOT_FOUND: &str = "Resource not found";
+/// Asterisk's message for a sound file it does not have (`GET /sounds/{id}`).
+const SOUND_NOT_FOUND: &str = "Sound not found";
 /// Requests in flight at once. Each needs its own HTTP connection, and Asterisk serves at most
 /// `sessionlimit` (http.conf, default 100) sessions, the events websocket included: beyond that it
 /// drops new connections and the requests fail. Further requests wait for a slot (within their
@@ -298,7 +302,7 @@ impl Client {
             Ok(a) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
                 status = a.status.as_u16(), "ari request"),
             Err(e) => tracing::debug!(%method, resource = path.first().copied().unwrap_or(""),
-                error = %e, "ari request failed"),
+                error = %crate::telemetry::ErrorChain(e), "ari request failed"),
         }
         answer
     }
@@ -466,7 +470,7 @@ impl Client {
                 Err(e) if e.is_gone() => return Err(e),
                 // Timed out or refused: one by one, so that what can be set is set.
                 Err(e) => {
-                    tracing::warn!(error = %e, "setting the variables in one request failed; setting them one by one")
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "setting the variables in one request failed; setting them one by one")
                 }
             }
         }
@@ -612,6 +616,46 @@ impl Client {
         self.send(Method::GET, &["asterisk", "ping"], &[], None)
             .await?
             .empty(Target::Other)
+    }
+
+    /// `GET /asterisk/info`: the version and entity of this Asterisk (also proves the credentials).
+    pub async fn info(&self) -> Result<AsteriskInfo, Error> {
+        self.send(Method::GET, &["asterisk", "info"], &[], None)
+            .await?
+            .json(Target::Other)
+    }
+
+    /// `GET /sounds/{id}` (e.g. `callgate/enter-number`); `None` when Asterisk has no such sound in
+    /// any language (404 `Sound not found`; any other 404, e.g. without `res_ari_sounds`, is an error).
+    pub async fn sound(&self, id: &str) -> Result<Option<Sound>, Error> {
+        let answer = self.send(Method::GET, &["sounds", id], &[], None).await?;
+        if answer.status == StatusCode::NOT_FOUND && answer.message() == SOUND_NOT_FOUND {
+            return Ok(None);
+        }
+        answer.json(Target::Other).map(Some)
+    }
+
+    /// `POST /channels/create?endpoint=…&app=…&channelId=…`: a channel in application `app`, in state
+    /// `Down`, that is never dialled unless asked to (`POST /channels/{id}/dial`). For a `Local`
+    /// endpoint no dialplan runs.
+    pub async fn create_channel(
+        &self,
+        endpoint: &str,
+        app: &str,
+        channel_id: &str,
+    ) -> Result<Channel, Error> {
+        self.send(
+            Method::POST,
+            &["channels", "create"],
+            &[
+                ("endpoint", endpoint),
+                ("app", app),
+                ("channelId", channel_id),
+            ],
+            None,
+        )
+        .await?
+        .json(Target::Other)
     }
 
     /// `POST /bridges/{id}?type=…&name={id}`; `types` e.g. `["mixing", "dtmf_events"]`.

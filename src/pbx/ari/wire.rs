@@ -140,6 +140,36 @@ pub struct Application {
     pub events_disallowed: Vec<serde_json::Value>,
 }
 
+/// `GET /asterisk/info` (only what callgate reads).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AsteriskInfo {
+    pub system: SystemInfo,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SystemInfo {
+    /// e.g. `22.10.1`.
+    pub version: String,
+    pub entity_id: String,
+}
+
+/// `GET /sounds/{id}`: a sound file and the languages and formats it exists in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Sound {
+    pub id: String,
+    pub formats: Vec<SoundFormat>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SoundFormat {
+    pub language: String,
+    pub format: String,
+}
+
 /// `GET /channels/{id}/variable` answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]

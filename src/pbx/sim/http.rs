@@ -67,15 +67,24 @@ async fn events(
     if !shared.read(|st| st.accepting) {
         return reply(error(503, "Service Unavailable"));
     }
-    if params.get("app").is_none_or(|a| a.is_empty()) {
+    let Some(app) = params.get("app").filter(|a| !a.is_empty()).cloned() else {
         return reply(error(400, "Missing parameter app"));
-    }
-    ws.on_upgrade(move |socket| serve_socket(shared, stop, socket))
+    };
+    ws.on_upgrade(move |socket| serve_socket(shared, stop, socket, app))
 }
 
-async fn serve_socket(shared: Arc<Shared>, stop: CancellationToken, mut socket: WebSocket) {
+async fn serve_socket(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    mut socket: WebSocket,
+    app: String,
+) {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let id = shared.with(|ctx| ctx.connect_socket(tx));
+    let id = if app == shared.opts.app {
+        shared.with(|ctx| ctx.connect_socket(tx))
+    } else {
+        shared.with(|ctx| ctx.connect_other_socket(&app, tx))
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -183,7 +192,7 @@ fn dispatch(
             200,
             Some(
                 json!({ "system": { "entity_id": ctx.shared.opts.asterisk_id,
-                "version": "22.10.1-sim" } }),
+                "version": ctx.shared.opts.version } }),
             ),
         ),
         // Global variables only: Asterisk evaluates no dialplan function here (`""` for any).
@@ -230,6 +239,7 @@ fn dispatch(
                 endpoint: p("endpoint").unwrap_or_default(),
                 app_args: p("appArgs"),
                 into_app: p("app").is_some(),
+                app: p("app"),
                 dial: !create,
                 caller_id: p("callerId"),
                 originator: p("originator"),
@@ -290,6 +300,7 @@ fn dispatch(
             ctx.create_bridge(&id, p("type"), p("name").unwrap_or(""), false)
         }
         ("DELETE", ["bridges", id]) => ctx.destroy_bridge(id),
+        ("GET", ["sounds", id]) => ctx.sound(id),
         ("POST", ["bridges", id, "addChannel"]) => ctx.add_channel(
             id,
             p("channel").unwrap_or_default(),

@@ -18,7 +18,8 @@
 //! Invariant: inspection helpers wait on state changes (a `watch` counter), never on sleeps; the only
 //! timers are the ones Asterisk has too (prompt length, digit gaps, the linger after `continue`, an
 //! agent's ring time, a queue's timeout).
-//! Limits: one application per fake; other originates are minimal (no dialing, the `;2` half of
+//! Limits: one application per fake that calls enter (other names may connect and get the channels
+//! created into them, nothing else); other originates are minimal (no dialing, the `;2` half of
 //! a Local endpoint outside an agent context is a plain channel that is not subscribed); no bridge
 //! playback or MOH, roles, native bridging or Local optimisation; a second `DELETE /bridges` is
 //! always 404 (Asterisk can answer 409 while tearing down); mute is tracked, not applied to audio.
@@ -70,6 +71,11 @@ pub struct SimOptions {
     /// Agent contexts: a `Local/<exten>@<context>/n` originate into the application whose context
     /// is a key here dials both halves; the `;2` half answers and waits in this queue.
     pub agents: BTreeMap<String, SimQueue>,
+    /// What `GET /asterisk/info` reports as `system.version`.
+    pub version: String,
+    /// Sound files that exist, as `(language, id)`, e.g. `("sv", "callgate/enter-number")`, for
+    /// `GET /sounds/{id}`.
+    pub sounds: BTreeSet<(String, String)>,
 }
 
 /// The queue an agent context runs (`Answer()` then `Queue()` on the `;2` half).
@@ -173,6 +179,8 @@ impl Default for SimOptions {
             inbound_exten: "100".into(),
             asterisk_id: "02:fc:00:00:00:01".into(),
             agents: BTreeMap::new(),
+            version: "22.10.1".into(),
+            sounds: BTreeSet::new(),
         }
     }
 }
@@ -532,6 +540,17 @@ impl FakeAsterisk {
     /// were unreachable; REST keeps working.
     pub fn set_accepting(&self, accepting: bool) {
         self.shared.with(|ctx| ctx.st.accepting = accepting);
+    }
+
+    /// Acts like another client holding the application while callgate's is not connected:
+    /// `GET /applications/{app}` finds it.
+    pub fn hold_app_elsewhere(&self) {
+        self.shared.with(|ctx| ctx.hold_elsewhere());
+    }
+
+    /// Websockets of other application names connected now.
+    pub fn other_app_sockets(&self) -> usize {
+        self.shared.read(|st| st.other_sockets.len())
     }
 
     /// Waits until at least `n` events were lost because no socket owned the application.

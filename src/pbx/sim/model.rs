@@ -52,6 +52,8 @@ pub(super) enum Owner {
 
 pub(super) struct Chan {
     pub snapshot: Channel,
+    /// The application the channel was created into when it is not the main one.
+    pub other_app: Option<String>,
     pub in_stasis: bool,
     pub vars: BTreeMap<String, String>,
     pub moh: bool,
@@ -101,6 +103,8 @@ pub(super) struct OriginateReq<'a> {
     pub endpoint: &'a str,
     pub app_args: Option<&'a str>,
     pub into_app: bool,
+    /// The `app` parameter: another name than the fake's own puts the channel in that application.
+    pub app: Option<&'a str>,
     /// `POST /channels` (dials at once) rather than `/channels/create`.
     pub dial: bool,
     pub caller_id: Option<&'a str>,
@@ -117,6 +121,8 @@ pub(super) struct State {
     pub owner: Owner,
     /// Replaced sockets stay open (Asterisk does not close them) but get nothing more.
     pub replaced: Vec<(u64, mpsc::UnboundedSender<WsOut>)>,
+    /// Sockets of other application names: `(socket id, app, writer)`.
+    pub other_sockets: Vec<(u64, String, mpsc::UnboundedSender<WsOut>)>,
     pub connections: u64,
     pub pings: u64,
     /// Events produced while no socket owned the application (lost, as in Asterisk).
@@ -166,6 +172,7 @@ impl Shared {
             state: Mutex::new(State {
                 owner: Owner::None,
                 replaced: Vec::new(),
+                other_sockets: Vec::new(),
                 connections: 0,
                 pings: 0,
                 dropped_events: 0,
@@ -269,7 +276,47 @@ impl Ctx<'_> {
         if let Value::Object(map) = &mut extra {
             map.insert("channel".into(), channel);
         }
-        self.emit(kind, extra);
+        let other = self.st.channels.get(id).and_then(|c| c.other_app.clone());
+        match other {
+            Some(app) => self.emit_other(&app, kind, extra),
+            None => self.emit(kind, extra),
+        }
+    }
+
+    /// Sends one event to the sockets of another application name (none: dropped).
+    fn emit_other(&mut self, app: &str, kind: &str, fields: Value) {
+        let mut obj = Map::new();
+        obj.insert("type".into(), kind.into());
+        obj.insert("timestamp".into(), timestamp().into());
+        if let Value::Object(fields) = fields {
+            obj.extend(fields);
+        }
+        obj.insert("application".into(), app.into());
+        let text = Value::Object(obj).to_string();
+        for (_, name, tx) in &self.st.other_sockets {
+            if name == app {
+                let _ = tx.send(WsOut::Text(text.clone()));
+            }
+        }
+    }
+
+    /// A websocket for an application name other than the main one; it takes nothing over.
+    pub fn connect_other_socket(&mut self, app: &str, tx: mpsc::UnboundedSender<WsOut>) -> u64 {
+        self.st.next_conn += 1;
+        let id = self.st.next_conn;
+        self.st.other_sockets.push((id, app.to_owned(), tx));
+        id
+    }
+
+    /// Another client holds the main application while none of ours is connected.
+    pub fn hold_elsewhere(&mut self) {
+        if matches!(self.st.owner, Owner::None) {
+            self.st.owner = Owner::Phantom;
+        }
+    }
+
+    fn other_app_active(&self, app: &str) -> bool {
+        self.st.other_sockets.iter().any(|(_, name, _)| name == app)
     }
 
     /// A new websocket for the application: the previous owner gets `ApplicationReplaced`.
@@ -296,6 +343,7 @@ impl Ctx<'_> {
     }
 
     pub fn socket_closed(&mut self, id: u64) {
+        self.st.other_sockets.retain(|(oid, _, _)| *oid != id);
         if matches!(self.st.owner, Owner::Socket { id: owner, .. } if owner == id) {
             self.st.owner = Owner::None;
         }
@@ -1069,6 +1117,7 @@ impl Ctx<'_> {
             return error(400, "Endpoint must be specified");
         }
         let id = req.id.as_str();
+        let other_app = req.app.filter(|a| *a != self.opts().app).map(str::to_owned);
         if self.st.channels.contains_key(id)
             || req.other.is_some_and(|o| self.st.channels.contains_key(o))
         {
@@ -1078,7 +1127,7 @@ impl Ctx<'_> {
             .originator
             .and_then(|o| self.st.channels.get(o))
             .map_or_else(|| id.to_owned(), |c| c.linkedid.clone());
-        if req.into_app && req.dial {
+        if req.into_app && req.dial && other_app.is_none() {
             if let Some((exten, context)) = local_target(req.endpoint) {
                 if self.opts().agents.contains_key(context) {
                     let (exten, context) = (exten.to_owned(), context.to_owned());
@@ -1131,10 +1180,17 @@ impl Ctx<'_> {
             chan.linkedid = linkedid.clone();
             self.st.channels.insert(other.to_owned(), chan);
         }
+        if let Some(other) = &other_app {
+            if !self.other_app_active(other) {
+                // Asterisk creates the channel, finds no such application and destroys it at once.
+                return (200, body);
+            }
+        }
         let mut chan = new_chan(snapshot, req.into_app);
         chan.vars = vars;
         chan.linkedid = linkedid;
-        chan.subscribed = req.into_app;
+        chan.subscribed = req.into_app && other_app.is_none();
+        chan.other_app = other_app;
         self.st.channels.insert(id.to_owned(), chan);
         if req.into_app {
             if req.dial {
@@ -1427,19 +1483,33 @@ impl Ctx<'_> {
     }
 
     pub fn application(&self, app: &str) -> Reply {
+        let main = app == self.opts().app;
         let listed: Vec<String> = self
             .st
             .channels
             .iter()
-            .filter(|(_, c)| c.in_stasis || c.subscribed)
+            .filter(|(_, c)| {
+                if main {
+                    (c.in_stasis || c.subscribed) && c.other_app.is_none()
+                } else {
+                    c.in_stasis && c.other_app.as_deref() == Some(app)
+                }
+            })
             .map(|(id, _)| id.clone())
             .collect();
-        let inactive =
-            matches!(self.st.owner, Owner::None) && listed.is_empty() && self.st.bridges.is_empty();
-        if app != self.opts().app || inactive {
+        let inactive = if main {
+            matches!(self.st.owner, Owner::None) && listed.is_empty() && self.st.bridges.is_empty()
+        } else {
+            !self.other_app_active(app) && listed.is_empty()
+        };
+        if inactive {
             return error(404, "Application not found");
         }
-        let bridges: Vec<&String> = self.st.bridges.keys().collect();
+        let bridges: Vec<&String> = if main {
+            self.st.bridges.keys().collect()
+        } else {
+            Vec::new()
+        };
         (
             200,
             Some(json!({
@@ -1477,6 +1547,21 @@ impl Ctx<'_> {
         };
         self.st.disallowed = disallowed;
         self.application(app)
+    }
+
+    /// `GET /sounds/{id}`: the languages the sound exists in.
+    pub fn sound(&self, id: &str) -> Reply {
+        let formats: Vec<Value> = self
+            .opts()
+            .sounds
+            .iter()
+            .filter(|(_, sound)| sound == id)
+            .map(|(lang, _)| json!({ "language": lang, "format": "wav" }))
+            .collect();
+        if formats.is_empty() {
+            return error(404, "Sound not found");
+        }
+        (200, Some(json!({ "id": id, "formats": formats })))
     }
 
     /// A DTMF digit received on `id` (reported on it, muted or not: mute is audio only). Unless
@@ -1552,6 +1637,7 @@ fn new_chan(snapshot: Channel, in_stasis: bool) -> Chan {
         absorb_dtmf: false,
         bridge_mute: false,
         snapshot,
+        other_app: None,
         in_stasis,
         vars: BTreeMap::new(),
         moh: false,
