@@ -437,6 +437,8 @@
     }
     const status = part(card, "status-line");
     if (status.textContent !== line) status.textContent = line;
+    // Once the outcome box shows the result, the line only speaks it (screen readers).
+    status.classList.toggle("visually-hidden", !!v && !inProgress);
 
     // A word pair to read out, when the provider gives one.
     const pair = part(card, "word-pair");
