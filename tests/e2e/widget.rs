@@ -49,16 +49,31 @@ async fn choose(browser: &Session, call: &str, choice: &str) {
     browser.click(&option).await;
 }
 
-async fn type_number(browser: &Session, call: &str, number: &str) {
+/// Picks "I'll type the number" and types `number`; sends it with Enter (`enter`) or the button.
+async fn type_number(browser: &Session, call: &str, number: &str, enter: bool) {
     choose(browser, call, "verify-typed").await;
+    // The field has the focus, so the agent can type at once.
+    let focused = browser
+        .execute(
+            "return document.activeElement && document.activeElement.dataset.test",
+            json!([]),
+        )
+        .await;
+    assert_eq!(focused, "number");
     let field = browser
         .element(&format!(r#"{} [data-test="number"]"#, card(call)))
         .await;
-    browser.send_keys(&field, number).await;
-    let send = browser
-        .element(&format!(r#"{} [data-test="send-number"]"#, card(call)))
-        .await;
-    browser.click(&send).await;
+    if enter {
+        browser
+            .send_keys(&field, &format!("{number}\u{E007}"))
+            .await;
+    } else {
+        browser.send_keys(&field, number).await;
+        let send = browser
+            .element(&format!(r#"{} [data-test="send-number"]"#, card(call)))
+            .await;
+        browser.click(&send).await;
+    }
     // The field is emptied once sent.
     let left = browser
         .execute(
@@ -96,7 +111,7 @@ async fn an_agent_verifies_callers_in_the_widget_in_a_real_browser() {
 
     let driver = Driver::start().await;
     let profile = std::env::temp_dir().join(format!("callgate-widget-{}", std::process::id()));
-    let browser = driver.session(&profile).await;
+    let browser = driver.session(&profile, "en-US").await;
     let url = format!("http://{}/widget", lab.app.api_addr);
     browser.goto(&url).await;
 
@@ -123,7 +138,7 @@ async fn an_agent_verifies_callers_in_the_widget_in_a_real_browser() {
     assert!(title.contains("desk"), "{title}");
 
     // "I'll type the number": each step lights up, then the outcome with the disclosed name.
-    type_number(&browser, &id, &Lab::number(Scenario::Approve)).await;
+    type_number(&browser, &id, &Lab::number(Scenario::Approve), false).await;
     for step in [
         "order_created",
         "awaiting_app",
@@ -181,7 +196,7 @@ async fn an_agent_verifies_callers_in_the_widget_in_a_real_browser() {
 
     // A declined call: the red fraud warning.
     let declines = Lab::number(Scenario::DeclinesCall);
-    type_number(&browser, &id, &declines).await;
+    type_number(&browser, &id, &declines, true).await;
     let failed = outcome_after(&browser, &id, &check).await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let fraud = browser
@@ -264,6 +279,24 @@ async fn an_agent_verifies_callers_in_the_widget_in_a_real_browser() {
             .and_then(|o| o.reason()),
         Some(callgate::outcome::Reason::AgentCancelled)
     );
+
+    // A browser that prefers Swedish gets the Swedish text; its tab needs the token again.
+    let swedish = driver.session(&profile.with_extension("sv"), "sv-SE").await;
+    swedish.goto(&url).await;
+    let field = swedish.element(r#"[data-test="token"]"#).await;
+    swedish.send_keys(&field, TOKEN).await;
+    swedish
+        .click(&swedish.element(r#"[data-test="connect"]"#).await)
+        .await;
+    let verify = swedish
+        .element(&format!(r#"{} [data-test="verify"]"#, card(&id)))
+        .await;
+    assert_eq!(swedish.text(&verify).await, "Legitimera uppringaren");
+    let lang = swedish
+        .execute("return document.documentElement.lang", json!([]))
+        .await;
+    assert_eq!(lang, "sv");
+    swedish.quit().await;
 
     // The caller hangs up: the card goes.
     lab.asterisk.hang_up(&id);

@@ -123,8 +123,8 @@ impl Driver {
     }
 
     /// A new headless Chromium session with a fresh profile in `profile` (created, and removed when
-    /// the session ends).
-    pub async fn session(&self, profile: &Path) -> Session {
+    /// the session ends), preferring the language `lang` (`en-US`, `sv-SE`).
+    pub async fn session(&self, profile: &Path, lang: &str) -> Session {
         std::fs::create_dir_all(profile).unwrap();
         let args = [
             "--headless=new".to_owned(),
@@ -136,13 +136,17 @@ impl Driver {
             "--disable-component-update".to_owned(),
             "--disable-sync".to_owned(),
             "--window-size=900,760".to_owned(),
-            "--lang=en-US".to_owned(),
+            format!("--lang={lang}"),
             format!("--user-data-dir={}", profile.display()),
         ];
         let capabilities = json!({
             "capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
-                "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+                "goog:chromeOptions": {
+                    "binary": CHROMIUM,
+                    "args": args,
+                    "prefs": {"intl.accept_languages": lang},
+                },
             }}
         });
         let value = command(
