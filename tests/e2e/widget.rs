@@ -2,6 +2,7 @@
 //! driven over WebDriver, against callgate on the lab's fakes. Skipped with one line when the browser
 //! or its driver is missing.
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use callgate::demo::{self, Lab, LabOptions};
@@ -93,7 +94,8 @@ async fn outcome_after(browser: &Session, call: &str, previous: &str) -> Value {
 #[tokio::test]
 async fn an_agent_verifies_callers_in_the_widget_in_a_real_browser() {
     if let Some(why) = webdriver::missing() {
-        eprintln!("widget browser test skipped: {why}");
+        // Straight to stderr, past the test harness's capture, so the skip shows in every run.
+        let _ = writeln!(std::io::stderr(), "widget browser test skipped: {why}");
         return;
     }
     let options = LabOptions {
