@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::agent::{self, AgentState};
 use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
+use crate::api::widget;
 use crate::audit::Audit;
 use crate::calls::journal::Journal;
 use crate::calls::limits::{self, Limits};
@@ -233,17 +234,20 @@ pub async fn start(
     };
     let api_addr = listener.local_addr()?;
     let api_token = CancellationToken::new();
-    let api_router = agent::router(AgentState {
-        live: Arc::clone(&live),
-        registry: registry.clone(),
-        tokens: Arc::new(agent::auth::Tokens::from_config(&cfg.api)),
-        limits: agent::Limits {
-            max_body: cfg.api.max_body,
-            ..agent::Limits::default()
+    let api_router = agent::router(
+        AgentState {
+            live: Arc::clone(&live),
+            registry: registry.clone(),
+            tokens: Arc::new(agent::auth::Tokens::from_config(&cfg.api)),
+            limits: agent::Limits {
+                max_body: cfg.api.max_body,
+                ..agent::Limits::default()
+            },
+            readiness: Arc::clone(&readiness),
+            stop: api_token.clone(),
         },
-        readiness: Arc::clone(&readiness),
-        stop: api_token.clone(),
-    });
+        &widget::Embedding::from_config(&cfg.api),
+    );
     if cfg.api.tokens.is_empty() {
         tracing::info!("no [api.tokens]: the agent API answers 401 to every request");
     }

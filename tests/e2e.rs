@@ -7,6 +7,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod support;
+#[path = "support/webdriver.rs"]
+mod webdriver;
+#[path = "e2e/widget.rs"]
+mod widget;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

@@ -1,11 +1,13 @@
 //! HTTP surfaces. `ops`: `/healthz`, `/readyz`, `/metrics`, `POST /reload` on the ops listener.
 //! `agent`: the agent/CRM API under `/v1` (calls, verifications, the live stream) on `server.listen`.
+//! `widget`: the agent widget page (`/widget`, its script and style sheet) beside it, and CORS for `/v1`.
 //!
 //! Invariant: errors are JSON `{"error": "<stable_code>", "reason": "<text>"}`; internal detail is logged,
 //! never sent; a reason never quotes what the client sent.
 
 pub mod agent;
 pub mod ops;
+pub mod widget;
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

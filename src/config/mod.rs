@@ -53,6 +53,8 @@
 //! | `api.tokens.<name>.sha256` | — | **required**: 64 hex digits, the SHA-256 of the bearer token (`callgate token-hash`); no two tokens alike |
 //! | `api.tokens.<name>.role` | — | **required**: `agent`, `supervisor` or `ops` |
 //! | `api.tokens.<name>.agent` | — | the agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); required for role `agent`, not allowed for the others |
+//! | `api.widget_frame_ancestors` | `[]` (`'self'` only) | list of origins (`https://crm.example.com`, `http` only for 127.0.0.1/localhost; a host may start with `*.`) that may show `/widget` in a frame, besides callgate's own; no path, query or repeats |
+//! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
 //!
 //! Queue keys (`[queues.<name>]` and `[defaults]`), defaults as in [`QueuePolicy::with_defaults`]:
 //!
@@ -164,6 +166,10 @@ pub struct Api {
     pub max_body: usize,
     /// `[api.tokens.<name>]`, by name.
     pub tokens: BTreeMap<String, ApiToken>,
+    /// Origins (`scheme://host[:port]`) that may frame `/widget`, besides callgate's own.
+    pub widget_frame_ancestors: Vec<String>,
+    /// Origins whose pages may call `/v1` from a browser (CORS).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for Api {
@@ -172,6 +178,8 @@ impl Default for Api {
             keep_verifications: Duration::from_secs(3600),
             max_body: 16 * 1024,
             tokens: BTreeMap::new(),
+            widget_frame_ancestors: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -468,14 +476,24 @@ pub fn summary(cfg: &Config) -> String {
         })
         .collect();
     out.push_str(&format!(
-        "api: listen={} tokens={} ({}) keep_verifications={}s max_body={}\n",
+        "api: listen={} tokens={} ({}) keep_verifications={}s max_body={} widget_frame_ancestors={} cors_origins={}\n",
         cfg.server.listen,
         cfg.api.tokens.len(),
         roles.join(","),
         cfg.api.keep_verifications.as_secs(),
         cfg.api.max_body,
+        list_or_none(&cfg.api.widget_frame_ancestors),
+        list_or_none(&cfg.api.cors_origins),
     ));
     out
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
 }
 
 /// Queue and provider names: lowercase ASCII letters, digits, `-`, `_`; not empty; no `__`.

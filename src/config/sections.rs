@@ -52,7 +52,13 @@ pub const LIMITS_KEYS: [&str; 3] = [
     "max_starts_per_number_per_hour",
     "max_starts_per_line_per_hour",
 ];
-pub const API_KEYS: [&str; 3] = ["keep_verifications", "max_body", "tokens"];
+pub const API_KEYS: [&str; 5] = [
+    "keep_verifications",
+    "max_body",
+    "tokens",
+    "widget_frame_ancestors",
+    "cors_origins",
+];
 pub const TOKEN_KEYS: [&str; 3] = ["sha256", "role", "agent"];
 /// Bounds of `api.max_body`, in bytes.
 pub const MAX_BODY_RANGE: (u64, u64) = (1024, 1024 * 1024);
@@ -445,6 +451,12 @@ pub fn api(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Api {
             a.max_body = usize::try_from(n).unwrap_or(a.max_body);
         }
     }
+    if let Some(v) = t.get("widget_frame_ancestors") {
+        a.widget_frame_ancestors = origins(ctx, "api.widget_frame_ancestors", v, true);
+    }
+    if let Some(v) = t.get("cors_origins") {
+        a.cors_origins = origins(ctx, "api.cors_origins", v, false);
+    }
     let Some(tt) = t.get("tokens").and_then(|v| ctx.table("api.tokens", v)) else {
         return a;
     };
@@ -469,6 +481,69 @@ pub fn api(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Api {
         }
     }
     a
+}
+
+/// A list of web origins, each normalised to `scheme://host[:port]`; problems at `path[i]`.
+fn origins(ctx: &mut Ctx<'_>, path: &str, v: &Value, wildcard: bool) -> Vec<String> {
+    let Some(items) = ctx.list(path, v) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        match origin(item, wildcard) {
+            Ok(o) if out.contains(&o) => ctx.issue(at, format!("{o} is listed twice")),
+            Ok(o) => out.push(o),
+            Err(message) => ctx.issue(at, message),
+        }
+    }
+    out
+}
+
+/// `https://host[:port]` (http only on loopback names), lowercased, without a default port. With
+/// `wildcard`, the host may start with `*.` (as CSP allows).
+pub fn origin(x: &str, wildcard: bool) -> Result<String, String> {
+    let shape =
+        "expected an origin such as \"https://crm.example.com\" (scheme, host and port only)";
+    if x.chars()
+        .any(|c| c.is_whitespace() || matches!(c, ';' | ',' | '\'' | '"'))
+    {
+        return Err(shape.to_owned());
+    }
+    let (probe, star) = match x.split_once("://*.") {
+        Some((scheme, rest)) if wildcard => (format!("{scheme}://wildcard.{rest}"), true),
+        Some(_) => return Err(format!("{shape}; no wildcards here")),
+        None => (x.to_owned(), false),
+    };
+    let url = Url::parse(&probe).map_err(|_| shape.to_owned())?;
+    let host = match url.host_str() {
+        Some(h) if !h.is_empty() => h.to_owned(),
+        _ => return Err(shape.to_owned()),
+    };
+    if !url.username().is_empty()
+        || url.password().is_some()
+        || url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(shape.to_owned());
+    }
+    let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]");
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback && !star => {}
+        "http" => return Err("must be https (http only for 127.0.0.1 or localhost)".to_owned()),
+        _ => return Err(shape.to_owned()),
+    }
+    let host = if star {
+        format!("*.{}", host.trim_start_matches("wildcard."))
+    } else {
+        host
+    };
+    Ok(match url.port() {
+        Some(p) => format!("{}://{host}:{p}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    })
 }
 
 fn api_token(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<ApiToken> {

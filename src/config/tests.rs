@@ -1062,6 +1062,80 @@ role = "supervisor"
 }
 
 #[test]
+fn widget_frame_ancestors_and_cors_origins_are_origins() {
+    let cfg = ok(MINIMAL);
+    assert!(cfg.api.widget_frame_ancestors.is_empty());
+    assert!(cfg.api.cors_origins.is_empty());
+    let cfg = ok(&minimal_with(
+        r#"
+[api]
+widget_frame_ancestors = ["https://CRM.example.com/", "https://*.example.org:8443", "http://127.0.0.1:3000"]
+cors_origins = ["https://crm.example.com:443", "http://localhost:5173"]
+"#,
+    ));
+    assert_eq!(
+        cfg.api.widget_frame_ancestors,
+        [
+            "https://crm.example.com",
+            "https://*.example.org:8443",
+            "http://127.0.0.1:3000"
+        ]
+    );
+    assert_eq!(
+        cfg.api.cors_origins,
+        ["https://crm.example.com", "http://localhost:5173"]
+    );
+    let summary = summary(&cfg);
+    assert!(
+        summary.contains("cors_origins=https://crm.example.com,http://localhost:5173"),
+        "{summary}"
+    );
+    // From the environment, comma-separated.
+    let cfg = try_load(
+        MINIMAL,
+        &[(
+            "CALLGATE__API__CORS_ORIGINS",
+            "https://a.example.com, https://b.example.com",
+        )],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.api.cors_origins.len(), 2);
+
+    // Every bad entry is reported at its index.
+    let got = issues(&minimal_with(
+        r#"
+[api]
+widget_frame_ancestors = ["https://crm.example.com/path", "http://crm.example.com", "https://ok.example.com", "https://ok.example.com", "'self'"]
+cors_origins = ["https://*.example.com", "*", "https://crm.example.com?x=1", "ftp://crm.example.com"]
+"#,
+    ));
+    let paths: Vec<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "api.widget_frame_ancestors[0]",
+            "api.widget_frame_ancestors[1]",
+            "api.widget_frame_ancestors[3]",
+            "api.widget_frame_ancestors[4]",
+            "api.cors_origins[0]",
+            "api.cors_origins[1]",
+            "api.cors_origins[2]",
+            "api.cors_origins[3]",
+        ],
+        "{got:#?}"
+    );
+    assert!(got[1].message.contains("must be https"), "{got:#?}");
+    assert!(got[2].message.contains("listed twice"), "{got:#?}");
+    assert!(got[4].message.contains("no wildcards"), "{got:#?}");
+    only_issue(
+        &minimal_with("[api]\nwidget_frame_ancestor = []"),
+        "api.widget_frame_ancestor",
+        "did you mean \"widget_frame_ancestors\"",
+    );
+}
+
+#[test]
 fn api_token_problems_are_reported_at_their_key() {
     only_issue(
         &minimal_with("[api.tokens.a]\nsha256 = \"abc\"\nrole = \"ops\""),

@@ -71,7 +71,7 @@ async fn doctor_passes_on_the_shipped_setup_and_names_each_broken_thing() {
     assert_eq!((code, failed(&report)), (0, vec![]), "{report:#}");
     assert!(detail(&report, "ari.version").starts_with("Asterisk 22."));
     assert!(
-        detail(&report, "routes").starts_with("all 7 routes exist"),
+        detail(&report, "routes").starts_with("all 12 routes exist"),
         "{report:#}"
     );
     assert!(detail(&report, "ari.app").contains("is free"));

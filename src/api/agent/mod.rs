@@ -38,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use self::auth::{Auth, Principal, Tokens};
 use self::stream::{Feed, Scope};
 use super::ops::Readiness;
+use super::widget::{self, Embedding};
 use super::ApiError;
 use crate::calls::live::{CallView, CancelRequest, CheckRequest, Refusal, TypedNumber};
 use crate::calls::{CallEvent, Live, Registry};
@@ -103,37 +104,38 @@ pub fn routes() -> Vec<(Method, &'static str, MethodRouter<AgentState>)> {
     ]
 }
 
-/// The agent API with its body limit, JSON fallbacks and request tracing (method, matched route and
+/// The agent API with its body limit, JSON fallbacks, CORS for the configured origins, the widget's
+/// routes beside it (`api::widget`, not part of `/v1`) and request tracing (method, matched route and
 /// token name; never a URI, header or body).
-pub fn router(state: AgentState) -> Router {
+pub fn router(state: AgentState, embedding: &Embedding) -> Router {
     let max_body = state.limits.max_body;
-    let mut router = Router::new();
+    let mut v1 = Router::new();
     for (_, path, method_router) in routes() {
-        router = router.route(path, method_router);
+        v1 = v1.route(path, method_router);
     }
-    router
+    let mut v1 = v1
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(
-            tower_http::trace::TraceLayer::new_for_http()
-                .make_span_with(|req: &Request<_>| {
-                    let route = req
-                        .extensions()
-                        .get::<MatchedPath>()
-                        .map_or("-", MatchedPath::as_str);
-                    tracing::debug_span!(
-                        "api",
-                        method = %req.method(),
-                        route,
-                        token = tracing::field::Empty,
-                    )
-                })
-                .on_failure(
-                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
-                ),
-        )
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body));
+    if let Some(cors) = embedding.cors() {
+        v1 = v1.layer(cors);
+    }
+    v1.with_state(state).merge(widget::router(embedding)).layer(
+        tower_http::trace::TraceLayer::new_for_http()
+            .make_span_with(|req: &Request<_>| {
+                let route = req
+                    .extensions()
+                    .get::<MatchedPath>()
+                    .map_or("-", MatchedPath::as_str);
+                tracing::debug_span!(
+                    "api",
+                    method = %req.method(),
+                    route,
+                    token = tracing::field::Empty,
+                )
+            })
+            .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+    )
 }
 
 #[derive(Debug, serde::Deserialize)]

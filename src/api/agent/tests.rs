@@ -17,6 +17,7 @@ use tower::ServiceExt as _;
 use super::auth::{sha256, Tokens};
 use super::{router, routes, AgentState, Limits};
 use crate::api::ops::Readiness;
+use crate::api::widget::Embedding;
 use crate::calls::live::{
     CallState, CallView, CheckMethod, LiveKind, Refusal, StartedBy, TypedNumber, VerificationView,
 };
@@ -64,18 +65,26 @@ fn tokens() -> Tokens {
 }
 
 fn harness_with(limits: Limits, keep: Duration) -> Harness {
+    harness_embedding(limits, keep, &Embedding::default())
+}
+
+fn harness_embedding(limits: Limits, keep: Duration, embedding: &Embedding) -> Harness {
+    let embedding = embedding.clone();
     let live = Arc::new(Live::new(keep));
     let registry = Registry::new();
     let readiness = Arc::new(Readiness::default());
     let stop = CancellationToken::new();
-    let router = router(AgentState {
-        live: Arc::clone(&live),
-        registry: registry.clone(),
-        tokens: Arc::new(tokens()),
-        limits,
-        readiness: Arc::clone(&readiness),
-        stop: stop.clone(),
-    });
+    let router = router(
+        AgentState {
+            live: Arc::clone(&live),
+            registry: registry.clone(),
+            tokens: Arc::new(tokens()),
+            limits,
+            readiness: Arc::clone(&readiness),
+            stop: stop.clone(),
+        },
+        &embedding,
+    );
     Harness {
         router,
         live,
@@ -1039,6 +1048,93 @@ async fn an_idle_stream_sends_keep_alive_comments() {
         .unwrap();
     let data = frame.into_data().unwrap();
     assert!(data.starts_with(b":"), "{data:?}");
+}
+
+// ---- browsers on other origins ----
+
+#[tokio::test]
+async fn cors_answers_preflights_for_configured_origins_only() {
+    let h = harness_embedding(
+        Limits::default(),
+        Duration::from_secs(60),
+        &Embedding {
+            frame_ancestors: Vec::new(),
+            cors_origins: vec!["https://crm.example.com".into()],
+        },
+    );
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method(Method::OPTIONS)
+            .uri("/v1/calls/c1/verifications")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = h.send(preflight("https://crm.example.com")).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert_eq!(
+        a.headers["access-control-allow-origin"],
+        "https://crm.example.com"
+    );
+    let methods = a.headers["access-control-allow-methods"].to_str().unwrap();
+    for m in ["GET", "POST", "DELETE"] {
+        assert!(methods.contains(m), "{methods}");
+    }
+    let allowed = a.headers["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
+    // Another origin gets no grant.
+    let a = h.send(preflight("https://evil.example.net")).await;
+    assert!(!a.headers.contains_key("access-control-allow-origin"));
+    // A real request from the allowed origin carries the grant, and still needs its token.
+    talking(&h, "c1", "PJSIP/1001");
+    let mut req = request(Method::GET, "/v1/calls", Some(AGENT_1), None);
+    req.headers_mut()
+        .insert("origin", "https://crm.example.com".parse().unwrap());
+    let a = h.send(req).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        a.headers["access-control-allow-origin"],
+        "https://crm.example.com"
+    );
+    let mut req = request(Method::GET, "/v1/calls", None, None);
+    req.headers_mut()
+        .insert("origin", "https://crm.example.com".parse().unwrap());
+    assert_eq!(h.send(req).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn without_cors_origins_no_grant_is_given_and_the_widget_sits_beside_the_api() {
+    let h = harness();
+    let a = h
+        .send(
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/v1/calls")
+                .header("origin", "https://crm.example.com")
+                .header("access-control-request-method", "GET")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(!a.headers.contains_key("access-control-allow-origin"));
+    // The widget's routes answer without a token and are not in the API's route table.
+    for (path, content_type) in crate::api::widget::paths() {
+        let a = h.send(request(Method::GET, path, None, None)).await;
+        assert_eq!(a.status, StatusCode::OK, "{path}");
+        assert_eq!(a.headers["content-type"], content_type);
+        assert!(routes().iter().all(|(_, p, _)| *p != path));
+    }
 }
 
 // ---- the document ----
