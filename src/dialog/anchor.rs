@@ -267,6 +267,8 @@ pub struct Anchor {
     muted: bool,
     /// The agent's last keys, to match `agent_keys`.
     agent_keys: String,
+    /// The agent leg was added to the bridge (or was in it already: adopted).
+    agent_leg_added: bool,
     out: VecDeque<Command>,
 }
 
@@ -321,6 +323,7 @@ impl Anchor {
         };
         let mut a = Anchor::blank(policy, settings, info, fallback, state);
         a.agent = agent;
+        a.agent_leg_added = true;
         a
     }
 
@@ -347,6 +350,7 @@ impl Anchor {
             next_playback: PLAYBACK_BASE,
             muted: false,
             agent_keys: String::new(),
+            agent_leg_added: false,
             out: VecDeque::new(),
         }
     }
@@ -481,14 +485,23 @@ impl Anchor {
                 self.leave(Some((route, Leaving::NotAnchored)), now);
             }
             Input::AgentLegUp => {
-                if self.state == State::Connecting {
-                    self.state = State::WaitingForAgent;
+                // Its `StasisStart` may be routed after the queue already named the agent.
+                if !self.agent_leg_added && !matches!(self.state, State::Ended | State::Released) {
+                    self.agent_leg_added = true;
+                    if self.state == State::Connecting {
+                        self.state = State::WaitingForAgent;
+                    }
                     self.disarm(Timer::AgentLegUp);
                     self.emit(Command::AddAgentLeg);
                 }
             }
             Input::AgentAnswered(agent) => {
                 if matches!(self.state, State::Connecting | State::WaitingForAgent) {
+                    if !self.agent_leg_added {
+                        // The leg is up (an agent answered on it); its `StasisStart` is on its way.
+                        self.agent_leg_added = true;
+                        self.emit(Command::AddAgentLeg);
+                    }
                     self.disarm(Timer::AgentLegUp);
                     self.state = State::Talking;
                     self.agent = Some(agent.clone());

@@ -442,7 +442,7 @@ impl Adapter {
             }
         }
         match event {
-            Event::StasisStart(s) => self.stasis_start(s.args, s.channel),
+            Event::StasisStart(s) => self.stasis_start(s.args, s.channel).await,
             Event::ChannelDtmfReceived(d) => {
                 if let Some(digit) = d.digit.chars().next().filter(|_| d.digit.len() == 1) {
                     registry.send(&d.channel.id, CallEvent::Dtmf(digit)).await;
@@ -482,20 +482,21 @@ impl Adapter {
         }
     }
 
-    fn stasis_start(self: &Arc<Self>, args: Vec<String>, channel: Channel) {
+    async fn stasis_start(self: &Arc<Self>, args: Vec<String>, channel: Channel) {
         self.remember(&channel.id);
         let config = Arc::clone(&self.config.borrow());
         let kind = args.first().map(String::as_str).unwrap_or("");
         let queue = args.get(1).cloned().unwrap_or_default();
         if kind == "agent" {
-            // The agent leg of an anchored call entered the application: `queue` is the call.
-            let me = Arc::clone(self);
-            self.tracker.spawn(async move {
-                if !me.deps.registry.send(&queue, CallEvent::AgentLegUp).await {
-                    tracing::warn!(channel = %channel.id, "agent leg of a call that is gone; hanging it up");
+            // The agent leg of an anchored call entered the application: `queue` is the call. In
+            // order with the leg's other events (the call learns of it before its agent).
+            if !self.deps.registry.send(&queue, CallEvent::AgentLegUp).await {
+                tracing::warn!(channel = %channel.id, "agent leg of a call that is gone; hanging it up");
+                let me = Arc::clone(self);
+                self.tracker.spawn(async move {
                     let _ = me.client.hangup(&channel.id, Some("normal")).await;
-                }
-            });
+                });
+            }
             return;
         }
         if kind != "inbound" {

@@ -394,6 +394,25 @@ fn agent_keys_start_a_keypad_check_and_the_agent_hears_the_outcome() {
 }
 
 #[test]
+fn an_agent_named_before_the_leg_entered_stasis_is_still_bridged_once() {
+    let mut h = H::new(anchored_policy());
+    h.input(Input::Anchored(true));
+    h.input(Input::AgentAnswered("PJSIP/1001".into()));
+    h.input(Input::AgentLegUp);
+    assert_eq!(
+        h.transcript(),
+        lines(
+            "
+            anchor
+            add agent leg
+            agent PJSIP/1001
+            "
+        )
+    );
+    assert!(h.a.can_verify());
+}
+
+#[test]
 fn no_agent_answers_and_the_caller_takes_the_no_agent_route() {
     let mut h = H::new(anchored_policy());
     h.input(Input::Anchored(true));
