@@ -151,6 +151,22 @@ pub async fn start(
     } else {
         PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec())
     };
+    let webhooks = crate::webhooks::Webhooks::start(
+        &cfg.webhooks,
+        &cfg.server.data_dir,
+        Arc::clone(&metrics),
+        root.child_token(),
+    )
+    .with_context(|| {
+        format!(
+            "opening the webhook outbox in {}",
+            cfg.server.data_dir.display()
+        )
+    })?;
+    let (webhooks, webhook_dispatcher) = match webhooks {
+        Some(w) => (Some(w.webhooks), Some(w.dispatcher)),
+        None => (None, None),
+    };
     let live = Arc::new(Live::new(cfg.api.keep_verifications));
     let drain_token = CancellationToken::new();
     let deps = Arc::new(Deps {
@@ -170,6 +186,7 @@ pub async fn start(
         reports: reports.clone(),
         live: Arc::clone(&live),
         drain: drain_token.clone(),
+        webhooks,
     });
 
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
@@ -306,6 +323,7 @@ pub async fn start(
     let done_registry = registry.clone();
     let done_readiness = Arc::clone(&readiness);
     let done_journal = deps.journal.clone();
+    let done_webhooks = deps.webhooks.clone();
     let done = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("draining");
@@ -337,6 +355,13 @@ pub async fn start(
                 tracing::error!("the order journal could not be written at shutdown");
             }
         }
+        if let Some(webhooks) = &done_webhooks {
+            // Events of the last calls are on disk before the dispatcher stops; what is undelivered
+            // is delivered by the next start.
+            if !webhooks.flush().await {
+                tracing::error!("the webhook outbox could not be written at shutdown");
+            }
+        }
         ops_token.cancel();
         // Also ends every live stream, so the graceful shutdown does not wait for them.
         api_token.cancel();
@@ -345,6 +370,9 @@ pub async fn start(
         let _ = api_task.await;
         let _ = router.await;
         let _ = events_task.await;
+        if let Some(dispatcher) = webhook_dispatcher {
+            let _ = dispatcher.await;
+        }
         reload_task.abort();
         drop(simulators);
         drop(reload_tx);
@@ -376,7 +404,7 @@ pub async fn run(
 }
 
 /// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners,
-/// the limits and the API tokens are built once at start; a new file that needs different ones is refused rather than
+/// the limits, the API tokens and the webhook targets are built once at start; a new file that needs different ones is refused rather than
 /// half applied.
 fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -395,6 +423,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.api != running.api {
         problems.push(restart("api"));
+    }
+    if new.webhooks != running.webhooks {
+        problems.push(restart("webhooks"));
     }
     if problems.is_empty() {
         Ok(())

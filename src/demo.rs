@@ -54,7 +54,13 @@ pub struct LabOptions {
     pub api_tokens: Vec<LabToken>,
     /// The anchored queues' agent context has nobody to answer (`agents-closed`).
     pub agents_closed: bool,
+    /// A `[[webhooks.targets]]` entry named `lab` with this URL and [`LAB_WEBHOOK_SECRET`], for every
+    /// queue and event.
+    pub webhook_url: Option<String>,
 }
+
+/// The secret of the lab's webhook target.
+pub const LAB_WEBHOOK_SECRET: &str = "lab-webhook-secret-0123456789";
 
 /// An agent API token of a lab.
 #[derive(Debug, Clone)]
@@ -87,6 +93,7 @@ impl LabOptions {
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
             agents_closed: false,
+            webhook_url: None,
         }
     }
 
@@ -108,6 +115,7 @@ impl LabOptions {
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
             agents_closed: false,
+            webhook_url: None,
         }
     }
 }
@@ -368,6 +376,17 @@ pub fn lab_toml(
         )
     };
     let api_tokens = lab_api_tokens(&options.api_tokens);
+    let webhooks = options
+        .webhook_url
+        .as_ref()
+        .map(|url| {
+            format!(
+                "[webhooks]\ninitial_backoff = \"20ms\"\nmax_backoff = \"200ms\"\n\n\
+                 [[webhooks.targets]]\nname = \"lab\"\nurl = \"{url}\"\nsecret = \"{LAB_WEBHOOK_SECRET}\"\n\
+                 events = [\"verification_completed\", \"fraud_warning\", \"call_ended\"]\n"
+            )
+        })
+        .unwrap_or_default();
     format!(
         r#"
 [server]
@@ -397,6 +416,7 @@ request_timeout = "2s"
 
 {limits}
 {api_tokens}
+{webhooks}
 [queues.support]
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
@@ -470,6 +490,7 @@ no_agent = "queues,care-noagent,1"
         rmax = ms(ari.reconnect_max),
         limits = limits,
         api_tokens = api_tokens,
+        webhooks = webhooks,
         first = ms(options.first_digit_timeout),
         inter = ms(options.inter_digit_timeout),
         verify = ms(options.verify_timeout),

@@ -19,3 +19,4 @@ pub mod prompts;
 pub mod secret;
 pub mod telemetry;
 pub mod verify;
+pub mod webhooks;

@@ -152,7 +152,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 10] = [
+pub const METRICS: [(&str, &str, &str); 13] = [
     (
         "callgate_build_info",
         "gauge",
@@ -198,6 +198,21 @@ pub const METRICS: [(&str, &str, &str); 10] = [
         "callgate_server_ca_expiry_timestamp_seconds",
         "gauge",
         "When the server_ca of each identity provider expires, in Unix seconds.",
+    ),
+    (
+        "callgate_webhook_deliveries_total",
+        "counter",
+        "Webhook delivery attempts and ends by target and result: delivered, retried (an attempt failed, another follows), failed (refused by the target or attempts used up), dropped (outbox full, too old, or target removed).",
+    ),
+    (
+        "callgate_webhook_outbox_size",
+        "gauge",
+        "Webhook deliveries in the outbox not yet delivered or given up.",
+    ),
+    (
+        "callgate_webhook_request_seconds",
+        "histogram",
+        "Latency of each webhook request (one attempt) by target.",
     ),
 ];
 
@@ -302,15 +317,34 @@ impl Metrics {
     }
 
     pub fn provider_latency(&self, idp: &str, op: &'static str, took: Duration) {
+        self.observe(
+            "callgate_provider_request_seconds",
+            vec![("idp", idp.to_owned()), ("op", op.to_owned())],
+            took,
+        );
+    }
+
+    /// A webhook delivery's `result`: `delivered`, `retried`, `failed` or `dropped`.
+    pub fn webhook_delivery(&self, target: &str, result: &'static str) {
+        self.inc(
+            "callgate_webhook_deliveries_total",
+            vec![("target", target.to_owned()), ("result", result.to_owned())],
+        );
+    }
+
+    /// How long one webhook request took.
+    pub fn webhook_latency(&self, target: &str, took: Duration) {
+        self.observe(
+            "callgate_webhook_request_seconds",
+            vec![("target", target.to_owned())],
+            took,
+        );
+    }
+
+    fn observe(&self, name: &'static str, labels: Labels, took: Duration) {
         let secs = took.as_secs_f64();
         self.with(|i| {
-            let h = i
-                .histograms
-                .entry((
-                    "callgate_provider_request_seconds",
-                    vec![("idp", idp.to_owned()), ("op", op.to_owned())],
-                ))
-                .or_default();
+            let h = i.histograms.entry((name, labels)).or_default();
             for (n, b) in BUCKETS.iter().enumerate() {
                 if secs <= *b {
                     h.counts[n] += 1;

@@ -1634,3 +1634,204 @@ async fn an_agent_verifies_a_caller_through_the_api_and_watches_the_stream() {
         other.text
     );
 }
+
+// ---- webhooks ----
+
+/// Requests a [`Crm`] received: signature header and body.
+type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A CRM's webhook endpoint on 127.0.0.1: keeps every request, answers 204.
+struct Crm {
+    url: String,
+    seen: Requests,
+    count: tokio::sync::watch::Sender<usize>,
+}
+
+impl Crm {
+    async fn start() -> Crm {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hooks/callgate", listener.local_addr().unwrap());
+        let seen: Requests = Arc::default();
+        let (count, _) = tokio::sync::watch::channel(0usize);
+        let (s, c) = (Arc::clone(&seen), count.clone());
+        let app = axum::Router::new().route(
+            "/hooks/callgate",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                    let sig = headers
+                        .get(callgate::webhooks::SIGNATURE_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    s.lock().unwrap().push((sig, body.to_vec()));
+                    c.send_modify(|n| *n += 1);
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Crm { url, seen, count }
+    }
+
+    /// Waits until an event of `kind` for `call` arrived; returns its body, after checking its
+    /// signature as a receiver would.
+    async fn event(&self, kind: &str, call: &str) -> serde_json::Value {
+        let mut rx = self.count.subscribe();
+        let find = || {
+            self.seen.lock().unwrap().iter().find_map(|(sig, body)| {
+                let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+                (v["type"] == kind && v["call"]["call_id"] == call)
+                    .then(|| (sig.clone(), body.clone(), v))
+            })
+        };
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(f) = find() {
+                    return f;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} webhook for {call}"));
+        let (sig, body, v) = found;
+        #[allow(clippy::disallowed_methods)] // test clock
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            callgate::webhooks::verify(demo::LAB_WEBHOOK_SECRET.as_bytes(), &sig, &body, now, 300),
+            "bad signature {sig}"
+        );
+        v
+    }
+}
+
+#[tokio::test]
+async fn crms_get_signed_webhooks_with_exactly_the_fields_the_queue_discloses() {
+    let crm = Crm::start().await;
+    let options = LabOptions {
+        webhook_url: Some(crm.url.clone()),
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let n = person(230);
+    let (report, _) = lab.run_call(lab.caller_typing(&n)).await.unwrap();
+    assert_eq!(report.outcome, Outcome::Verified);
+    let declined = Lab::number(Scenario::DeclinesCall);
+    let (fraud_report, _) = lab.run_call(lab.caller_typing(&declined)).await.unwrap();
+    assert_eq!(
+        fraud_report.outcome,
+        Outcome::NotVerified(Reason::DeclinedCall)
+    );
+
+    // Verified: the queue `support` discloses name and masked number, so exactly those appear.
+    let v = crm.event("verification_completed", &report.call_id).await;
+    assert_eq!(v["version"], 1);
+    assert!(v["occurred_at"].as_str().unwrap().ends_with('Z'));
+    let check = &v["verification"];
+    assert_eq!(check["verification_id"], report.reference.as_str());
+    assert_eq!(check["status"], "verified");
+    assert_eq!(check["queue"], "support");
+    assert_eq!(v["call"]["verification"], *check);
+    let mut keys: Vec<&str> = check["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "at",
+            "method",
+            "name",
+            "number_masked",
+            "reason",
+            "ref",
+            "status"
+        ]
+    );
+    assert!(check["fields"]["number_masked"]
+        .as_str()
+        .unwrap()
+        .ends_with("-****"));
+
+    // Declined: the completion, then a fraud warning, with status fields only.
+    let done = crm
+        .event("verification_completed", &fraud_report.call_id)
+        .await;
+    let warning = crm.event("fraud_warning", &fraud_report.call_id).await;
+    assert_ne!(done["id"], warning["id"]);
+    for v in [&done, &warning] {
+        let check = &v["verification"];
+        assert_eq!(check["reason"], "declined_call");
+        assert_eq!(check["fraud"], true);
+        let mut keys: Vec<&str> = check["fields"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, ["at", "method", "reason", "ref", "status"]);
+    }
+    let ended = crm.event("call_ended", &report.call_id).await;
+    assert_eq!(ended["call"]["state"], "ended");
+
+    // No personal number in any body.
+    let short = &n[2..];
+    let short_declined = &declined[2..];
+    for (_, body) in crm.seen.lock().unwrap().iter() {
+        let text = String::from_utf8_lossy(body);
+        assert!(!text.contains(short) && !text.contains(short_declined));
+    }
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_check_during_the_call_reaches_the_crm_with_the_queues_fields() {
+    let crm = Crm::start().await;
+    let options = LabOptions {
+        webhook_url: Some(crm.url.clone()),
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    assert!(
+        lab.asterisk
+            .agent_press(&id, "*5", lab.options.key_gap)
+            .await
+    );
+    until("the caller to be muted", || {
+        lab.asterisk.is_muted(&id, Direction::In)
+    })
+    .await;
+    let check = lab.app.live.call(&id).unwrap().verification.unwrap();
+    let n = person(231);
+    assert!(
+        lab.asterisk
+            .press(&id, &format!("{n}#"), lab.options.key_gap)
+            .await
+    );
+    assert_eq!(check_over(&lab, &check.id).await, Outcome::Verified);
+    let v = crm.event("verification_completed", &id).await;
+    let got = &v["verification"];
+    assert_eq!(got["verification_id"], check.id.as_str());
+    assert_eq!(got["started_by"], "agent_keys");
+    assert_eq!(got["method"], "keypad");
+    assert_eq!(v["call"]["state"], "talking");
+    // The queue `desk` discloses the name only.
+    let mut keys: Vec<&str> = got["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["at", "method", "name", "reason", "ref", "status"]);
+    lab.shutdown().await.unwrap();
+}

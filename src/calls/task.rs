@@ -54,6 +54,8 @@ pub struct Deps {
     /// Fired when the drain starts: bridged calls are released at once (left running for the next
     /// start), calls in the gate get the grace period.
     pub drain: CancellationToken,
+    /// Signed webhooks to CRMs, when targets are configured.
+    pub webhooks: Option<crate::webhooks::Webhooks>,
 }
 
 /// What a new call starts with.
@@ -271,6 +273,7 @@ impl Driver {
         self.view_state = CallState::Ended;
         self.can_verify = false;
         self.publish(LiveKind::CallEnded);
+        self.webhook(LiveKind::CallEnded);
     }
 
     /// The before-agent gate.
@@ -788,6 +791,7 @@ impl Driver {
         }
         if checked {
             self.publish(LiveKind::Completed);
+            self.webhook(LiveKind::Completed);
         }
         self.deps.metrics.call_ended(&policy.name.0, outcome);
         self.count_outcome(outcome, checked);
@@ -1265,6 +1269,7 @@ impl Driver {
                 .await;
         }
         self.publish(LiveKind::Completed);
+        self.webhook(LiveKind::Completed);
     }
 
     /// The gate handed the call to its agent but the process is stopping: route it as the gate
@@ -1275,6 +1280,27 @@ impl Driver {
             Ok(d) => tracing::info!(destination = %d, "stopping: caller routed instead of bridged"),
             Err(e) => tracing::warn!(error = %e, "stopping: could not route the caller"),
         }
+    }
+}
+
+impl Driver {
+    /// Hands the call's event to the webhooks (never waits): the view as just published, so the
+    /// webhook and the agent API show the same disclosed fields.
+    fn webhook(&self, kind: LiveKind) {
+        let Some(webhooks) = &self.deps.webhooks else {
+            return;
+        };
+        let view = CallView {
+            call_id: self.setup.call_id.clone(),
+            queue: self.setup.policy.name.0.clone(),
+            state: self.view_state,
+            agent: self.agent.clone(),
+            aliases: self.aliases.clone(),
+            started_at: self.snapshot.borrow().started_at,
+            can_verify: self.can_verify,
+            verification: self.check.clone(),
+        };
+        webhooks.call_event(kind, &view, wall_clock());
     }
 }
 

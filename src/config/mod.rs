@@ -19,7 +19,7 @@
 //! variables: `${VAR}` (an error naming the key and the variable when `VAR` is unset), `${VAR:-fallback}`
 //! (the literal fallback when `VAR` is unset or empty) and `$$` for a literal `$`. Values land in
 //! [`Secret`] where they are secrets (`server.pseudonym_key`, `pbx.ari.password`,
-//! `idp.*.client_p12_password`).
+//! `idp.*.client_p12_password`, `webhooks.targets[i].secret`).
 //!
 //! # Keys and defaults
 //! | key | default | rule |
@@ -55,6 +55,16 @@
 //! | `api.tokens.<name>.agent` | — | the agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); required for role `agent`, not allowed for the others |
 //! | `api.widget_frame_ancestors` | `[]` (`'self'` only) | list of origins (`https://crm.example.com`, `http` only for 127.0.0.1/localhost; a host may start with `*.`) that may show `/widget` in a frame, besides callgate's own; no path, query or repeats |
 //! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
+//! | `webhooks.max_attempts` | `10` | 1..=100 |
+//! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
+//! | `webhooks.timeout` | `10s` | 100ms..=120s |
+//! | `webhooks.outbox_max` | `10000` | 1..=1000000 |
+//! | `webhooks.max_age` | `24h` | 1m..=30d |
+//! | `webhooks.targets[i].name` | — | **required**, unique, the queue-name rule |
+//! | `webhooks.targets[i].url` | — | **required**: https, or http on 127.0.0.1/[::1]/localhost; no user or password |
+//! | `webhooks.targets[i].secret` | — | **required**, secret, at least 16 bytes |
+//! | `webhooks.targets[i].queues` | `[]` (all) | configured queue names (any name when `[defaults]` exists), no repeats |
+//! | `webhooks.targets[i].events` | `verification_completed`, `fraud_warning` | non-empty list of those and `call_ended` |
 //!
 //! Queue keys (`[queues.<name>]` and `[defaults]`), defaults as in [`QueuePolicy::with_defaults`]:
 //!
@@ -110,18 +120,20 @@ mod queue;
 mod sections;
 mod source;
 mod walk;
+mod webhooks;
 
 #[cfg(test)]
 mod tests;
 
 pub use source::{interpolate, ENV_PREFIX, ENV_SEPARATOR};
+pub use webhooks::{WebhookTarget, Webhooks};
 
 /// Exit code of `check-config` (and of startup) when the configuration has problems (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 7] = [
-    "server", "pbx", "idp", "queues", "defaults", "limits", "api",
+const TOP_KEYS: [&str; 8] = [
+    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "webhooks",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -155,6 +167,8 @@ pub struct Config {
     pub defaults: Option<Arc<QueuePolicy>>,
     pub limits: Limits,
     pub api: Api,
+    /// `[webhooks]`: signed events to CRMs.
+    pub webhooks: Webhooks,
 }
 
 /// `[api]`: the agent API's limits and its bearer tokens.
@@ -370,6 +384,9 @@ pub fn load(
         }
     }
 
+    let webhooks_t = section(&mut ctx, "webhooks");
+    let webhooks = webhooks::webhooks(&mut ctx, webhooks_t, &queues, tree.contains_key("defaults"));
+
     if server.pseudonym_key.is_empty() {
         let disclosing: Vec<&str> = queues
             .iter()
@@ -400,6 +417,7 @@ pub fn load(
             defaults,
             limits,
             api,
+            webhooks,
         })
     } else {
         Err(issues)
@@ -485,6 +503,20 @@ pub fn summary(cfg: &Config) -> String {
         list_or_none(&cfg.api.widget_frame_ancestors),
         list_or_none(&cfg.api.cors_origins),
     ));
+    if !cfg.webhooks.targets.is_empty() {
+        let targets: Vec<&str> = cfg
+            .webhooks
+            .targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        out.push_str(&format!(
+            "webhooks: targets={} max_attempts={} outbox_max={}\n",
+            targets.join(","),
+            cfg.webhooks.max_attempts,
+            cfg.webhooks.outbox_max,
+        ));
+    }
     out
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 pub mod events;
 pub mod rest;
-mod tls;
+pub(crate) mod tls;
 pub mod wire;
 
 pub use events::{ConnState, Incoming};
