@@ -484,6 +484,13 @@ async fn a_4xx_is_a_permanent_failure_and_408_is_retried() {
     assert_eq!(hooks.count("retried"), 1);
     assert_eq!(hooks.count("delivered"), 0);
     assert_eq!(rx.seen().len(), 2);
+    // The end of the delivery is written behind the count: wait for it, then for the disk.
+    let deadline = now() + Duration::from_secs(5);
+    while hooks.outbox_size() != 0.0 {
+        assert!(now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(hooks.webhooks.flush().await);
     hooks.crash().await;
     // Given up means done: not sent again after a restart.
     let again = Running::start(&settings(&rx.url), &dir);
