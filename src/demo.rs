@@ -54,6 +54,10 @@ pub struct LabOptions {
     pub api_tokens: Vec<LabToken>,
     /// The anchored queues' agent context has nobody to answer (`agents-closed`).
     pub agents_closed: bool,
+    /// More `[limits]` keys, `key = value` (the value as TOML, e.g. `"0s"` or `1`).
+    pub limits: Vec<(String, String)>,
+    /// The `support` queue's `disclose` list, as TOML.
+    pub disclose: String,
 }
 
 /// An agent API token of a lab.
@@ -87,6 +91,8 @@ impl LabOptions {
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
             agents_closed: false,
+            limits: Vec::new(),
+            disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
     }
 
@@ -108,6 +114,8 @@ impl LabOptions {
             max_concurrent_orders: crate::config::Limits::default().max_concurrent_orders,
             api_tokens: Vec::new(),
             agents_closed: false,
+            limits: Vec::new(),
+            disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
     }
 }
@@ -356,16 +364,29 @@ pub fn lab_toml(
     let ops = ops_listen
         .map(|a| format!("ops_listen = \"{a}\""))
         .unwrap_or_default();
-    // Only when it differs from the default, so that tests can append a `[limits]` table.
-    let limits = if options.max_concurrent_orders
-        == crate::config::Limits::default().max_concurrent_orders
-    {
+    // Only when something differs from the default, so that tests can append a `[limits]` table.
+    let mut limit_keys = options.limits.clone();
+    if options.max_concurrent_orders != crate::config::Limits::default().max_concurrent_orders {
+        // A load sized to `max_concurrent_orders` goes through one provider and one queue.
+        let n = options.max_concurrent_orders.to_string();
+        for key in [
+            "max_concurrent_orders",
+            "max_concurrent_orders_per_idp",
+            "max_starts_per_queue_per_minute",
+        ] {
+            if !limit_keys.iter().any(|(k, _)| k == key) {
+                limit_keys.push((key.to_owned(), n.clone()));
+            }
+        }
+    }
+    let limits = if limit_keys.is_empty() {
         String::new()
     } else {
-        format!(
-            "[limits]\nmax_concurrent_orders = {}\n",
-            options.max_concurrent_orders
-        )
+        let mut t = "[limits]\n".to_owned();
+        for (k, v) in &limit_keys {
+            let _ = writeln!(t, "{k} = {v}");
+        }
+        t
     };
     let api_tokens = lab_api_tokens(&options.api_tokens);
     format!(
@@ -404,7 +425,7 @@ inter_digit_timeout = "{inter}"
 verify_timeout = "{verify}"
 gate_deadline = "{deadline}"
 user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
-disclose = ["name", "masked_number"]
+disclose = {disclose}
 
 [queues.support.routes]
 verified = "queues,support,1"
@@ -469,6 +490,7 @@ no_agent = "queues,care-noagent,1"
         rmin = ms(ari.reconnect_min),
         rmax = ms(ari.reconnect_max),
         limits = limits,
+        disclose = options.disclose,
         api_tokens = api_tokens,
         first = ms(options.first_digit_timeout),
         inter = ms(options.inter_digit_timeout),

@@ -1634,3 +1634,147 @@ async fn an_agent_verifies_a_caller_through_the_api_and_watches_the_stream() {
         other.text
     );
 }
+
+// ---- abuse limits ----
+
+const LEAD_TOKEN: &str = "lab-supervisor-token-limits-0";
+
+fn lead() -> demo::LabToken {
+    demo::LabToken {
+        name: "lead".into(),
+        token: LEAD_TOKEN.into(),
+        role: callgate::config::Role::Supervisor,
+        agent: None,
+    }
+}
+
+/// `GET /v1/verifications/{id}` as JSON.
+async fn verification_json(addr: SocketAddr, id: &str, token: &str) -> serde_json::Value {
+    let (status, text) =
+        api_request(addr, "GET", &format!("/v1/verifications/{id}"), token, "").await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+/// The person says "not me" in their app; a new call for the same number right after is refused by
+/// the cool-down: no order reaches their phone, the caller hears `rate-limited`, the agent API names
+/// the limit.
+#[tokio::test]
+async fn a_declined_call_cools_the_number_down_and_the_retry_hears_rate_limited() {
+    let options = LabOptions {
+        api_tokens: vec![lead()],
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let number = Lab::number(Scenario::DeclinesCall);
+    let (first, end) = lab.run_call(lab.caller_typing(&number)).await.unwrap();
+    assert_eq!(first.outcome, Outcome::NotVerified(Reason::DeclinedCall));
+    assert_eq!(route(&end), "queues,fraud-desk,1");
+    let orders = lab.bankid.starts();
+
+    let id = lab.asterisk.call(lab.caller_typing(&number));
+    let report = lab.report(&id).await.unwrap();
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::RateLimited));
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "failed");
+    assert_eq!(var(&end, "CALLGATE_REASON"), "rate_limited");
+    assert_eq!(route(&end), "queues,support-unverified,1");
+    let media = lab.asterisk.media_started(&id);
+    assert!(
+        media.iter().any(|m| m == "sound:callgate/rate-limited"),
+        "{media:?}"
+    );
+    assert!(
+        !media
+            .iter()
+            .any(|m| m == "sound:callgate/not-verified" || m == "sound:callgate/open-app"),
+        "{media:?}"
+    );
+    assert_eq!(lab.bankid.starts(), orders, "an order reached the phone");
+
+    let v = verification_json(lab.app.api_addr, var(&end, "CALLGATE_REF"), LEAD_TOKEN).await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["reason"], "rate_limited");
+    assert_eq!(v["limit"], "cool_down");
+    assert_eq!(v["fields"]["reason"], "rate_limited");
+    assert!(captured().contains("limit=\"cool_down\""));
+
+    // Another person is not affected.
+    let (other, _) = lab.run_call(lab.caller_typing(&person(330))).await.unwrap();
+    assert_eq!(other.outcome, Outcome::Verified);
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+/// An agent over their hourly allowance of checks gets `202` (the check is accepted like any other),
+/// then the verification ends `failed/rate_limited` with `limit: "per_agent"`, on REST and the stream.
+#[tokio::test]
+async fn an_agent_over_their_hourly_checks_gets_rate_limited_with_the_limit_named() {
+    const MINE: &str = "lab-agent-token-limited-01";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "desk-agent1".into(),
+            token: MINE.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some(demo::LAB_AGENT.into()),
+        }],
+        limits: vec![("max_checks_per_agent_per_hour".into(), "1".into())],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    let mut stream = RawStream::open(addr, &format!("/v1/calls/{id}/events"), MINE).await;
+    stream.until("snapshot").await;
+    let path = format!("/v1/calls/{id}/verifications");
+    let start = async |number: &str| {
+        let (status, text) = api_request(
+            addr,
+            "POST",
+            &path,
+            MINE,
+            &format!(r#"{{"number":"{number}"}}"#),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+        let body: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        body["verification_id"].as_str().unwrap().to_owned()
+    };
+    let first = start(&person(340)).await;
+    assert_eq!(check_over(&lab, &first).await, Outcome::Verified);
+    let (_, done) = stream.until("verification_completed").await;
+    assert_eq!(done["verification"]["limit"], serde_json::Value::Null);
+    let orders = lab.bankid.starts();
+
+    let second = start(&person(341)).await;
+    assert_eq!(
+        check_over(&lab, &second).await,
+        Outcome::NotVerified(Reason::RateLimited)
+    );
+    assert_eq!(lab.bankid.starts(), orders, "an order reached the phone");
+    let (_, done) = stream.until("verification_completed").await;
+    let v = &done["verification"];
+    assert_eq!(v["verification_id"], second.as_str());
+    assert_eq!(v["reason"], "rate_limited");
+    assert_eq!(v["limit"], "per_agent");
+    let v = verification_json(addr, &second, MINE).await;
+    assert_eq!(
+        (v["reason"].as_str(), v["limit"].as_str()),
+        (Some("rate_limited"), Some("per_agent"))
+    );
+    assert_eq!(
+        lab.asterisk.channel_var(&id, "CALLGATE_REASON").as_deref(),
+        Some("rate_limited")
+    );
+    // The number was typed by the agent: nothing is played to the caller.
+    assert!(!lab
+        .asterisk
+        .media_started(&id)
+        .iter()
+        .any(|m| m == "sound:callgate/rate-limited"));
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
