@@ -1778,3 +1778,181 @@ async fn an_agent_over_their_hourly_checks_gets_rate_limited_with_the_limit_name
     all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
 }
+
+// ---- one record on every surface: what each disclose setting shows where ----
+
+/// What one surface shows of a verification: field name (lower case, without `CALLGATE_`, as the
+/// REST API names them) → value.
+type Shown = std::collections::BTreeMap<String, String>;
+
+/// The fields every surface shows whatever the policy: the result without identity.
+const ALWAYS: [&str; 5] = ["status", "reason", "ref", "method", "at"];
+
+/// What each surface showed of the gate call `call` (already ended): `channel` (the variables the
+/// fake Asterisk recorded), `rest` (`GET /v1/verifications/{id}`), `stream` (its
+/// `verification_completed` event on `/v1/events`). The audit line is returned apart: it is not
+/// rendered by policy. Further surfaces (webhook bodies, the hash-chained audit trail) belong here
+/// as more entries of the map, checked by the same table.
+async fn surfaces_of_a_gate_call(
+    lab: &Lab,
+    call: &str,
+    stream: &mut RawStream,
+) -> (
+    std::collections::BTreeMap<&'static str, Shown>,
+    serde_json::Value,
+) {
+    let end = lab.asterisk.wait_for_channel_end(call).await;
+    let channel: Shown = end
+        .variables
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("CALLGATE_")
+                .map(|n| (n.to_ascii_lowercase(), v.clone()))
+        })
+        .collect();
+    let reference = var(&end, "CALLGATE_REF").to_owned();
+    let as_shown = |fields: &serde_json::Value| -> Shown {
+        fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let rest = verification_json(lab.app.api_addr, &reference, LEAD_TOKEN).await;
+    let streamed = loop {
+        let (_, event) = stream.until("verification_completed").await;
+        if event["verification"]["verification_id"] == reference.as_str() {
+            break event;
+        }
+    };
+    let audit_path = lab.app.audit_path.clone();
+    until("the audit line", || {
+        std::fs::read_to_string(&audit_path).is_ok_and(|t| t.contains(&reference))
+    })
+    .await;
+    let audit = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&reference))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    let surfaces = [
+        ("channel", channel),
+        ("rest", as_shown(&rest["fields"])),
+        ("stream", as_shown(&streamed["verification"]["fields"])),
+    ]
+    .into_iter()
+    .collect();
+    (surfaces, audit)
+}
+
+/// For each `disclose` setting, exactly the fields it allows appear on every surface, with the same
+/// values; a failed check shows none, even with an identity and every field allowed; the audit line
+/// holds the pseudonym of a verified person and never a number or a name, whatever the setting.
+#[tokio::test]
+async fn each_disclose_setting_shows_exactly_its_fields_on_every_surface() {
+    use callgate::pnr::{PersonalNumber, PseudonymKey};
+    let key = PseudonymKey::new(b"lab-pseudonym-key-0123456789abcdef".to_vec());
+    let cases: [(&str, &[&str]); 6] = [
+        ("[]", &[]),
+        (r#"["name"]"#, &["name"]),
+        (r#"["pseudonym"]"#, &["pseudonym"]),
+        (r#"["masked_number"]"#, &["number_masked"]),
+        (r#"["number"]"#, &["number"]),
+        (
+            r#"["name", "pseudonym", "masked_number", "number"]"#,
+            &["name", "pseudonym", "number_masked", "number"],
+        ),
+    ];
+    for (serial, (disclose, extra)) in (350u16..).zip(cases) {
+        let options = LabOptions {
+            api_tokens: vec![lead()],
+            disclose: disclose.to_owned(),
+            ..LabOptions::fast()
+        };
+        let mut lab = lab(options).await;
+        let mut stream = RawStream::open(lab.app.api_addr, "/v1/events", LEAD_TOKEN).await;
+        stream.until("snapshot_complete").await;
+        let number = person(serial);
+        let parsed = PersonalNumber::parse_swedish_12(&number).unwrap();
+        let (report, _) = lab.run_call(lab.caller_typing(&number)).await.unwrap();
+        assert_eq!(report.outcome, Outcome::Verified, "{disclose}");
+        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+
+        let expected: std::collections::BTreeSet<&str> =
+            ALWAYS.iter().chain(extra.iter()).copied().collect();
+        for (surface, shown) in &surfaces {
+            let names: std::collections::BTreeSet<&str> =
+                shown.keys().map(String::as_str).collect();
+            assert_eq!(names, expected, "disclose = {disclose}, surface {surface}");
+            assert_eq!(shown, &surfaces["channel"], "{disclose}: {surface} differs");
+            assert_eq!(shown["status"], "verified");
+        }
+        let shown = &surfaces["rest"];
+        if let Some(n) = shown.get("number") {
+            assert_eq!(n, &number);
+        }
+        if let Some(m) = shown.get("number_masked") {
+            assert_eq!(m, &parsed.masked());
+            assert!(!m.contains(&number[8..]));
+        }
+        if let Some(p) = shown.get("pseudonym") {
+            assert_eq!(p, &parsed.pseudonym(&key));
+        }
+        if let Some(n) = shown.get("name") {
+            assert!(!n.is_empty());
+        }
+        // Where the number is not disclosed, no form of it is shown anywhere.
+        if !extra.contains(&"number") {
+            for (surface, shown) in &surfaces {
+                for v in shown.values() {
+                    assert!(
+                        !v.contains(&number[2..]),
+                        "{disclose}: the number on {surface}"
+                    );
+                }
+            }
+        }
+        audit_holds_only_the_pseudonym(&audit, &number, Some(&parsed.pseudonym(&key)));
+
+        // A failed check with an identity (BankID vouched for someone else) shows none of it.
+        let wrong = Lab::number(Scenario::WrongPerson);
+        let (report, _) = lab.run_call(lab.caller_typing(&wrong)).await.unwrap();
+        assert_eq!(
+            report.outcome,
+            Outcome::NotVerified(Reason::IdentityMismatch)
+        );
+        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+        for (surface, shown) in &surfaces {
+            let names: Vec<&str> = shown.keys().map(String::as_str).collect();
+            let mut always = ALWAYS.to_vec();
+            always.sort();
+            assert_eq!(names, always, "{disclose}: failed check on {surface}");
+            assert_eq!(shown["reason"], "identity_mismatch");
+        }
+        audit_holds_only_the_pseudonym(&audit, &wrong, None);
+        lab.shutdown().await.unwrap();
+    }
+}
+
+/// The audit line: the same fields whatever the policy, the pseudonym (`person`) only when verified,
+/// never the number (either form) or a masked number.
+fn audit_holds_only_the_pseudonym(audit: &serde_json::Value, number: &str, person: Option<&str>) {
+    let keys: Vec<&str> = audit
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in ["name", "number", "number_masked", "pseudonym"] {
+        assert!(!keys.contains(&k), "the audit line has {k}: {audit}");
+    }
+    assert_eq!(audit["person"].as_str().unwrap_or(""), person.unwrap_or(""));
+    let text = audit.to_string();
+    assert!(!text.contains(&number[2..]), "a number in the audit line");
+    assert!(
+        !text.contains(&number[..8]),
+        "a birth date in the audit line"
+    );
+}
