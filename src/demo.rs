@@ -368,14 +368,14 @@ pub fn lab_toml(
     let mut limit_keys = options.limits.clone();
     if options.max_concurrent_orders != crate::config::Limits::default().max_concurrent_orders {
         // A load sized to `max_concurrent_orders` goes through one provider and one queue.
-        let n = options.max_concurrent_orders.to_string();
-        for key in [
-            "max_concurrent_orders",
-            "max_concurrent_orders_per_idp",
-            "max_starts_per_queue_per_minute",
+        let n = options.max_concurrent_orders;
+        for (key, value) in [
+            ("max_concurrent_orders", n),
+            ("max_concurrent_orders_per_idp", n),
+            ("max_starts_per_queue_per_minute", n.min(100_000)),
         ] {
             if !limit_keys.iter().any(|(k, _)| k == key) {
-                limit_keys.push((key.to_owned(), n.clone()));
+                limit_keys.push((key.to_owned(), value.to_string()));
             }
         }
     }

@@ -1698,6 +1698,11 @@ async fn a_declined_call_cools_the_number_down_and_the_retry_hears_rate_limited(
     assert_eq!(v["limit"], "cool_down");
     assert_eq!(v["fields"]["reason"], "rate_limited");
     assert!(captured().contains("limit=\"cool_down\""));
+    let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
+    assert!(
+        metrics.contains(r#"callgate_limit_refusals_total{queue="support",limit="cool_down"} 1"#),
+        "{metrics}"
+    );
 
     // Another person is not affected.
     let (other, _) = lab.run_call(lab.caller_typing(&person(330))).await.unwrap();

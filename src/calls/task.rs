@@ -651,6 +651,9 @@ impl Driver {
                     Err(limit) => {
                         let reason = limit.reason();
                         tracing::warn!(reason = %reason, limit = limit.code(), "order refused by limits");
+                        self.deps
+                            .metrics
+                            .limit_refused(&self.setup.policy.name.0, limit.code());
                         if self.check.is_none() {
                             let id = self.reference.clone();
                             self.new_check(id, CheckMethod::Ivr, StartedBy::Gate);
