@@ -4,7 +4,8 @@
 //! after they declined a call in their app; and caps on concurrent orders, per provider and overall.
 //!
 //! Invariants: persons are keyed by pseudonym (HMAC), never by number; caller lines by a hash. A
-//! refused start records nothing (it uses up no window); the clock is an argument, never read here.
+//! refused start records nothing (it uses up no window); the clock is an argument, never read here;
+//! keys whose windows emptied are swept every few hundred starts, so memory follows recent traffic.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,7 +125,12 @@ pub struct Limits {
     cool_down: DashMap<String, Instant>,
     per_idp: DashMap<String, usize>,
     concurrent: AtomicUsize,
+    /// Starts asked for, to sweep keys that left their windows now and then.
+    asked: AtomicUsize,
 }
+
+/// Every this many starts asked for, keys whose windows are empty are dropped.
+const SWEEP_EVERY: usize = 256;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -139,6 +145,9 @@ impl Limits {
 
     /// Asks to start an order; which limit refused it otherwise.
     pub fn acquire(&self, s: Start<'_>, now: Instant) -> Result<Grant, Limit> {
+        if self.asked.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep(now);
+        }
         let set = &self.settings;
         self.cool_down.remove_if(s.person, |_, until| now >= *until);
         if self.cool_down.contains_key(s.person) {
@@ -255,6 +264,33 @@ impl Limits {
             self.cool_down
                 .insert(person.to_owned(), now + self.settings.declined_cool_down);
         }
+    }
+
+    /// Drops the keys nothing counts for any more, so memory follows recent traffic only.
+    pub fn sweep(&self, now: Instant) {
+        for (map, window) in [
+            (&self.per_person, HOUR),
+            (&self.per_line, HOUR),
+            (&self.per_agent, HOUR),
+            (&self.per_queue, MINUTE),
+        ] {
+            map.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.saturating_duration_since(*t) < window)
+            });
+        }
+        self.cool_down.retain(|_, until| now < *until);
+    }
+
+    /// Keys held in the windows and cool-downs.
+    #[cfg(test)]
+    fn keys_held(&self) -> usize {
+        self.per_person.len()
+            + self.per_line.len()
+            + self.per_agent.len()
+            + self.per_queue.len()
+            + self.cool_down.len()
     }
 
     pub fn live_orders(&self) -> usize {
@@ -520,6 +556,28 @@ mod tests {
         assert_eq!(l.live_orders_at("ciba"), 0);
         assert_eq!(l.live_orders_at("bankid"), 1);
         assert_eq!(l.live_orders(), 1);
+    }
+
+    #[test]
+    fn keys_that_left_their_windows_are_swept() {
+        let l = Limits::new(Settings::default());
+        let t = base();
+        let by_agent = Start {
+            agent: Some("PJSIP/1001"),
+            ..start("p", "line", "a")
+        };
+        assert!(l.acquire(by_agent, t).is_ok());
+        l.release("p", "a");
+        l.declined("p", t);
+        assert_eq!(l.keys_held(), 5);
+        l.sweep(t + MINUTE);
+        assert_eq!(l.keys_held(), 4, "the queue's minute is over");
+        l.sweep(t + HOUR);
+        assert_eq!(l.keys_held(), 0);
+        // Sweeping forgets nothing that still counts.
+        assert!(l.acquire(start("q", "", "b"), t + HOUR).is_ok());
+        l.sweep(t + HOUR);
+        assert_eq!(l.keys_held(), 2);
     }
 
     #[test]
