@@ -173,8 +173,12 @@ pub async fn start(
         providers,
         limits: Limits::new(limits::Settings {
             max_concurrent_orders: cfg.limits.max_concurrent_orders,
+            max_concurrent_orders_per_idp: cfg.limits.max_concurrent_orders_per_idp,
             max_starts_per_number_per_hour: cfg.limits.max_starts_per_number_per_hour,
             max_starts_per_line_per_hour: cfg.limits.max_starts_per_line_per_hour,
+            max_checks_per_agent_per_hour: cfg.limits.max_checks_per_agent_per_hour,
+            max_starts_per_queue_per_minute: cfg.limits.max_starts_per_queue_per_minute,
+            declined_cool_down: cfg.limits.declined_cool_down,
         }),
         key,
         verify: opts.verify.clone().unwrap_or_default(),

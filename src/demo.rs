@@ -57,6 +57,10 @@ pub struct LabOptions {
     /// A `[[webhooks.targets]]` entry named `lab` with this URL and [`LAB_WEBHOOK_SECRET`], for every
     /// queue and event.
     pub webhook_url: Option<String>,
+    /// More `[limits]` keys, `key = value` (the value as TOML, e.g. `"0s"` or `1`).
+    pub limits: Vec<(String, String)>,
+    /// The `support` queue's `disclose` list, as TOML.
+    pub disclose: String,
 }
 
 /// The secret of the lab's webhook target.
@@ -94,6 +98,8 @@ impl LabOptions {
             api_tokens: Vec::new(),
             agents_closed: false,
             webhook_url: None,
+            limits: Vec::new(),
+            disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
     }
 
@@ -116,6 +122,8 @@ impl LabOptions {
             api_tokens: Vec::new(),
             agents_closed: false,
             webhook_url: None,
+            limits: Vec::new(),
+            disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
     }
 }
@@ -364,16 +372,29 @@ pub fn lab_toml(
     let ops = ops_listen
         .map(|a| format!("ops_listen = \"{a}\""))
         .unwrap_or_default();
-    // Only when it differs from the default, so that tests can append a `[limits]` table.
-    let limits = if options.max_concurrent_orders
-        == crate::config::Limits::default().max_concurrent_orders
-    {
+    // Only when something differs from the default, so that tests can append a `[limits]` table.
+    let mut limit_keys = options.limits.clone();
+    if options.max_concurrent_orders != crate::config::Limits::default().max_concurrent_orders {
+        // A load sized to `max_concurrent_orders` goes through one provider and one queue.
+        let n = options.max_concurrent_orders;
+        for (key, value) in [
+            ("max_concurrent_orders", n),
+            ("max_concurrent_orders_per_idp", n),
+            ("max_starts_per_queue_per_minute", n.min(100_000)),
+        ] {
+            if !limit_keys.iter().any(|(k, _)| k == key) {
+                limit_keys.push((key.to_owned(), value.to_string()));
+            }
+        }
+    }
+    let limits = if limit_keys.is_empty() {
         String::new()
     } else {
-        format!(
-            "[limits]\nmax_concurrent_orders = {}\n",
-            options.max_concurrent_orders
-        )
+        let mut t = "[limits]\n".to_owned();
+        for (k, v) in &limit_keys {
+            let _ = writeln!(t, "{k} = {v}");
+        }
+        t
     };
     let api_tokens = lab_api_tokens(&options.api_tokens);
     let webhooks = options
@@ -424,7 +445,7 @@ inter_digit_timeout = "{inter}"
 verify_timeout = "{verify}"
 gate_deadline = "{deadline}"
 user_visible_text = "Du legitimerar dig mot Exempelbolagets kundtjänst."
-disclose = ["name", "masked_number"]
+disclose = {disclose}
 
 [queues.support.routes]
 verified = "queues,support,1"
@@ -489,6 +510,7 @@ no_agent = "queues,care-noagent,1"
         rmin = ms(ari.reconnect_min),
         rmax = ms(ari.reconnect_max),
         limits = limits,
+        disclose = options.disclose,
         api_tokens = api_tokens,
         webhooks = webhooks,
         first = ms(options.first_digit_timeout),

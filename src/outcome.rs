@@ -440,6 +440,35 @@ mod tests {
     }
 
     #[test]
+    fn each_disclose_setting_renders_exactly_its_variables() {
+        let key = PseudonymKey::new(b"k".to_vec());
+        let rec = record(Outcome::Verified);
+        let always = [
+            vars::STATUS,
+            vars::REASON,
+            vars::REF,
+            vars::METHOD,
+            vars::AT,
+        ];
+        for (fields, extra) in [
+            (vec![], vec![]),
+            (vec![Field::Name], vec![vars::NAME]),
+            (vec![Field::Pseudonym], vec![vars::PSEUDONYM]),
+            (vec![Field::MaskedNumber], vec![vars::NUMBER_MASKED]),
+            (vec![Field::Number], vec![vars::NUMBER]),
+        ] {
+            let out = render(&rec, &Disclosure::new(fields.clone()), &key);
+            let names: Vec<_> = out.iter().map(|(n, _)| *n).collect();
+            let expected: Vec<_> = always.iter().chain(extra.iter()).copied().collect();
+            assert_eq!(names, expected, "{fields:?}");
+            let digits = out
+                .iter()
+                .any(|(_, v)| v.contains("199908072391") || v.contains("9908072391"));
+            assert_eq!(digits, fields == [Field::Number], "{fields:?}");
+        }
+    }
+
+    #[test]
     fn a_failed_record_never_discloses_identity() {
         let key = PseudonymKey::new(b"k".to_vec());
         let rec = record(Outcome::NotVerified(Reason::IdentityMismatch));

@@ -75,6 +75,8 @@ pub enum PromptId {
     NotVerified,
     /// Outcome: identification unavailable right now, connecting to an agent.
     Unavailable,
+    /// Outcome: an abuse limit refused a new identification for this number; try again later.
+    RateLimited,
     /// To the agent (a check started from their phone's keys): the caller is verified.
     AgentVerified,
     /// To the agent: the caller could not be verified.
@@ -84,7 +86,7 @@ pub enum PromptId {
 }
 
 impl PromptId {
-    pub const ALL: [PromptId; 14] = [
+    pub const ALL: [PromptId; 15] = [
         PromptId::EnterNumber,
         PromptId::InvalidNumber,
         PromptId::NoInput,
@@ -96,6 +98,7 @@ impl PromptId {
         PromptId::Verified,
         PromptId::NotVerified,
         PromptId::Unavailable,
+        PromptId::RateLimited,
         PromptId::AgentVerified,
         PromptId::AgentNotVerified,
         PromptId::AgentFraud,
@@ -115,6 +118,7 @@ impl PromptId {
             PromptId::Verified => "verified",
             PromptId::NotVerified => "not-verified",
             PromptId::Unavailable => "unavailable",
+            PromptId::RateLimited => "rate-limited",
             PromptId::AgentVerified => "agent-verified",
             PromptId::AgentNotVerified => "agent-not-verified",
             PromptId::AgentFraud => "agent-fraud",
@@ -179,6 +183,15 @@ impl PromptId {
             }
             (Unavailable, Nb) => {
                 "Identifisering er ikke tilgjengelig akkurat nå. Vi setter deg over."
+            }
+            (RateLimited, Sv) => {
+                "Vi kan inte starta en ny legitimering för det här numret just nu. Försök igen senare."
+            }
+            (RateLimited, En) => {
+                "We cannot start a new identification for this number right now. Please try again later."
+            }
+            (RateLimited, Nb) => {
+                "Vi kan ikke starte en ny identifisering for dette nummeret akkurat nå. Prøv igjen senere."
             }
             (AgentVerified, Sv) => "Kunden är legitimerad.",
             (AgentVerified, En) => "The caller is verified.",

@@ -152,7 +152,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 13] = [
+pub const METRICS: [(&str, &str, &str); 14] = [
     (
         "callgate_build_info",
         "gauge",
@@ -182,6 +182,11 @@ pub const METRICS: [(&str, &str, &str); 13] = [
         "callgate_provider_errors_total",
         "counter",
         "Failed identity-provider requests by provider, operation and class (not_sent, outcome_unknown, unavailable, rate_limited, rejected, fatal).",
+    ),
+    (
+        "callgate_limit_refusals_total",
+        "counter",
+        "Identity orders refused by an abuse limit, by queue and limit (per_number, per_line, per_agent, per_queue, cool_down, per_idp, concurrent).",
     ),
     (
         "callgate_pbx_connected",
@@ -277,6 +282,14 @@ impl Metrics {
                 ("idp", idp.to_owned()),
                 ("step", step.code().to_owned()),
             ],
+        );
+    }
+
+    /// An abuse limit refused an order; `limit` is a `calls::limits::Limit` code.
+    pub fn limit_refused(&self, queue: &str, limit: &'static str) {
+        self.inc(
+            "callgate_limit_refusals_total",
+            vec![("queue", queue.to_owned()), ("limit", limit.to_owned())],
         );
     }
 

@@ -1835,3 +1835,330 @@ async fn a_check_during_the_call_reaches_the_crm_with_the_queues_fields() {
     assert_eq!(keys, ["at", "method", "name", "reason", "ref", "status"]);
     lab.shutdown().await.unwrap();
 }
+
+// ---- abuse limits ----
+
+const LEAD_TOKEN: &str = "lab-supervisor-token-limits-0";
+
+fn lead() -> demo::LabToken {
+    demo::LabToken {
+        name: "lead".into(),
+        token: LEAD_TOKEN.into(),
+        role: callgate::config::Role::Supervisor,
+        agent: None,
+    }
+}
+
+/// `GET /v1/verifications/{id}` as JSON.
+async fn verification_json(addr: SocketAddr, id: &str, token: &str) -> serde_json::Value {
+    let (status, text) =
+        api_request(addr, "GET", &format!("/v1/verifications/{id}"), token, "").await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap()
+}
+
+/// The person says "not me" in their app; a new call for the same number right after is refused by
+/// the cool-down: no order reaches their phone, the caller hears `rate-limited`, the agent API names
+/// the limit.
+#[tokio::test]
+async fn a_declined_call_cools_the_number_down_and_the_retry_hears_rate_limited() {
+    let options = LabOptions {
+        api_tokens: vec![lead()],
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let number = Lab::number(Scenario::DeclinesCall);
+    let (first, end) = lab.run_call(lab.caller_typing(&number)).await.unwrap();
+    assert_eq!(first.outcome, Outcome::NotVerified(Reason::DeclinedCall));
+    assert_eq!(route(&end), "queues,fraud-desk,1");
+    let orders = lab.bankid.starts();
+
+    let id = lab.asterisk.call(lab.caller_typing(&number));
+    let report = lab.report(&id).await.unwrap();
+    let end = lab.asterisk.wait_for_channel_end(&id).await;
+    assert_eq!(report.outcome, Outcome::NotVerified(Reason::RateLimited));
+    assert_eq!(var(&end, "CALLGATE_STATUS"), "failed");
+    assert_eq!(var(&end, "CALLGATE_REASON"), "rate_limited");
+    assert_eq!(route(&end), "queues,support-unverified,1");
+    let media = lab.asterisk.media_started(&id);
+    assert!(
+        media.iter().any(|m| m == "sound:callgate/rate-limited"),
+        "{media:?}"
+    );
+    assert!(
+        !media
+            .iter()
+            .any(|m| m == "sound:callgate/not-verified" || m == "sound:callgate/open-app"),
+        "{media:?}"
+    );
+    assert_eq!(lab.bankid.starts(), orders, "an order reached the phone");
+
+    let v = verification_json(lab.app.api_addr, var(&end, "CALLGATE_REF"), LEAD_TOKEN).await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["reason"], "rate_limited");
+    assert_eq!(v["limit"], "cool_down");
+    assert_eq!(v["fields"]["reason"], "rate_limited");
+    assert!(captured().contains("limit=\"cool_down\""));
+    let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
+    assert!(
+        metrics.contains(r#"callgate_limit_refusals_total{queue="support",limit="cool_down"} 1"#),
+        "{metrics}"
+    );
+
+    // Another person is not affected.
+    let (other, _) = lab.run_call(lab.caller_typing(&person(330))).await.unwrap();
+    assert_eq!(other.outcome, Outcome::Verified);
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+/// An agent over their hourly allowance of checks gets `202` (the check is accepted like any other),
+/// then the verification ends `failed/rate_limited` with `limit: "per_agent"`, on REST and the stream.
+#[tokio::test]
+async fn an_agent_over_their_hourly_checks_gets_rate_limited_with_the_limit_named() {
+    const MINE: &str = "lab-agent-token-limited-01";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "desk-agent1".into(),
+            token: MINE.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some(demo::LAB_AGENT.into()),
+        }],
+        limits: vec![("max_checks_per_agent_per_hour".into(), "1".into())],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    let mut stream = RawStream::open(addr, &format!("/v1/calls/{id}/events"), MINE).await;
+    stream.until("snapshot").await;
+    let path = format!("/v1/calls/{id}/verifications");
+    let start = async |number: &str| {
+        let (status, text) = api_request(
+            addr,
+            "POST",
+            &path,
+            MINE,
+            &format!(r#"{{"number":"{number}"}}"#),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+        let body: serde_json::Value =
+            serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+        body["verification_id"].as_str().unwrap().to_owned()
+    };
+    let first = start(&person(340)).await;
+    assert_eq!(check_over(&lab, &first).await, Outcome::Verified);
+    let (_, done) = stream.until("verification_completed").await;
+    assert_eq!(done["verification"]["limit"], serde_json::Value::Null);
+    let orders = lab.bankid.starts();
+
+    let second = start(&person(341)).await;
+    assert_eq!(
+        check_over(&lab, &second).await,
+        Outcome::NotVerified(Reason::RateLimited)
+    );
+    assert_eq!(lab.bankid.starts(), orders, "an order reached the phone");
+    let (_, done) = stream.until("verification_completed").await;
+    let v = &done["verification"];
+    assert_eq!(v["verification_id"], second.as_str());
+    assert_eq!(v["reason"], "rate_limited");
+    assert_eq!(v["limit"], "per_agent");
+    let v = verification_json(addr, &second, MINE).await;
+    assert_eq!(
+        (v["reason"].as_str(), v["limit"].as_str()),
+        (Some("rate_limited"), Some("per_agent"))
+    );
+    assert_eq!(
+        lab.asterisk.channel_var(&id, "CALLGATE_REASON").as_deref(),
+        Some("rate_limited")
+    );
+    // The number was typed by the agent: nothing is played to the caller.
+    assert!(!lab
+        .asterisk
+        .media_started(&id)
+        .iter()
+        .any(|m| m == "sound:callgate/rate-limited"));
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
+
+// ---- one record on every surface: what each disclose setting shows where ----
+
+/// What one surface shows of a verification: field name (lower case, without `CALLGATE_`, as the
+/// REST API names them) → value.
+type Shown = std::collections::BTreeMap<String, String>;
+
+/// The fields every surface shows whatever the policy: the result without identity.
+const ALWAYS: [&str; 5] = ["status", "reason", "ref", "method", "at"];
+
+/// What each surface showed of the gate call `call` (already ended): `channel` (the variables the
+/// fake Asterisk recorded), `rest` (`GET /v1/verifications/{id}`), `stream` (its
+/// `verification_completed` event on `/v1/events`). The audit line is returned apart: it is not
+/// rendered by policy. Further surfaces (webhook bodies, the hash-chained audit trail) belong here
+/// as more entries of the map, checked by the same table.
+async fn surfaces_of_a_gate_call(
+    lab: &Lab,
+    call: &str,
+    stream: &mut RawStream,
+) -> (
+    std::collections::BTreeMap<&'static str, Shown>,
+    serde_json::Value,
+) {
+    let end = lab.asterisk.wait_for_channel_end(call).await;
+    let channel: Shown = end
+        .variables
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("CALLGATE_")
+                .map(|n| (n.to_ascii_lowercase(), v.clone()))
+        })
+        .collect();
+    let reference = var(&end, "CALLGATE_REF").to_owned();
+    let as_shown = |fields: &serde_json::Value| -> Shown {
+        fields
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let rest = verification_json(lab.app.api_addr, &reference, LEAD_TOKEN).await;
+    let streamed = loop {
+        let (_, event) = stream.until("verification_completed").await;
+        if event["verification"]["verification_id"] == reference.as_str() {
+            break event;
+        }
+    };
+    let audit_path = lab.app.audit_path.clone();
+    until("the audit line", || {
+        std::fs::read_to_string(&audit_path).is_ok_and(|t| t.contains(&reference))
+    })
+    .await;
+    let audit = std::fs::read_to_string(&audit_path)
+        .unwrap()
+        .lines()
+        .find(|l| l.contains(&reference))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap();
+    let surfaces = [
+        ("channel", channel),
+        ("rest", as_shown(&rest["fields"])),
+        ("stream", as_shown(&streamed["verification"]["fields"])),
+    ]
+    .into_iter()
+    .collect();
+    (surfaces, audit)
+}
+
+/// For each `disclose` setting, exactly the fields it allows appear on every surface, with the same
+/// values; a failed check shows none, even with an identity and every field allowed; the audit line
+/// holds the pseudonym of a verified person and never a number or a name, whatever the setting.
+#[tokio::test]
+async fn each_disclose_setting_shows_exactly_its_fields_on_every_surface() {
+    use callgate::pnr::{PersonalNumber, PseudonymKey};
+    let key = PseudonymKey::new(b"lab-pseudonym-key-0123456789abcdef".to_vec());
+    let cases: [(&str, &[&str]); 6] = [
+        ("[]", &[]),
+        (r#"["name"]"#, &["name"]),
+        (r#"["pseudonym"]"#, &["pseudonym"]),
+        (r#"["masked_number"]"#, &["number_masked"]),
+        (r#"["number"]"#, &["number"]),
+        (
+            r#"["name", "pseudonym", "masked_number", "number"]"#,
+            &["name", "pseudonym", "number_masked", "number"],
+        ),
+    ];
+    for (serial, (disclose, extra)) in (350u16..).zip(cases) {
+        let options = LabOptions {
+            api_tokens: vec![lead()],
+            disclose: disclose.to_owned(),
+            ..LabOptions::fast()
+        };
+        let mut lab = lab(options).await;
+        let mut stream = RawStream::open(lab.app.api_addr, "/v1/events", LEAD_TOKEN).await;
+        stream.until("snapshot_complete").await;
+        let number = person(serial);
+        let parsed = PersonalNumber::parse_swedish_12(&number).unwrap();
+        let (report, _) = lab.run_call(lab.caller_typing(&number)).await.unwrap();
+        assert_eq!(report.outcome, Outcome::Verified, "{disclose}");
+        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+
+        let expected: std::collections::BTreeSet<&str> =
+            ALWAYS.iter().chain(extra.iter()).copied().collect();
+        for (surface, shown) in &surfaces {
+            let names: std::collections::BTreeSet<&str> =
+                shown.keys().map(String::as_str).collect();
+            assert_eq!(names, expected, "disclose = {disclose}, surface {surface}");
+            assert_eq!(shown, &surfaces["channel"], "{disclose}: {surface} differs");
+            assert_eq!(shown["status"], "verified");
+        }
+        let shown = &surfaces["rest"];
+        if let Some(n) = shown.get("number") {
+            assert_eq!(n, &number);
+        }
+        if let Some(m) = shown.get("number_masked") {
+            assert_eq!(m, &parsed.masked());
+            assert!(!m.contains(&number[8..]));
+        }
+        if let Some(p) = shown.get("pseudonym") {
+            assert_eq!(p, &parsed.pseudonym(&key));
+        }
+        if let Some(n) = shown.get("name") {
+            assert!(!n.is_empty());
+        }
+        // Where the number is not disclosed, no form of it is shown anywhere.
+        if !extra.contains(&"number") {
+            for (surface, shown) in &surfaces {
+                for v in shown.values() {
+                    assert!(
+                        !v.contains(&number[2..]),
+                        "{disclose}: the number on {surface}"
+                    );
+                }
+            }
+        }
+        audit_holds_only_the_pseudonym(&audit, &number, Some(&parsed.pseudonym(&key)));
+
+        // A failed check with an identity (BankID vouched for someone else) shows none of it.
+        let wrong = Lab::number(Scenario::WrongPerson);
+        let (report, _) = lab.run_call(lab.caller_typing(&wrong)).await.unwrap();
+        assert_eq!(
+            report.outcome,
+            Outcome::NotVerified(Reason::IdentityMismatch)
+        );
+        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+        for (surface, shown) in &surfaces {
+            let names: Vec<&str> = shown.keys().map(String::as_str).collect();
+            let mut always = ALWAYS.to_vec();
+            always.sort();
+            assert_eq!(names, always, "{disclose}: failed check on {surface}");
+            assert_eq!(shown["reason"], "identity_mismatch");
+        }
+        audit_holds_only_the_pseudonym(&audit, &wrong, None);
+        lab.shutdown().await.unwrap();
+    }
+}
+
+/// The audit line: the same fields whatever the policy, the pseudonym (`person`) only when verified,
+/// never the number (either form) or a masked number.
+fn audit_holds_only_the_pseudonym(audit: &serde_json::Value, number: &str, person: Option<&str>) {
+    let keys: Vec<&str> = audit
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in ["name", "number", "number_masked", "pseudonym"] {
+        assert!(!keys.contains(&k), "the audit line has {k}: {audit}");
+    }
+    assert_eq!(audit["person"].as_str().unwrap_or(""), person.unwrap_or(""));
+    let text = audit.to_string();
+    assert!(!text.contains(&number[2..]), "a number in the audit line");
+    assert!(
+        !text.contains(&number[..8]),
+        "a birth date in the audit line"
+    );
+}

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use tokio::sync::{broadcast, oneshot};
 
+pub use super::limits::Limit;
 pub use crate::dialog::anchor::{CheckMethod, Refusal};
 use crate::outcome::{Outcome, Reason, Status};
 use crate::verify::Stage;
@@ -89,6 +90,9 @@ pub struct VerificationView {
     /// only what the policy allows of `name`, `pseudonym`, `number_masked`, `number`). Empty until
     /// the check is over.
     pub fields: Vec<(String, String)>,
+    /// The abuse limit that refused the check's order (its reason is then `rate_limited` or
+    /// `provider_busy`).
+    pub limit: Option<Limit>,
 }
 
 impl VerificationView {
@@ -368,6 +372,7 @@ mod tests {
             stages: Vec::new(),
             outcome,
             fields: Vec::new(),
+            limit: None,
         }
     }
 

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::journal::{self, Journal};
-use super::limits::Limits;
+use super::limits::{self, Limits};
 use super::live::{
     CallState, CallView, CheckMethod, Live, LiveKind, Refusal, StartedBy, VerificationView,
 };
@@ -144,6 +144,7 @@ pub fn spawn(
         next_check: None,
         pending: Vec::new(),
         order_person: None,
+        check_person: None,
         start_person: None,
         journalled: None,
         funnel: Default::default(),
@@ -206,6 +207,9 @@ struct Driver {
     pending: Vec<Input>,
     /// Pseudonym of the person whose order this call holds in the limits.
     order_person: Option<String>,
+    /// Pseudonym of the person of the current check's last granted order (kept past the order's end,
+    /// for the cool-down after a declined call).
+    check_person: Option<String>,
     /// The journal's pseudonym of the person of the start in flight.
     start_person: Option<String>,
     /// The order of this call that is open in the journal.
@@ -523,6 +527,7 @@ impl Driver {
             stages: Vec::new(),
             outcome: None,
             fields: Vec::new(),
+            limit: None,
         });
     }
 
@@ -636,18 +641,34 @@ impl Driver {
                 self.step(FunnelStep::NumberAccepted);
                 let person = order.number.pseudonym(&self.deps.key);
                 let line = line_key(&self.setup.caller_line);
-                match self.deps.limits.acquire(
-                    &person,
-                    &line,
-                    &self.setup.call_id,
-                    now().into_std(),
-                ) {
-                    Err(reason) => {
-                        tracing::warn!(reason = %reason, "order refused by limits");
+                let agent = self.agent_key();
+                let start = limits::Start {
+                    person: &person,
+                    line: &line,
+                    call: &self.setup.call_id,
+                    queue: &self.setup.policy.name.0,
+                    idp: &self.setup.policy.idp,
+                    agent: agent.as_deref(),
+                };
+                match self.deps.limits.acquire(start, now().into_std()) {
+                    Err(limit) => {
+                        let reason = limit.reason();
+                        tracing::warn!(reason = %reason, limit = limit.code(), "order refused by limits");
+                        self.deps
+                            .metrics
+                            .limit_refused(&self.setup.policy.name.0, limit.code());
+                        if self.check.is_none() {
+                            let id = self.reference.clone();
+                            self.new_check(id, CheckMethod::Ivr, StartedBy::Gate);
+                        }
+                        if let Some(v) = self.check.as_mut() {
+                            v.limit = Some(limit);
+                        }
                         return Some(verify::Input::Started(Err(ProviderError::Rejected(reason))));
                     }
                     Ok(grant) => {
-                        self.order_person = Some(person);
+                        self.order_person = Some(person.clone());
+                        self.check_person = Some(person);
                         if let Some(other) = grant.supersede {
                             tracing::info!(other.call = %other, "superseding an older order for the same person");
                             let registry = self.deps.registry.clone();
@@ -718,6 +739,28 @@ impl Driver {
         if self.funnel.insert(step) {
             let policy = &self.setup.policy;
             self.deps.metrics.funnel(&policy.name.0, &policy.idp, step);
+        }
+    }
+
+    /// Who a start counts for in the per-agent limit: nobody for the gate; for a check during the
+    /// call, the call's agent (their interface), else the API token that asked for it.
+    fn agent_key(&self) -> Option<String> {
+        let by = &self.check.as_ref()?.started_by;
+        match (by, &self.agent) {
+            (StartedBy::Gate, _) => None,
+            (_, Some(agent)) => Some(format!("agent:{agent}")),
+            (StartedBy::Api(token), None) => Some(format!("token:{token}")),
+            (StartedBy::AgentKeys, None) => Some("agent:".to_owned()),
+        }
+    }
+
+    /// A check ended: a person who declined the call in their app cools down.
+    fn note_outcome_for_limits(&mut self, outcome: Outcome) {
+        let person = self.check_person.take();
+        if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
+            if let Some(person) = person {
+                self.deps.limits.declined(&person, now().into_std());
+            }
         }
     }
 
@@ -795,6 +838,7 @@ impl Driver {
         }
         self.deps.metrics.call_ended(&policy.name.0, outcome);
         self.count_outcome(outcome, checked);
+        self.note_outcome_for_limits(outcome);
         let level_error = matches!(outcome.status(), Status::Unavailable | Status::Interrupted)
             || destination == Destination::NextPriority;
         if level_error {
@@ -1255,6 +1299,7 @@ impl Driver {
         }
         let checked = !self.stages.is_empty();
         self.count_outcome(outcome, checked);
+        self.note_outcome_for_limits(outcome);
         if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
             tracing::warn!(reference = %self.reference, "the person declined the call in their app: someone may be calling in their name");
         } else {

@@ -45,9 +45,13 @@
 //! | `idp.<name>.server_ca` | — | required with https; every file key must name an existing file; http allows no file keys |
 //! | `idp.<name>.request_timeout` / `connect_timeout` | `5s` / `3s` | durations > 0 |
 //! | `idp.<name>.step` (simulator) | `1s` | duration, zero allowed |
-//! | `limits.max_concurrent_orders` | `200` | 1..=1000000 |
-//! | `limits.max_starts_per_number_per_hour` | `6` | 1..=10000 |
-//! | `limits.max_starts_per_line_per_hour` | `10` | 1..=10000 |
+//! | `limits.max_concurrent_orders` | `200` | 1..=1000000: open orders overall (refusal: `unavailable/provider_busy`) |
+//! | `limits.max_concurrent_orders_per_idp` | `100` | 1..=1000000: open orders at each provider separately, besides the overall cap (refusal: `unavailable/provider_busy`) |
+//! | `limits.max_starts_per_number_per_hour` | `6` | 1..=10000: orders per person (pseudonym), sliding hour |
+//! | `limits.max_starts_per_line_per_hour` | `10` | 1..=10000: orders per caller line, sliding hour |
+//! | `limits.max_checks_per_agent_per_hour` | `20` | 1..=10000: orders of checks during the call per agent (their interface; the API token's name on a call without an agent), sliding hour; gate orders do not count |
+//! | `limits.max_starts_per_queue_per_minute` | `60` | 1..=100000: orders per queue, sliding minute |
+//! | `limits.declined_cool_down` | `30m` | duration, zero = off: no new order for a person this long after they answered in the app that they are not on a call with us |
 //! | `api.keep_verifications` | `1h` | duration > 0: how long a verification stays readable after its call ended |
 //! | `api.max_body` | `16384` | request body limit in bytes, 1024..=1048576 |
 //! | `api.tokens.<name>.sha256` | — | **required**: 64 hex digits, the SHA-256 of the bearer token (`callgate token-hash`); no two tokens alike |
@@ -300,16 +304,24 @@ pub enum Idp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_concurrent_orders: usize,
+    pub max_concurrent_orders_per_idp: usize,
     pub max_starts_per_number_per_hour: u32,
     pub max_starts_per_line_per_hour: u32,
+    pub max_checks_per_agent_per_hour: u32,
+    pub max_starts_per_queue_per_minute: u32,
+    pub declined_cool_down: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_concurrent_orders: 200,
+            max_concurrent_orders_per_idp: 100,
             max_starts_per_number_per_hour: 6,
             max_starts_per_line_per_hour: 10,
+            max_checks_per_agent_per_hour: 20,
+            max_starts_per_queue_per_minute: 60,
+            declined_cool_down: Duration::from_secs(30 * 60),
         }
     }
 }

@@ -47,10 +47,14 @@ pub const BANKID_KEYS: [&str; 9] = [
     "connect_timeout",
 ];
 pub const SIMULATOR_KEYS: [&str; 2] = ["kind", "step"];
-pub const LIMITS_KEYS: [&str; 3] = [
+pub const LIMITS_KEYS: [&str; 7] = [
     "max_concurrent_orders",
+    "max_concurrent_orders_per_idp",
     "max_starts_per_number_per_hour",
     "max_starts_per_line_per_hour",
+    "max_checks_per_agent_per_hour",
+    "max_starts_per_queue_per_minute",
+    "declined_cool_down",
 ];
 pub const API_KEYS: [&str; 5] = [
     "keep_verifications",
@@ -412,25 +416,50 @@ pub fn limits(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Limits {
     let mut l = Limits::default();
     let Some(t) = t else { return l };
     ctx.known_keys("limits", t, &LIMITS_KEYS);
-    if let Some(v) = t.get("max_concurrent_orders") {
-        if let Some(n) = ctx.number("limits.max_concurrent_orders", v, 1, 1_000_000) {
-            l.max_concurrent_orders = usize::try_from(n).unwrap_or(l.max_concurrent_orders);
+    for (key, field) in [
+        ("max_concurrent_orders", &mut l.max_concurrent_orders),
+        (
+            "max_concurrent_orders_per_idp",
+            &mut l.max_concurrent_orders_per_idp,
+        ),
+    ] {
+        if let Some(v) = t.get(key) {
+            if let Some(n) = ctx.number(&join("limits", key), v, 1, 1_000_000) {
+                *field = usize::try_from(n).unwrap_or(*field);
+            }
         }
     }
-    for (key, field) in [
+    for (key, field, max) in [
         (
             "max_starts_per_number_per_hour",
             &mut l.max_starts_per_number_per_hour,
+            10_000,
         ),
         (
             "max_starts_per_line_per_hour",
             &mut l.max_starts_per_line_per_hour,
+            10_000,
+        ),
+        (
+            "max_checks_per_agent_per_hour",
+            &mut l.max_checks_per_agent_per_hour,
+            10_000,
+        ),
+        (
+            "max_starts_per_queue_per_minute",
+            &mut l.max_starts_per_queue_per_minute,
+            100_000,
         ),
     ] {
         if let Some(v) = t.get(key) {
-            if let Some(n) = ctx.number(&join("limits", key), v, 1, 10_000) {
+            if let Some(n) = ctx.number(&join("limits", key), v, 1, max) {
                 *field = u32::try_from(n).unwrap_or(*field);
             }
+        }
+    }
+    if let Some(v) = t.get("declined_cool_down") {
+        if let Some(d) = ctx.duration("limits.declined_cool_down", v, true) {
+            l.declined_cool_down = d;
         }
     }
     l

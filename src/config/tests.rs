@@ -137,8 +137,12 @@ fn minimal_file_gets_every_documented_default() {
         c.limits,
         Limits {
             max_concurrent_orders: 200,
+            max_concurrent_orders_per_idp: 100,
             max_starts_per_number_per_hour: 6,
             max_starts_per_line_per_hour: 10,
+            max_checks_per_agent_per_hour: 20,
+            max_starts_per_queue_per_minute: 60,
+            declined_cool_down: Duration::from_secs(30 * 60),
         }
     );
     // The only provider is the queue's provider; everything else is QueuePolicy::with_defaults.
@@ -252,6 +256,45 @@ pseudonym_key = "0123456789abcdef"
 #[test]
 fn an_empty_file_only_lacks_the_ari_password() {
     only_issue("", "pbx.ari.password", "required");
+}
+
+#[test]
+fn abuse_limits_are_read_and_checked() {
+    let c = try_load(
+        &minimal_with(
+            "[limits]\nmax_concurrent_orders_per_idp = 7\nmax_checks_per_agent_per_hour = 3\n\
+             max_starts_per_queue_per_minute = 500\ndeclined_cool_down = \"0s\"\n",
+        ),
+        &[],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.limits.max_concurrent_orders_per_idp, 7);
+    assert_eq!(c.limits.max_checks_per_agent_per_hour, 3);
+    assert_eq!(c.limits.max_starts_per_queue_per_minute, 500);
+    assert_eq!(c.limits.declined_cool_down, Duration::ZERO);
+    let got = try_load(
+        &minimal_with(
+            "[limits]\nmax_concurrent_orders_per_idp = 0\nmax_checks_per_agent_per_hour = 0\n\
+             max_starts_per_queue_per_minute = 100001\ndeclined_cool_down = \"soon\"\n",
+        ),
+        &[],
+        &[],
+    )
+    .unwrap_err();
+    let paths: std::collections::BTreeSet<_> = got.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "limits.declined_cool_down",
+            "limits.max_checks_per_agent_per_hour",
+            "limits.max_concurrent_orders_per_idp",
+            "limits.max_starts_per_queue_per_minute",
+        ]
+        .into_iter()
+        .collect(),
+        "{got:#?}"
+    );
 }
 
 // --- environment overrides ---------------------------------------------------------------------------------

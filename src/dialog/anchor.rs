@@ -838,6 +838,7 @@ impl Anchor {
         }
         check.entry = Entry::Done;
         let by_agent_keys = check.by_agent_keys;
+        let keypad = check.method == CheckMethod::Keypad;
         let gen = check.gen;
         self.emit(Command::CheckDone {
             gen,
@@ -862,6 +863,13 @@ impl Anchor {
                 _ => PromptId::AgentNotVerified,
             };
             self.play(Leg::Agent, vec![prompt], now);
+        }
+        // The caller who typed their number is told why nothing reaches their app.
+        if keypad
+            && outcome == Outcome::NotVerified(Reason::RateLimited)
+            && self.state == State::Talking
+        {
+            self.play(Leg::Caller, vec![PromptId::RateLimited], now);
         }
     }
 

@@ -788,6 +788,7 @@ impl Call {
             self.announcement = Some(match outcome.status() {
                 Status::Verified => PromptId::Verified,
                 Status::Unavailable => PromptId::Unavailable,
+                _ if outcome == Outcome::NotVerified(Reason::RateLimited) => PromptId::RateLimited,
                 _ => PromptId::NotVerified,
             });
         }

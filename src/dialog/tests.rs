@@ -974,3 +974,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_start_refused_by_the_limits_tells_the_caller_to_try_later() {
+    let mut h = H::new(policy());
+    h.prompt_ends();
+    h.keys(&format!("{NUMBER}#"));
+    h.start_in_flight = false;
+    h.input(Input::Idp(verify::Input::Started(Err(
+        ProviderError::Rejected(Reason::RateLimited),
+    ))));
+    h.prompt_ends();
+    let t = h.transcript();
+    assert!(t.contains("play rate-limited"), "{t}");
+    assert!(
+        !t.contains("not-verified") && !t.contains("open-app"),
+        "{t}"
+    );
+    assert_eq!(h.finishes[0].0, Outcome::NotVerified(Reason::RateLimited));
+}

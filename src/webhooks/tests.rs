@@ -214,6 +214,7 @@ fn verification(outcome: Outcome, fields: &[(&str, &str)]) -> VerificationView {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
+        limit: None,
     }
 }
 

@@ -42,6 +42,7 @@ pub fn verification(v: &VerificationView) -> Value {
         "stages": v.stages.iter().map(|(s, at)| json!({"stage": s.code(), "at": rfc3339(*at)})).collect::<Vec<_>>(),
         "status": v.outcome.map_or("in_progress", |o| o.status().code()),
         "reason": v.outcome.and_then(|o| o.reason()).map(|r| r.code()),
+        "limit": v.limit.map(|l| l.code()),
         "fraud": v.outcome.is_some_and(is_fraud),
         "fields": fields,
         "links": {"self": verification_link(&v.id), "call": call_link(&v.call_id)},

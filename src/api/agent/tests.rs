@@ -271,6 +271,7 @@ fn check(id: &str, call: &str, stages: &[Stage], outcome: Option<Outcome>) -> Ve
             ],
             None => Vec::new(),
         },
+        limit: None,
     }
 }
 

@@ -71,6 +71,15 @@
       reason_caller_hung_up: "the caller hung up",
       reason_provider_unavailable: "BankID is unavailable",
       reason_identity_mismatch: "another person approved",
+      reason_rate_limited: "too many checks, try again later",
+      reason_provider_busy: "BankID is busy",
+      limit_per_number: "for this number",
+      limit_per_line: "from this phone line",
+      limit_per_agent: "by you this hour",
+      limit_per_queue: "in this queue right now",
+      limit_cool_down: "the person recently said it was not them",
+      limit_per_idp: "orders in flight at BankID",
+      limit_concurrent: "orders in flight",
     },
     sv: {
       title: "Legitimering av uppringare",
@@ -133,6 +142,15 @@
       reason_caller_hung_up: "uppringaren lade på",
       reason_provider_unavailable: "BankID är inte tillgängligt",
       reason_identity_mismatch: "en annan person godkände",
+      reason_rate_limited: "för många kontroller, försök igen senare",
+      reason_provider_busy: "BankID är upptaget",
+      limit_per_number: "för det här numret",
+      limit_per_line: "från den här telefonlinjen",
+      limit_per_agent: "av dig den här timmen",
+      limit_per_queue: "i den här kön just nu",
+      limit_cool_down: "personen sa nyss att det inte var hen",
+      limit_per_idp: "pågående beställningar hos BankID",
+      limit_concurrent: "pågående beställningar",
     },
   };
 
@@ -429,6 +447,7 @@
     if (v && !inProgress) {
       heading = v.status === "verified" ? t("verified") : t("not_verified");
       if (v.status !== "verified" && v.reason) heading += ": " + reasonText(v.reason);
+      if (v.limit) heading += " (" + (TEXT[lang]["limit_" + v.limit] || v.limit.replace(/_/g, " ")) + ")";
     }
     let line = heading;
     if (inProgress) {

@@ -556,3 +556,37 @@ fn an_adopted_call_can_be_verified_once_its_agent_is_known() {
     let mut talking = Anchor::adopt(p, verify::Settings::default(), info, Some("PJSIP/7".into()));
     assert!(talking.start_check(None, false, now).is_ok());
 }
+
+#[test]
+fn a_keypad_check_refused_by_the_limits_tells_the_caller() {
+    let mut h = H::talking();
+    h.a.start_check(None, false, h.now).unwrap();
+    h.drain();
+    h.keys("199908072391#");
+    let gen = h.starts_in_flight.remove(0);
+    h.input(Input::Idp(
+        gen,
+        verify::Input::Started(Err(verify::ProviderError::Rejected(Reason::RateLimited))),
+    ));
+    let t = h.transcript();
+    assert!(
+        t.ends_with("check #1 done: failed/rate_limited\nplay to caller: rate-limited"),
+        "{t}"
+    );
+}
+
+#[test]
+fn an_agent_typed_check_refused_by_the_limits_plays_nothing_to_the_caller() {
+    let mut h = H::talking();
+    let n = h.a.parse_number(NUMBER).unwrap();
+    h.a.start_check(Some(n), false, h.now).unwrap();
+    h.drain();
+    let gen = h.starts_in_flight.remove(0);
+    h.input(Input::Idp(
+        gen,
+        verify::Input::Started(Err(verify::ProviderError::Rejected(Reason::RateLimited))),
+    ));
+    let t = h.transcript();
+    assert!(t.ends_with("check #1 done: failed/rate_limited"), "{t}");
+    assert!(!t.contains("rate-limited"), "{t}");
+}
