@@ -725,14 +725,10 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     let rows = demo::run_calls(&mut lab).await.unwrap();
     assert!(rows.iter().all(|r| r.outcome == r.expected));
     let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
-    let audit_path = lab.app.audit_path.clone();
-    until("the audit trail", || {
-        std::fs::read_to_string(&audit_path)
-            .map(|t| t.lines().count() >= rows.len())
-            .unwrap_or(false)
-    })
-    .await;
-    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    // Each call's record is on disk before the call went on to its route.
+    let audit = audit_text(&lab.app.audit_dir);
+    assert!(audit.lines().count() >= rows.len());
+    callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
     let mut canaries: Vec<String> = Scenario::ALL.iter().map(|s| s.number()).collect();
     canaries.extend((100..=102).map(person));
     canaries.extend((201..=212).map(person));
@@ -759,6 +755,151 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "privacy: {} bytes of logs checked", logs.len());
     lab.shutdown().await.unwrap();
+}
+
+/// Every record of the audit trail, all files, oldest first.
+fn audit_text(dir: &std::path::Path) -> String {
+    callgate::audit::chain::read_all(dir)
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8(r.bytes.clone()).unwrap() + "\n")
+        .collect()
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_every_check_and_agent_action_in_an_intact_chain() {
+    const TOKEN: &str = "lab-care-agent-token-1";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "care-agent".into(),
+            token: TOKEN.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some(demo::LAB_AGENT.into()),
+        }],
+        step: Duration::from_millis(200),
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    // The gate verifies the caller, then an agent checks again with a typed number, reads the
+    // result, starts one more check and cancels it.
+    let gated = person(601);
+    let id = lab.asterisk.call(lab.caller_typing(&gated).queue("care"));
+    let gate = lab.report(&id).await.unwrap();
+    assert_eq!(gate.outcome, Outcome::Verified);
+    talking(&lab, &id).await;
+    let typed = person(602);
+    let path = format!("/v1/calls/{id}/verifications");
+    let body = format!("{{\"number\":\"{typed}\"}}");
+    let (status, text) = api_request(addr, "POST", &path, TOKEN, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let accepted: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let check = accepted["verification_id"].as_str().unwrap().to_owned();
+    assert_eq!(check_over(&lab, &check).await, Outcome::Verified);
+    let (status, text) = api_request(
+        addr,
+        "GET",
+        &format!("/v1/verifications/{check}"),
+        TOKEN,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let shown: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let name = shown["fields"]["name"].as_str().unwrap().to_owned();
+    let slow = Lab::number(Scenario::Expires);
+    let body = format!("{{\"number\":\"{slow}\"}}");
+    let (status, text) = api_request(addr, "POST", &path, TOKEN, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let accepted: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let cancelled = accepted["verification_id"].as_str().unwrap().to_owned();
+    let (status, text) = api_request(
+        addr,
+        "DELETE",
+        &format!("/v1/calls/{id}/verification"),
+        TOKEN,
+        "",
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    assert_eq!(
+        check_over(&lab, &cancelled).await,
+        Outcome::NotVerified(Reason::AgentCancelled)
+    );
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    // Every record above was acknowledged on disk before the next step went on.
+    let intact = callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
+    let text = audit_text(&lab.app.audit_dir);
+    lab.shutdown().await.unwrap();
+    assert_eq!(intact.records, text.lines().count() as u64);
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["call_id"] == id.as_str())
+        .collect();
+    let summary: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let who = r["by"].as_str().or(r["started_by"].as_str()).unwrap_or("");
+            let what = r["status"].as_str().or(r["method"].as_str()).unwrap_or("");
+            format!("{} {who} {what}", r["kind"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "verification gate verified",
+            "check_started api:care-agent agent_typed",
+            "verification api:care-agent verified",
+            "identity_viewed api:care-agent ",
+            "check_started api:care-agent agent_typed",
+            "check_cancelled api:care-agent ",
+            "verification api:care-agent failed",
+        ],
+        "{text}"
+    );
+    let by_ref = |kind: &str| {
+        records
+            .iter()
+            .find(|r| r["kind"] == kind)
+            .map(|r| r["reference"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(by_ref("identity_viewed").as_deref(), Some(check.as_str()));
+    assert_eq!(
+        by_ref("check_cancelled").as_deref(),
+        Some(cancelled.as_str())
+    );
+    let viewed = records
+        .iter()
+        .find(|r| r["kind"] == "identity_viewed")
+        .unwrap();
+    assert_eq!(
+        viewed["fields"],
+        serde_json::json!(["name", "number_masked"])
+    );
+    assert_eq!(records[0]["destination"], "agent");
+    assert_eq!(records[6]["reason"], "agent_cancelled");
+    // The verified person is named by a pseudonym, never by number or name.
+    let gate_person = records[0]["person"].as_str().unwrap();
+    assert_eq!(gate_person.len(), 64);
+    for form in [
+        &gated[..],
+        &gated[2..],
+        &typed,
+        &typed[2..],
+        &slow,
+        &slow[2..],
+    ] {
+        assert!(
+            !text.contains(form),
+            "a personal number reached the audit trail"
+        );
+    }
+    assert!(!text.contains(&name), "a name reached the audit trail");
 }
 
 // ---- BankID pacing ----

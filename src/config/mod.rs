@@ -48,6 +48,7 @@
 //! | `limits.max_concurrent_orders` | `200` | 1..=1000000 |
 //! | `limits.max_starts_per_number_per_hour` | `6` | 1..=10000 |
 //! | `limits.max_starts_per_line_per_hour` | `10` | 1..=10000 |
+//! | `audit.retention_days` | `365` | 1..=36500: audit files older than this many days are deleted |
 //! | `api.keep_verifications` | `1h` | duration > 0: how long a verification stays readable after its call ended |
 //! | `api.max_body` | `16384` | request body limit in bytes, 1024..=1048576 |
 //! | `api.tokens.<name>.sha256` | — | **required**: 64 hex digits, the SHA-256 of the bearer token (`callgate token-hash`); no two tokens alike |
@@ -120,8 +121,8 @@ pub use source::{interpolate, ENV_PREFIX, ENV_SEPARATOR};
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 7] = [
-    "server", "pbx", "idp", "queues", "defaults", "limits", "api",
+const TOP_KEYS: [&str; 8] = [
+    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "audit",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -155,6 +156,7 @@ pub struct Config {
     pub defaults: Option<Arc<QueuePolicy>>,
     pub limits: Limits,
     pub api: Api,
+    pub audit: AuditSettings,
 }
 
 /// `[api]`: the agent API's limits and its bearer tokens.
@@ -300,6 +302,20 @@ impl Default for Limits {
     }
 }
 
+/// `[audit]`: how long the audit trail is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub retention_days: u32,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            retention_days: crate::audit::DEFAULT_RETENTION_DAYS,
+        }
+    }
+}
+
 impl Config {
     /// The policy for a queue the dialplan names: the configured queue (exact, case-sensitive name), else
     /// `[defaults]` under that name, else `None` (the call is not gated by callgate's policy).
@@ -343,6 +359,8 @@ pub fn load(
     let limits = sections::limits(&mut ctx, limits_t);
     let api_t = section(&mut ctx, "api");
     let api = sections::api(&mut ctx, api_t);
+    let audit_t = section(&mut ctx, "audit");
+    let audit = sections::audit(&mut ctx, audit_t);
 
     let defaults_spec =
         section(&mut ctx, "defaults").map(|t| queue::parse(&mut ctx, "defaults", t));
@@ -400,6 +418,7 @@ pub fn load(
             defaults,
             limits,
             api,
+            audit,
         })
     } else {
         Err(issues)

@@ -82,6 +82,7 @@ fn harness_embedding(limits: Limits, keep: Duration, embedding: &Embedding) -> H
             limits,
             readiness: Arc::clone(&readiness),
             stop: stop.clone(),
+            audit: None,
         },
         &embedding,
     );
