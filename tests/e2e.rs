@@ -834,7 +834,32 @@ async fn the_audit_trail_records_every_check_and_agent_action_in_an_intact_chain
     // Every record above was acknowledged on disk before the next step went on.
     let intact = callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
     let text = audit_text(&lab.app.audit_dir);
+    let cli = audit_cli(&lab, &typed);
     lab.shutdown().await.unwrap();
+    assert!(cli.verify.starts_with("intact: "), "{}", cli.verify);
+    // The person whose number was typed: their check, who started it and who viewed it.
+    let exported: Vec<serde_json::Value> = cli
+        .export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = exported
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["check_started", "verification", "identity_viewed"],
+        "{}",
+        cli.export
+    );
+    assert!(exported.iter().all(|r| r["reference"] == check.as_str()));
+    assert!(cli.tampered.starts_with("broken: "), "{}", cli.tampered);
+    assert!(
+        cli.tampered.contains(" line 2 (seq 2): changed"),
+        "{}",
+        cli.tampered
+    );
     assert_eq!(intact.records, text.lines().count() as u64);
     let records: Vec<serde_json::Value> = text
         .lines()
@@ -900,6 +925,63 @@ async fn the_audit_trail_records_every_check_and_agent_action_in_an_intact_chain
         );
     }
     assert!(!text.contains(&name), "a name reached the audit trail");
+}
+
+/// What `callgate audit` printed.
+struct AuditCli {
+    verify: String,
+    export: String,
+    /// `verify` of a copy of the trail with one character changed in its second record.
+    tampered: String,
+}
+
+/// Runs the binary's `audit verify` and `audit export` (the number on stdin) on the lab's trail, and
+/// `audit verify --dir` on a tampered copy.
+fn audit_cli(lab: &Lab, number: &str) -> AuditCli {
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_callgate");
+    let config = lab.config_path.to_str().unwrap();
+    let verify = Command::new(bin)
+        .args(["audit", "verify", "--config", config])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    let mut child = Command::new(bin)
+        .args(["audit", "export", "--config", config])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{number}\n").as_bytes())
+        .unwrap();
+    let export = child.wait_with_output().unwrap();
+    assert!(export.status.success(), "{export:?}");
+    let copy = lab.config_path.with_file_name("audit-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for (_, path) in callgate::audit::files(&lab.app.audit_dir).unwrap() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(copy.join(path.file_name().unwrap()), text).unwrap();
+    }
+    let (_, first) = callgate::audit::files(&copy).unwrap().remove(0);
+    let text = std::fs::read_to_string(&first).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines[1] = lines[1].replacen("\"seq\":2,", "\"seq\":2, ", 1);
+    std::fs::write(&first, lines.join("\n") + "\n").unwrap();
+    let tampered = Command::new(bin)
+        .args(["audit", "verify", "--dir", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(tampered.status.code(), Some(1), "{tampered:?}");
+    AuditCli {
+        verify: String::from_utf8(verify.stdout).unwrap(),
+        export: String::from_utf8(export.stdout).unwrap(),
+        tampered: String::from_utf8(tampered.stdout).unwrap(),
+    }
 }
 
 // ---- BankID pacing ----
