@@ -417,7 +417,14 @@ async fn call_events(
     let rx = s.live.subscribe();
     let call = visible_call(&s, &who, &id)?;
     let scope = Scope::Call(call.call_id);
-    let feed = Feed::new(rx, scope, who, Arc::clone(&s.live), s.stop.clone());
+    let feed = Feed::new(
+        rx,
+        scope,
+        who,
+        Arc::clone(&s.live),
+        s.stop.clone(),
+        s.audit.clone(),
+    );
     Ok(sse(&s, feed))
 }
 
@@ -434,6 +441,7 @@ async fn events(
         who,
         Arc::clone(&s.live),
         s.stop.clone(),
+        s.audit.clone(),
     );
     Ok(sse(&s, feed))
 }
