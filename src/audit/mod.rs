@@ -493,21 +493,33 @@ fn chain_head(dir: &Path) -> std::io::Result<(u64, String)> {
             file.sync_all()?;
             bytes.truncate(keep);
         }
-        if let Some(last) = bytes.split(|b| *b == b'\n').rev().find(|l| !l.is_empty()) {
-            let seq = serde_json::from_slice::<serde_json::Value>(last)
+        let lines: Vec<&[u8]> = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        let Some(last) = lines.last() else { continue };
+        // The position of the last record: its own `seq`, or, if it has none (a damaged line),
+        // counted on from the last record that has one. `callgate audit verify` will name the damage;
+        // callers are not refused for it.
+        let seq_of = |l: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(l)
                 .ok()
                 .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64))
-                .ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!(
-                            "the last record of {} has no seq (run callgate audit verify)",
-                            path.display()
-                        ),
-                    )
-                })?;
-            return Ok((seq, chain::hash(last)));
-        }
+        };
+        let seq = match seq_of(last) {
+            Some(seq) => seq,
+            None => {
+                tracing::error!(file = %path.display(), "the last audit record is damaged; the chain continues after it (run callgate audit verify)");
+                let (after, base) = lines
+                    .iter()
+                    .rev()
+                    .enumerate()
+                    .find_map(|(i, l)| seq_of(l).map(|s| (i, s)))
+                    .unwrap_or((lines.len(), 0));
+                base + after as u64
+            }
+        };
+        return Ok((seq, chain::hash(last)));
     }
     Ok((0, GENESIS.to_owned()))
 }

@@ -408,3 +408,23 @@ async fn tail_prints_the_last_records_across_files() {
     assert_eq!(refs, ["r2", "r3"]);
     let _ = std::fs::remove_dir_all(&data);
 }
+
+#[tokio::test]
+async fn a_damaged_last_record_does_not_stop_the_start_and_verify_names_it() {
+    let data = tempdir();
+    let file = trail(&data, 3).await;
+    rewrite(&file, |l| l[2] = "garbage".into());
+    let clock = TestClock::new(datetime!(2026-11-29 11:00 UTC));
+    let audit = open(&data, &clock, 365);
+    assert!(audit.record(at(), verification("after", "p")).await);
+    let lines = lines(&file);
+    let fourth = value(&lines[3]);
+    assert_eq!(fourth["seq"], 4);
+    assert_eq!(fourth["prev"], chain::hash(b"garbage"));
+    let broken = chain::verify(&data.join("audit")).unwrap_err();
+    assert_eq!(
+        (broken.at.line, broken.why.as_str()),
+        (3, "not a JSON record")
+    );
+    let _ = std::fs::remove_dir_all(&data);
+}
