@@ -403,7 +403,7 @@ pub async fn run(
 }
 
 /// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners,
-/// the limits and the API tokens are built once at start; a new file that needs different ones is refused rather than
+/// the limits, the API tokens and the audit trail are built once at start; a new file that needs different ones is refused rather than
 /// half applied.
 fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -422,6 +422,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.api != running.api {
         problems.push(restart("api"));
+    }
+    if new.audit != running.audit {
+        problems.push(restart("audit"));
     }
     if problems.is_empty() {
         Ok(())
