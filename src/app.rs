@@ -23,7 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::agent::{self, AgentState};
 use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
 use crate::api::widget;
-use crate::audit::Audit;
+use crate::audit::{self, Audit};
 use crate::calls::journal::Journal;
 use crate::calls::limits::{self, Limits};
 use crate::calls::task::Deps;
@@ -63,7 +63,8 @@ pub struct Running {
     pub readiness: Arc<Readiness>,
     pub metrics: Arc<Metrics>,
     pub reports: broadcast::Sender<Report>,
-    pub audit_path: PathBuf,
+    /// The audit trail's directory (`<data_dir>/audit`).
+    pub audit_dir: PathBuf,
     pub done: JoinHandle<()>,
 }
 
@@ -81,13 +82,6 @@ pub async fn start(
     let registry = Registry::new();
     let (reports, _) = broadcast::channel(256);
 
-    let audit = Audit::open(&cfg.server.data_dir).await.with_context(|| {
-        format!(
-            "opening the audit trail in {}",
-            cfg.server.data_dir.display()
-        )
-    })?;
-    let audit_path = audit.path().to_path_buf();
     let (journal, left_open) = Journal::open(&cfg.server.data_dir).with_context(|| {
         format!(
             "opening the order journal in {}",
@@ -143,7 +137,7 @@ pub async fn start(
     let key = if cfg.server.pseudonym_key.is_empty() {
         // Without a configured key, pseudonyms must still not be recomputable from a number: use a
         // random key, at the price of pseudonyms that change at every start.
-        tracing::warn!("server.pseudonym_key is not set: using a random key; pseudonyms in the audit trail change at every start");
+        tracing::warn!("server.pseudonym_key is not set: using a random key for disclosed pseudonyms (they change at every start); the audit trail uses its own key file");
         let mut bytes = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
             .map_err(|_| anyhow::anyhow!("no system randomness for the pseudonym key"))?;
@@ -167,6 +161,32 @@ pub async fn start(
         Some(w) => (Some(w.webhooks), Some(w.dispatcher)),
         None => (None, None),
     };
+    let audit_key = (!cfg.server.pseudonym_key.is_empty()).then(|| key.clone());
+    let audit = Audit::open(
+        &cfg.server.data_dir,
+        audit::Settings::new(cfg.audit.retention_days, audit_key),
+    )
+    .with_context(|| {
+        format!(
+            "opening the audit trail in {}",
+            cfg.server.data_dir.display()
+        )
+    })?;
+    let audit_dir = audit.dir().to_path_buf();
+    {
+        // Retention is also applied at each daily roll; this covers a trail with no records for days.
+        let audit = audit.clone();
+        let stop = root.child_token();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => audit.sweep(),
+                }
+            }
+        });
+    }
     let live = Arc::new(Live::new(cfg.api.keep_verifications));
     let drain_token = CancellationToken::new();
     let deps = Arc::new(Deps {
@@ -182,7 +202,7 @@ pub async fn start(
         }),
         key,
         verify: opts.verify.clone().unwrap_or_default(),
-        audit: Some(audit),
+        audit: Some(audit.clone()),
         journal: Some(journal),
         on_shutdown: cfg.server.on_shutdown,
         metrics: Arc::clone(&metrics),
@@ -266,6 +286,7 @@ pub async fn start(
             },
             readiness: Arc::clone(&readiness),
             stop: api_token.clone(),
+            audit: Some(audit.clone()),
         },
         &widget::Embedding::from_config(&cfg.api),
     );
@@ -328,6 +349,7 @@ pub async fn start(
     let done_readiness = Arc::clone(&readiness);
     let done_journal = deps.journal.clone();
     let done_webhooks = deps.webhooks.clone();
+    let done_audit = deps.audit.clone();
     let done = tokio::spawn(async move {
         shutdown.await;
         tracing::info!("draining");
@@ -366,6 +388,11 @@ pub async fn start(
                 tracing::error!("the webhook outbox could not be written at shutdown");
             }
         }
+        if let Some(audit) = &done_audit {
+            if !audit.flush().await {
+                tracing::error!("the audit trail could not be written at shutdown");
+            }
+        }
         ops_token.cancel();
         // Also ends every live stream, so the graceful shutdown does not wait for them.
         api_token.cancel();
@@ -391,7 +418,7 @@ pub async fn start(
         readiness,
         metrics,
         reports,
-        audit_path,
+        audit_dir,
         done,
     })
 }
@@ -408,7 +435,7 @@ pub async fn run(
 }
 
 /// What a reload can change: the queues and `[defaults]`. Providers, the PBX connection, the listeners,
-/// the limits, the API tokens and the webhook targets are built once at start; a new file that needs different ones is refused rather than
+/// the limits, the API tokens, the webhook targets and the audit trail are built once at start; a new file that needs different ones is refused rather than
 /// half applied.
 fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     let mut problems = Vec::new();
@@ -430,6 +457,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.webhooks != running.webhooks {
         problems.push(restart("webhooks"));
+    }
+    if new.audit != running.audit {
+        problems.push(restart("audit"));
     }
     if problems.is_empty() {
         Ok(())

@@ -789,20 +789,12 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
     let rows = run_calls(&mut lab).await?;
     let orders_left = lab.bankid.open_orders();
     print!("{}", table(&rows));
-    let audit = lab.app.audit_path.clone();
-    let count = || {
-        std::fs::read_to_string(&audit)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
+    // Each call's record is on disk before the call goes on to its route.
+    let audit = crate::audit::chain::verify(&lab.app.audit_dir);
+    let audit_lines = match &audit {
+        Ok(intact) => format!("{} (hash chain intact)", intact.records),
+        Err(broken) => format!("chain broken at {broken}"),
     };
-    // The audit writer runs behind the calls: give it a moment to catch up.
-    for _ in 0..100 {
-        if count() >= rows.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let audit_lines = count();
     println!(
         "\n{} calls, {} as expected; BankID orders left open: {orders_left}; audit records written: {audit_lines}",
         rows.len(),
@@ -813,7 +805,10 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
     let mid_call = mid_call(&lab).await?;
     let orders_left = lab.bankid.open_orders();
     lab.shutdown().await?;
-    let ok = rows.iter().all(|r| r.outcome == r.expected) && mid_call && orders_left == 0;
+    let ok = rows.iter().all(|r| r.outcome == r.expected)
+        && mid_call
+        && orders_left == 0
+        && audit.is_ok();
     Ok(ok)
 }
 

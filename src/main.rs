@@ -57,6 +57,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: ReportFormat,
     },
+    /// Read the audit trail: check its hash chain, export one person's records, show the latest.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Run the BankID RP v6 simulator on loopback.
     SimIdp {
         #[arg(long, default_value = "127.0.0.1:8585")]
@@ -70,6 +75,39 @@ enum Command {
         /// Where to write the generated certificates.
         #[arg(long)]
         cert_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain over every file: exit 0 with a count when intact, 1 naming the first
+    /// broken record (file, line, why).
+    Verify {
+        /// The config file (the trail is in `<server.data_dir>/audit`).
+        #[arg(long, short, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// The trail's directory itself.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Read one personal number from standard input (never the command line) and print that
+    /// person's records as JSON Lines: their verifications and the agent actions on them.
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the last records.
+    Tail {
+        #[arg(long, short, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// How many records.
+        #[arg(short = 'n', long = "lines", default_value_t = 10)]
+        lines: usize,
+        /// Keep printing records as they are written.
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 
@@ -109,6 +147,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Audit { command } => audit(command),
         Command::Doctor { config, format } => {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -173,6 +212,49 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    use callgate::audit::cli;
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let code = match command {
+        AuditCommand::Verify { config, dir } => {
+            match cli::locate(config.as_deref(), dir.as_deref(), &mut err) {
+                Ok(loc) => cli::verify(&loc.dir, &mut out),
+                Err(code) => code,
+            }
+        }
+        AuditCommand::Export { config } => {
+            let mut input = String::new();
+            if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut input) {
+                eprintln!("cannot read the personal number from stdin: {e}");
+                return ExitCode::FAILURE;
+            }
+            let result = cli::locate(Some(&config), None, &mut err)
+                .and_then(|loc| cli::export(&loc, &input, &mut out, &mut err));
+            drop(input);
+            match result {
+                Ok(n) => {
+                    let _ = std::io::Write::flush(&mut out);
+                    eprintln!("{n} records");
+                    0
+                }
+                Err(code) => code,
+            }
+        }
+        AuditCommand::Tail {
+            config,
+            dir,
+            lines,
+            follow,
+        } => match cli::locate(config.as_deref(), dir.as_deref(), &mut err) {
+            Ok(loc) if follow => cli::follow(&loc.dir, lines, &mut out).err().unwrap_or(0),
+            Ok(loc) => cli::tail(&loc.dir, lines, &mut out).err().unwrap_or(0),
+            Err(code) => code,
+        },
+    };
+    ExitCode::from(code)
 }
 
 fn runtime<F, Fut>(f: F) -> ExitCode

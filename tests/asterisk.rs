@@ -1010,12 +1010,13 @@ impl Lab {
         )
     }
 
-    /// callgate's audit record of a call.
+    /// callgate's verification record of a call (the trail's daily files, in order).
     fn audit(&self, call: &Call) -> Option<Value> {
-        let text = std::fs::read_to_string(self.dir.join("data/audit.jsonl")).ok()?;
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|r| r["call_id"] == call.gated.as_str())
+        let records = callgate::audit::chain::read_all(&self.dir.join("data/audit")).ok()?;
+        records
+            .into_iter()
+            .map(|r| r.value)
+            .find(|r| r["kind"] == "verification" && r["call_id"] == call.gated.as_str())
     }
 
     /// The agent's phone in an anchored call: the test agent's channel once it answered (it entered

@@ -725,14 +725,10 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     let rows = demo::run_calls(&mut lab).await.unwrap();
     assert!(rows.iter().all(|r| r.outcome == r.expected));
     let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
-    let audit_path = lab.app.audit_path.clone();
-    until("the audit trail", || {
-        std::fs::read_to_string(&audit_path)
-            .map(|t| t.lines().count() >= rows.len())
-            .unwrap_or(false)
-    })
-    .await;
-    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    // Each call's record is on disk before the call went on to its route.
+    let audit = audit_text(&lab.app.audit_dir);
+    assert!(audit.lines().count() >= rows.len());
+    callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
     let mut canaries: Vec<String> = Scenario::ALL.iter().map(|s| s.number()).collect();
     canaries.extend((100..=102).map(person));
     canaries.extend((201..=212).map(person));
@@ -759,6 +755,233 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "privacy: {} bytes of logs checked", logs.len());
     lab.shutdown().await.unwrap();
+}
+
+/// Every record of the audit trail, all files, oldest first.
+fn audit_text(dir: &std::path::Path) -> String {
+    callgate::audit::chain::read_all(dir)
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8(r.bytes.clone()).unwrap() + "\n")
+        .collect()
+}
+
+#[tokio::test]
+async fn the_audit_trail_records_every_check_and_agent_action_in_an_intact_chain() {
+    const TOKEN: &str = "lab-care-agent-token-1";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "care-agent".into(),
+            token: TOKEN.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some(demo::LAB_AGENT.into()),
+        }],
+        step: Duration::from_millis(200),
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let addr = lab.app.api_addr;
+    // The gate verifies the caller, then an agent checks again with a typed number, reads the
+    // result, starts one more check and cancels it.
+    let gated = person(601);
+    let id = lab.asterisk.call(lab.caller_typing(&gated).queue("care"));
+    let gate = lab.report(&id).await.unwrap();
+    assert_eq!(gate.outcome, Outcome::Verified);
+    talking(&lab, &id).await;
+    let typed = person(602);
+    let path = format!("/v1/calls/{id}/verifications");
+    let body = format!("{{\"number\":\"{typed}\"}}");
+    let (status, text) = api_request(addr, "POST", &path, TOKEN, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let accepted: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let check = accepted["verification_id"].as_str().unwrap().to_owned();
+    assert_eq!(check_over(&lab, &check).await, Outcome::Verified);
+    let (status, text) = api_request(
+        addr,
+        "GET",
+        &format!("/v1/verifications/{check}"),
+        TOKEN,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let shown: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let name = shown["fields"]["name"].as_str().unwrap().to_owned();
+    let slow = Lab::number(Scenario::Expires);
+    let body = format!("{{\"number\":\"{slow}\"}}");
+    let (status, text) = api_request(addr, "POST", &path, TOKEN, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let accepted: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let cancelled = accepted["verification_id"].as_str().unwrap().to_owned();
+    let (status, text) = api_request(
+        addr,
+        "DELETE",
+        &format!("/v1/calls/{id}/verification"),
+        TOKEN,
+        "",
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    assert_eq!(
+        check_over(&lab, &cancelled).await,
+        Outcome::NotVerified(Reason::AgentCancelled)
+    );
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    // Every record above was acknowledged on disk before the next step went on.
+    let intact = callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
+    let text = audit_text(&lab.app.audit_dir);
+    let cli = audit_cli(&lab, &typed);
+    lab.shutdown().await.unwrap();
+    assert!(cli.verify.starts_with("intact: "), "{}", cli.verify);
+    // The person whose number was typed: their check, who started it and who viewed it.
+    let exported: Vec<serde_json::Value> = cli
+        .export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = exported
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["check_started", "verification", "identity_viewed"],
+        "{}",
+        cli.export
+    );
+    assert!(exported.iter().all(|r| r["reference"] == check.as_str()));
+    assert!(cli.tampered.starts_with("broken: "), "{}", cli.tampered);
+    assert!(
+        cli.tampered.contains(" line 2 (seq 2): changed"),
+        "{}",
+        cli.tampered
+    );
+    assert_eq!(intact.records, text.lines().count() as u64);
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| r["call_id"] == id.as_str())
+        .collect();
+    let summary: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let who = r["by"].as_str().or(r["started_by"].as_str()).unwrap_or("");
+            let what = r["status"].as_str().or(r["method"].as_str()).unwrap_or("");
+            format!("{} {who} {what}", r["kind"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "verification gate verified",
+            "check_started api:care-agent agent_typed",
+            "verification api:care-agent verified",
+            "identity_viewed api:care-agent ",
+            "check_started api:care-agent agent_typed",
+            "check_cancelled api:care-agent ",
+            "verification api:care-agent failed",
+        ],
+        "{text}"
+    );
+    let by_ref = |kind: &str| {
+        records
+            .iter()
+            .find(|r| r["kind"] == kind)
+            .map(|r| r["reference"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(by_ref("identity_viewed").as_deref(), Some(check.as_str()));
+    assert_eq!(
+        by_ref("check_cancelled").as_deref(),
+        Some(cancelled.as_str())
+    );
+    let viewed = records
+        .iter()
+        .find(|r| r["kind"] == "identity_viewed")
+        .unwrap();
+    assert_eq!(
+        viewed["fields"],
+        serde_json::json!(["name", "number_masked"])
+    );
+    assert_eq!(records[0]["destination"], "agent");
+    assert_eq!(records[6]["reason"], "agent_cancelled");
+    // The verified person is named by a pseudonym, never by number or name.
+    let gate_person = records[0]["person"].as_str().unwrap();
+    assert_eq!(gate_person.len(), 64);
+    for form in [
+        &gated[..],
+        &gated[2..],
+        &typed,
+        &typed[2..],
+        &slow,
+        &slow[2..],
+    ] {
+        assert!(
+            !text.contains(form),
+            "a personal number reached the audit trail"
+        );
+    }
+    assert!(!text.contains(&name), "a name reached the audit trail");
+}
+
+/// What `callgate audit` printed.
+struct AuditCli {
+    verify: String,
+    export: String,
+    /// `verify` of a copy of the trail with one character changed in its second record.
+    tampered: String,
+}
+
+/// Runs the binary's `audit verify` and `audit export` (the number on stdin) on the lab's trail, and
+/// `audit verify --dir` on a tampered copy.
+fn audit_cli(lab: &Lab, number: &str) -> AuditCli {
+    use std::process::{Command, Stdio};
+    let bin = env!("CARGO_BIN_EXE_callgate");
+    let config = lab.config_path.to_str().unwrap();
+    let verify = Command::new(bin)
+        .args(["audit", "verify", "--config", config])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    let mut child = Command::new(bin)
+        .args(["audit", "export", "--config", config])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{number}\n").as_bytes())
+        .unwrap();
+    let export = child.wait_with_output().unwrap();
+    assert!(export.status.success(), "{export:?}");
+    let copy = lab.config_path.with_file_name("audit-copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for (_, path) in callgate::audit::files(&lab.app.audit_dir).unwrap() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(copy.join(path.file_name().unwrap()), text).unwrap();
+    }
+    let (_, first) = callgate::audit::files(&copy).unwrap().remove(0);
+    let text = std::fs::read_to_string(&first).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    lines[1] = lines[1].replacen("\"seq\":2,", "\"seq\":2, ", 1);
+    std::fs::write(&first, lines.join("\n") + "\n").unwrap();
+    let tampered = Command::new(bin)
+        .args(["audit", "verify", "--dir", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(tampered.status.code(), Some(1), "{tampered:?}");
+    AuditCli {
+        verify: String::from_utf8(verify.stdout).unwrap(),
+        export: String::from_utf8(export.stdout).unwrap(),
+        tampered: String::from_utf8(tampered.stdout).unwrap(),
+    }
 }
 
 // ---- BankID pacing ----
@@ -2032,17 +2255,17 @@ async fn surfaces_of_a_gate_call(
             break event;
         }
     };
-    let audit_path = lab.app.audit_path.clone();
-    until("the audit line", || {
-        std::fs::read_to_string(&audit_path).is_ok_and(|t| t.contains(&reference))
+    let audit_dir = lab.app.audit_dir.clone();
+    let record_of = |text: &str| -> Option<serde_json::Value> {
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|r| r["kind"] == "verification" && r["reference"] == reference.as_str())
+    };
+    until("the audit record", || {
+        record_of(&audit_text(&audit_dir)).is_some()
     })
     .await;
-    let audit = std::fs::read_to_string(&audit_path)
-        .unwrap()
-        .lines()
-        .find(|l| l.contains(&reference))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .unwrap();
+    let audit = record_of(&audit_text(&audit_dir)).unwrap();
     let surfaces = [
         ("channel", channel),
         ("rest", as_shown(&rest["fields"])),

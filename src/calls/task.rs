@@ -24,7 +24,7 @@ use super::live::{
 };
 use super::registry::{Entry, Handle, Registry};
 use super::{CallControl, CallEvent, ControlError, Destination, Report, Snapshot};
-use crate::audit::{self, Audit};
+use crate::audit::{self, Audit, Event};
 use crate::config::OnShutdown;
 use crate::dialog::anchor::{self, Anchor, Leg};
 use crate::dialog::{Call, CallInfo, Command, IdpCommand, Input, PlaybackId, Timer};
@@ -793,6 +793,18 @@ impl Driver {
             identity,
         };
         let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
+        // The record is on disk (or its bounded wait is over) before the result is set on the
+        // channel and the call goes on; it names where the call is being sent.
+        let planned = match &route {
+            None => Destination::Gone,
+            Some(_) if policy.anchors_after(outcome) => Destination::Agent,
+            Some(r) => Destination::Route(r.clone()),
+        };
+        let duration = self.started.elapsed();
+        if let Some(audit) = &self.deps.audit {
+            let entry = self.audit_entry(audit, &record, &planned, duration);
+            audit.record(record.at, Event::Verification(entry)).await;
+        }
         let destination = match route {
             None => Destination::Gone,
             Some(route) if policy.anchors_after(outcome) => {
@@ -826,7 +838,13 @@ impl Driver {
                 }
             }
         };
-        let duration = self.started.elapsed();
+        if let (Some(audit), true) = (&self.deps.audit, destination != planned) {
+            audit.note(Event::Rerouted {
+                reference: self.reference.clone(),
+                call_id: self.setup.call_id.clone(),
+                destination: destination.to_string(),
+            });
+        }
         if let Some(v) = self.check.as_mut() {
             v.outcome = Some(outcome);
             v.ended_at = Some(record.at);
@@ -845,11 +863,6 @@ impl Driver {
             tracing::warn!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, reference = %self.reference, "call left the gate");
         } else {
             tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination, reference = %self.reference, "call left the gate");
-        }
-        if let Some(audit) = &self.deps.audit {
-            audit
-                .record(self.audit_entry(&record, &destination, duration))
-                .await;
         }
         let _ = self.deps.reports.send(Report {
             call_id: self.setup.call_id.clone(),
@@ -969,8 +982,16 @@ impl Driver {
                 let result = anchor
                     .cancel_check(now().into_std())
                     .and_then(|()| id.ok_or(Refusal::NothingToCancel));
-                if result.is_ok() {
+                if let Ok(reference) = &result {
                     tracing::info!(by = %req.by, "check cancelled");
+                    if let Some(audit) = &self.deps.audit {
+                        audit.note(Event::CheckCancelled {
+                            reference: reference.clone(),
+                            call_id: self.setup.call_id.clone(),
+                            queue: self.setup.policy.name.0.clone(),
+                            by: req.by.to_string(),
+                        });
+                    }
                 }
                 let _ = req.reply.send(result);
                 return None;
@@ -1011,6 +1032,15 @@ impl Driver {
             .take()
             .unwrap_or_else(|| (uuid::Uuid::new_v4().to_string(), StartedBy::AgentKeys));
         tracing::info!(by = %by, method = method.code(), reference = %id, "check started during the call");
+        if let Some(audit) = &self.deps.audit {
+            audit.note(Event::CheckStarted {
+                reference: id.clone(),
+                call_id: self.setup.call_id.clone(),
+                queue: self.setup.policy.name.0.clone(),
+                by: by.to_string(),
+                method: method.code().to_owned(),
+            });
+        }
         self.check_gen = gen;
         self.stages.clear();
         // Each check during the call is its own way through the funnel, from the number on.
@@ -1221,6 +1251,7 @@ impl Driver {
     /// when verified, never a number.
     fn audit_entry(
         &self,
+        audit: &Audit,
         record: &Record,
         destination: &Destination,
         duration: Duration,
@@ -1231,15 +1262,19 @@ impl Driver {
             .as_ref()
             .filter(|_| outcome == Outcome::Verified);
         audit::Entry {
-            at: outcome::rfc3339(record.at),
             reference: record.reference.clone(),
             call_id: self.setup.call_id.clone(),
             queue: self.setup.policy.name.0.clone(),
             status: outcome.status().code(),
             reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
             method: record.method.clone(),
+            started_by: self
+                .check
+                .as_ref()
+                .map(|c| c.started_by.to_string())
+                .unwrap_or_default(),
             person: verified
-                .map(|i| i.number.pseudonym(&self.deps.key))
+                .map(|i| audit.person(&i.number))
                 .unwrap_or_default(),
             evidence: verified
                 .and_then(|i| i.evidence_digest.clone())
@@ -1284,6 +1319,15 @@ impl Driver {
             identity,
         };
         let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
+        let started = self.check.as_ref().map(|c| c.started_at);
+        // On disk (or its bounded wait over) before the result reaches the channels and the API.
+        if let Some(audit) = &self.deps.audit {
+            let duration = started
+                .and_then(|s| record.at.duration_since(s).ok())
+                .unwrap_or_default();
+            let entry = self.audit_entry(audit, &record, &Destination::Agent, duration);
+            audit.record(record.at, Event::Verification(entry)).await;
+        }
         if self.view_state != CallState::Ended {
             if let Err(e) = self.control.set_result(&vars).await {
                 tracing::debug!(error = %e, "could not set the check's result on the call");
@@ -1291,7 +1335,6 @@ impl Driver {
         }
         self.journal_close();
         self.release_order();
-        let started = self.check.as_ref().map(|c| c.started_at);
         if let Some(v) = self.check.as_mut() {
             v.outcome = Some(outcome);
             v.ended_at = Some(record.at);
@@ -1304,14 +1347,6 @@ impl Driver {
             tracing::warn!(reference = %self.reference, "the person declined the call in their app: someone may be calling in their name");
         } else {
             tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), reference = %self.reference, "check during the call ended");
-        }
-        if let Some(audit) = &self.deps.audit {
-            let duration = started
-                .and_then(|s| record.at.duration_since(s).ok())
-                .unwrap_or_default();
-            audit
-                .record(self.audit_entry(&record, &Destination::Agent, duration))
-                .await;
         }
         self.publish(LiveKind::Completed);
         self.webhook(LiveKind::Completed);

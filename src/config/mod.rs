@@ -52,6 +52,7 @@
 //! | `limits.max_checks_per_agent_per_hour` | `20` | 1..=10000: orders of checks during the call per agent (their interface; the API token's name on a call without an agent), sliding hour; gate orders do not count |
 //! | `limits.max_starts_per_queue_per_minute` | `60` | 1..=100000: orders per queue, sliding minute |
 //! | `limits.declined_cool_down` | `30m` | duration, zero = off: no new order for a person this long after they answered in the app that they are not on a call with us |
+//! | `audit.retention_days` | `365` | 1..=36500: audit files older than this many days are deleted |
 //! | `api.keep_verifications` | `1h` | duration > 0: how long a verification stays readable after its call ended |
 //! | `api.max_body` | `16384` | request body limit in bytes, 1024..=1048576 |
 //! | `api.tokens.<name>.sha256` | — | **required**: 64 hex digits, the SHA-256 of the bearer token (`callgate token-hash`); no two tokens alike |
@@ -136,8 +137,8 @@ pub use webhooks::{WebhookTarget, Webhooks};
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 8] = [
-    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "webhooks",
+const TOP_KEYS: [&str; 9] = [
+    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "webhooks", "audit",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -173,6 +174,7 @@ pub struct Config {
     pub api: Api,
     /// `[webhooks]`: signed events to CRMs.
     pub webhooks: Webhooks,
+    pub audit: AuditSettings,
 }
 
 /// `[api]`: the agent API's limits and its bearer tokens.
@@ -326,6 +328,20 @@ impl Default for Limits {
     }
 }
 
+/// `[audit]`: how long the audit trail is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub retention_days: u32,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        AuditSettings {
+            retention_days: crate::audit::DEFAULT_RETENTION_DAYS,
+        }
+    }
+}
+
 impl Config {
     /// The policy for a queue the dialplan names: the configured queue (exact, case-sensitive name), else
     /// `[defaults]` under that name, else `None` (the call is not gated by callgate's policy).
@@ -369,6 +385,8 @@ pub fn load(
     let limits = sections::limits(&mut ctx, limits_t);
     let api_t = section(&mut ctx, "api");
     let api = sections::api(&mut ctx, api_t);
+    let audit_t = section(&mut ctx, "audit");
+    let audit = sections::audit(&mut ctx, audit_t);
 
     let defaults_spec =
         section(&mut ctx, "defaults").map(|t| queue::parse(&mut ctx, "defaults", t));
@@ -430,6 +448,7 @@ pub fn load(
             limits,
             api,
             webhooks,
+            audit,
         })
     } else {
         Err(issues)

@@ -1,4 +1,4 @@
-//! `[server]`, `[pbx]`, `[idp.<name>]` and `[limits]`: reading and checking each section.
+//! `[server]`, `[pbx]`, `[idp.<name>]`, `[limits]`, `[api]` and `[audit]`: reading and checking each section.
 //!
 //! Invariant: every reader starts from the documented default and only replaces what the table sets;
 //! file-valued keys are checked to exist so a missing certificate is reported before startup.
@@ -11,7 +11,9 @@ use ::config::{Map, Value};
 use reqwest::Url;
 
 use super::walk::{join, sorted_keys, Ctx};
-use super::{valid_name, Api, ApiToken, Idp, Limits, OnShutdown, Pbx, Role, Server, NAME_RULE};
+use super::{
+    valid_name, Api, ApiToken, AuditSettings, Idp, Limits, OnShutdown, Pbx, Role, Server, NAME_RULE,
+};
 use crate::idp::{BankIdSettings, ClientIdentity};
 use crate::pbx::ari;
 use crate::secret::Secret;
@@ -463,6 +465,18 @@ pub fn limits(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Limits {
         }
     }
     l
+}
+
+pub fn audit(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> AuditSettings {
+    let mut a = AuditSettings::default();
+    let Some(t) = t else { return a };
+    ctx.known_keys("audit", t, &["retention_days"]);
+    if let Some(v) = t.get("retention_days") {
+        if let Some(n) = ctx.number("audit.retention_days", v, 1, 36_500) {
+            a.retention_days = u32::try_from(n).unwrap_or(a.retention_days);
+        }
+    }
+    a
 }
 
 pub fn api(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> Api {

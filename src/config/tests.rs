@@ -1250,3 +1250,19 @@ fn api_token_problems_are_reported_at_their_key() {
         "did you mean \"tokens\"",
     );
 }
+
+// --- [audit] -----------------------------------------------------------------------------------------------
+
+#[test]
+fn audit_retention_has_a_default_and_a_range() {
+    let c = try_load(MINIMAL, &[], &[]).unwrap();
+    assert_eq!(c.audit.retention_days, 365);
+    let c = try_load(&minimal_with("[audit]\nretention_days = 30\n"), &[], &[]).unwrap();
+    assert_eq!(c.audit.retention_days, 30);
+    only_issue(
+        &minimal_with("[audit]\nretention_days = 0\n"),
+        "audit.retention_days",
+        "",
+    );
+    only_issue(&minimal_with("[audit]\nkeep = \"1y\"\n"), "audit.keep", "");
+}

@@ -554,6 +554,31 @@ impl Adapter {
                 &crate::outcome::Disclosure::status_only(),
                 &me.deps.key,
             );
+            // The record is on disk (or its bounded wait over) before the call goes on.
+            let planned = match &policy {
+                Some(p) => Destination::Route(p.route_for(outcome).clone()),
+                None => Destination::NextPriority,
+            };
+            if let Some(a) = &me.deps.audit {
+                a.record(
+                    record.at,
+                    audit::Event::Verification(audit::Entry {
+                        reference: record.reference.clone(),
+                        call_id: channel.id.clone(),
+                        queue: queue.clone(),
+                        status: outcome.status().code(),
+                        reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+                        method: String::new(),
+                        started_by: String::new(),
+                        person: String::new(),
+                        evidence: String::new(),
+                        stages: Vec::new(),
+                        destination: planned.to_string(),
+                        duration_ms: 0,
+                    }),
+                )
+                .await;
+            }
             let result = match &policy {
                 Some(p) => {
                     control
@@ -568,22 +593,12 @@ impl Adapter {
                 reason = outcome.reason().map(|r| r.code()).unwrap_or(""), destination = %destination,
                 "call passed on without a check");
             me.deps.metrics.call_ended(&queue, outcome);
-            if let Some(a) = &me.deps.audit {
-                a.record(audit::Entry {
-                    at: outcome::rfc3339(record.at),
+            if let (Some(a), true) = (&me.deps.audit, destination != planned) {
+                a.note(audit::Event::Rerouted {
                     reference: record.reference.clone(),
                     call_id: channel.id.clone(),
-                    queue: queue.clone(),
-                    status: outcome.status().code(),
-                    reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
-                    method: String::new(),
-                    person: String::new(),
-                    evidence: String::new(),
-                    stages: Vec::new(),
                     destination: destination.to_string(),
-                    duration_ms: 0,
-                })
-                .await;
+                });
             }
             let _ = me.deps.reports.send(Report {
                 call_id: channel.id.clone(),

@@ -8,7 +8,8 @@
 //! Invariants: every route but the OpenAPI document needs a bearer token (`auth`); agents see and act
 //! on their own calls only; a personal number arrives only in a POST body, is never logged or echoed,
 //! and leaves this module only as a `TypedNumber` inside the request to the call; every call and
-//! verification is rendered by `render`; the routes and the OpenAPI document are checked against
+//! verification is rendered by `render`; every REST answer that shows identity fields is recorded
+//! in the audit trail (who, which verification, which field names); the routes and the OpenAPI document are checked against
 //! each other by a test.
 
 pub mod auth;
@@ -40,7 +41,10 @@ use self::stream::{Feed, Scope};
 use super::ops::Readiness;
 use super::widget::{self, Embedding};
 use super::ApiError;
-use crate::calls::live::{CallView, CancelRequest, CheckRequest, Refusal, TypedNumber};
+use crate::audit::{Audit, Event};
+use crate::calls::live::{
+    CallView, CancelRequest, CheckRequest, Refusal, TypedNumber, VerificationView,
+};
 use crate::calls::{CallEvent, Live, Registry};
 use crate::config::Role;
 
@@ -79,6 +83,25 @@ pub struct AgentState {
     pub readiness: Arc<Readiness>,
     /// Ends every live stream (the server stops).
     pub stop: CancellationToken,
+    /// Where reads of identity fields are recorded.
+    pub audit: Option<Audit>,
+}
+
+impl AgentState {
+    /// Records that `who` read identity fields of a verification (their names, never the values).
+    fn viewed(&self, who: &Principal, v: &VerificationView) {
+        let Some(audit) = &self.audit else { return };
+        let fields = render::identity_fields(v);
+        if fields.is_empty() {
+            return;
+        }
+        audit.note(Event::IdentityViewed {
+            reference: v.id.clone(),
+            call_id: v.call_id.clone(),
+            by: who.started_by().to_string(),
+            fields,
+        });
+    }
 }
 
 /// Every route: method, path (as in the OpenAPI document), handler. The router is built from this
@@ -190,7 +213,12 @@ async fn list_calls(
         .calls()
         .iter()
         .filter(|c| who.sees(c) && queue.as_ref().is_none_or(|q| q == &c.queue))
-        .map(render::call)
+        .map(|c| {
+            if let Some(v) = &c.verification {
+                s.viewed(&who, v);
+            }
+            render::call(c)
+        })
         .collect();
     Ok(Json(json!({ "calls": calls })))
 }
@@ -203,6 +231,9 @@ async fn get_call(
 ) -> Result<Json<Value>, ApiError> {
     no_query(&uri)?;
     let call = visible_call(&s, &who, &path_id(path)?)?;
+    if let Some(v) = &call.verification {
+        s.viewed(&who, v);
+    }
     Ok(Json(render::call(&call)))
 }
 
@@ -364,6 +395,7 @@ async fn get_verification(
             "this verification is of a call that was not yours".into(),
         ));
     }
+    s.viewed(&who, &view);
     Ok(Json(render::verification(&view)))
 }
 
@@ -385,7 +417,14 @@ async fn call_events(
     let rx = s.live.subscribe();
     let call = visible_call(&s, &who, &id)?;
     let scope = Scope::Call(call.call_id);
-    let feed = Feed::new(rx, scope, who, Arc::clone(&s.live), s.stop.clone());
+    let feed = Feed::new(
+        rx,
+        scope,
+        who,
+        Arc::clone(&s.live),
+        s.stop.clone(),
+        s.audit.clone(),
+    );
     Ok(sse(&s, feed))
 }
 
@@ -402,6 +441,7 @@ async fn events(
         who,
         Arc::clone(&s.live),
         s.stop.clone(),
+        s.audit.clone(),
     );
     Ok(sse(&s, feed))
 }

@@ -49,6 +49,28 @@ pub fn verification(v: &VerificationView) -> Value {
     })
 }
 
+/// The names of the identity fields (name, pseudonym, masked or full number) a verification's
+/// answer shows; empty when it shows status only.
+pub fn identity_fields(v: &VerificationView) -> Vec<String> {
+    let identity = [
+        crate::outcome::vars::NAME,
+        crate::outcome::vars::PSEUDONYM,
+        crate::outcome::vars::NUMBER_MASKED,
+        crate::outcome::vars::NUMBER,
+    ];
+    v.fields
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            identity.iter().any(|n| {
+                n.strip_prefix("CALLGATE_")
+                    .is_some_and(|s| s.eq_ignore_ascii_case(k))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 pub fn call_link(call_id: &str) -> String {
     format!("/v1/calls/{call_id}")
 }

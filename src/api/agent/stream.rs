@@ -2,9 +2,10 @@
 //!
 //! Invariants: a feed subscribes before it reads the state, so nothing falls between; a feed that
 //! fell behind (`Lagged`) is sent the current state again; agents see only calls whose agent is
-//! theirs; every feed ends when the server stops.
+//! theirs; every feed ends when the server stops; the first time a feed shows identity fields of a
+//! verification, an `identity_viewed` audit record names the token, the verification and the fields.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::Principal;
 use super::render;
+use crate::audit::{self, Audit};
 use crate::calls::live::{CallView, LiveEvent, LiveKind};
 use crate::calls::Live;
 
@@ -41,6 +43,9 @@ pub struct Feed {
     stop: CancellationToken,
     pending: VecDeque<Event>,
     done: bool,
+    audit: Option<Audit>,
+    /// Verifications whose identity fields this feed has shown (and recorded) already.
+    shown: HashSet<String>,
 }
 
 impl Feed {
@@ -51,6 +56,7 @@ impl Feed {
         principal: Arc<Principal>,
         live: Arc<Live>,
         stop: CancellationToken,
+        audit: Option<Audit>,
     ) -> Feed {
         let mut feed = Feed {
             rx,
@@ -60,6 +66,8 @@ impl Feed {
             stop,
             pending: VecDeque::new(),
             done: false,
+            audit,
+            shown: HashSet::new(),
         };
         feed.snapshot();
         feed
@@ -77,7 +85,7 @@ impl Feed {
     fn snapshot(&mut self) {
         match &self.scope {
             Scope::Call(id) => match self.live.call(id).filter(|c| self.admits(c)) {
-                Some(c) => self.pending.push_back(event(SNAPSHOT, &c)),
+                Some(c) => self.push(SNAPSHOT, &c),
                 // Gone (or no longer visible) while we were behind: the client asks again.
                 None => self.done = true,
             },
@@ -89,7 +97,7 @@ impl Feed {
                     .filter(|c| self.admits(c))
                     .collect();
                 for c in &calls {
-                    self.pending.push_back(event(SNAPSHOT, c));
+                    self.push(SNAPSHOT, c);
                 }
                 self.pending.push_back(
                     Event::default()
@@ -114,7 +122,7 @@ impl Feed {
             };
             match received {
                 Ok(e) if self.admits(&e.call) => {
-                    self.pending.push_back(event(e.kind.code(), &e.call));
+                    self.push(e.kind.code(), &e.call);
                     if matches!(self.scope, Scope::Call(_)) && e.kind == LiveKind::CallEnded {
                         self.done = true;
                     }
@@ -127,6 +135,22 @@ impl Feed {
                 Err(RecvError::Closed) => return None,
             }
         }
+    }
+
+    /// Queues an event; records the first showing of a verification's identity fields.
+    fn push(&mut self, name: &str, call: &CallView) {
+        if let (Some(audit), Some(v)) = (&self.audit, &call.verification) {
+            let fields = render::identity_fields(v);
+            if !fields.is_empty() && self.shown.insert(v.id.clone()) {
+                audit.note(audit::Event::IdentityViewed {
+                    reference: v.id.clone(),
+                    call_id: v.call_id.clone(),
+                    by: self.principal.started_by().to_string(),
+                    fields,
+                });
+            }
+        }
+        self.pending.push_back(event(name, call));
     }
 
     pub fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> + Send {

@@ -69,6 +69,15 @@ fn harness_with(limits: Limits, keep: Duration) -> Harness {
 }
 
 fn harness_embedding(limits: Limits, keep: Duration, embedding: &Embedding) -> Harness {
+    harness_audited(limits, keep, embedding, None)
+}
+
+fn harness_audited(
+    limits: Limits,
+    keep: Duration,
+    embedding: &Embedding,
+    audit: Option<crate::audit::Audit>,
+) -> Harness {
     let embedding = embedding.clone();
     let live = Arc::new(Live::new(keep));
     let registry = Registry::new();
@@ -82,6 +91,7 @@ fn harness_embedding(limits: Limits, keep: Duration, embedding: &Embedding) -> H
             limits,
             readiness: Arc::clone(&readiness),
             stop: stop.clone(),
+            audit,
         },
         &embedding,
     );
@@ -518,6 +528,74 @@ async fn call_and_verification_json() {
     assert_eq!(v["ended_at"], Value::Null);
     assert_eq!(v["fraud"], false);
     assert_eq!(v["fields"], serde_json::json!({}));
+}
+
+#[tokio::test]
+async fn reads_that_show_identity_fields_are_recorded_in_the_audit_trail() {
+    let data = std::env::temp_dir().join(format!("callgate-api-audit-{}", uuid::Uuid::new_v4()));
+    let audit = crate::audit::Audit::open(
+        &data,
+        crate::audit::Settings::new(30, Some(crate::pnr::PseudonymKey::new(vec![7; 32]))),
+    )
+    .unwrap();
+    let h = harness_audited(
+        Limits::default(),
+        Duration::from_secs(3600),
+        &Embedding::default(),
+        Some(audit.clone()),
+    );
+    let mut c = view("c1", "support", CallState::Talking, Some("PJSIP/1001"));
+    c.verification = Some(check("v1", "c1", &[Stage::Done], Some(Outcome::Verified)));
+    h.live.publish(LiveKind::Completed, c);
+    let mut c = view("c2", "support", CallState::Talking, Some("PJSIP/1001"));
+    c.verification = Some(check("v2", "c2", &[], None));
+    h.live.publish(LiveKind::Progress, c);
+
+    // Status only (a check in progress): nothing to record.
+    assert_eq!(
+        h.get("/v1/verifications/v2", AGENT_1).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        h.get("/v1/verifications/v1", AGENT_1).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.get("/v1/calls/c1", LEAD).await.status, StatusCode::OK);
+    // The stream records the first showing of a verification once per feed.
+    let mut stream = h.stream("/v1/calls/c1/events", AGENT_1).await;
+    assert_eq!(stream.next().await.unwrap().0, "snapshot");
+    let mut c = view("c1", "support", CallState::Talking, Some("PJSIP/1001"));
+    c.verification = Some(check("v1", "c1", &[Stage::Done], Some(Outcome::Verified)));
+    h.live.publish(LiveKind::Progress, c);
+    assert_eq!(stream.next().await.unwrap().0, "verification_progress");
+    assert!(audit.flush().await);
+
+    let records = crate::audit::chain::read_all(&data.join("audit")).unwrap();
+    let seen: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let v = &r.value;
+            format!(
+                "{} {} {} {}",
+                v["kind"].as_str().unwrap(),
+                v["reference"].as_str().unwrap(),
+                v["by"].as_str().unwrap(),
+                v["fields"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "identity_viewed v1 api:desk-1001 [\"name\"]",
+            "identity_viewed v1 api:lead [\"name\"]",
+            "identity_viewed v1 api:desk-1001 [\"name\"]",
+        ]
+    );
+    assert!(records
+        .iter()
+        .all(|r| !String::from_utf8_lossy(&r.bytes).contains("Ada Lind")));
+    let _ = std::fs::remove_dir_all(&data);
 }
 
 // ---- starting and cancelling ----
