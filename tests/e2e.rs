@@ -720,10 +720,73 @@ async fn metrics_show_the_funnel_and_reload_keeps_serving_on_a_broken_file() {
 // ---- privacy ----
 
 #[tokio::test]
-async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
-    let mut lab = lab(LabOptions::fast()).await;
+async fn personal_numbers_never_reach_logs_metrics_the_audit_trail_webhooks_or_the_stream() {
+    // Every surface is watched: a CRM receives every webhook, a supervisor's live stream every event.
+    let crm = Crm::start().await;
+    let options = LabOptions {
+        api_tokens: vec![lead()],
+        webhook_url: Some(crm.url.clone()),
+        ..LabOptions::fast()
+    };
+    let mut lab = lab(options).await;
+    let mut stream = RawStream::open(lab.app.api_addr, "/v1/events", LEAD_TOKEN).await;
+    stream.until("snapshot_complete").await;
     let rows = demo::run_calls(&mut lab).await.unwrap();
     assert!(rows.iter().all(|r| r.outcome == r.expected));
+    // And the checks during a call: a number the agent types through the API, then one the caller
+    // types on the keypad.
+    let call = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &call).await;
+    let path = format!("/v1/calls/{call}/verifications");
+    for body in [
+        format!(r#"{{"number":"{}"}}"#, person(213)),
+        r#"{"collect":"keypad"}"#.to_owned(),
+    ] {
+        let keypad = body.contains("keypad");
+        let (status, answer) =
+            api_request(lab.app.api_addr, "POST", &path, LEAD_TOKEN, &body).await;
+        assert_eq!(status, 202, "{answer}");
+        if keypad {
+            until("the caller to be muted", || {
+                lab.asterisk.is_muted(&call, Direction::In)
+            })
+            .await;
+            let typed = format!("{}#", person(214));
+            assert!(lab.asterisk.press(&call, &typed, lab.options.key_gap).await);
+        }
+        let done = loop {
+            let (_, e) = stream.until("verification_completed").await;
+            if e["call_id"] == call.as_str() {
+                break e;
+            }
+        };
+        assert_eq!(done["verification"]["status"], "verified", "{done}");
+    }
+    lab.asterisk.hang_up(&call);
+    all_gone(&lab, &call).await;
+    loop {
+        let (_, e) = stream.until("call_ended").await;
+        if e["call_id"] == call.as_str() {
+            break;
+        }
+    }
+    crm.event("verification_completed", &call).await;
+    let webhooks: String = crm
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
+        .collect();
+    assert!(
+        webhooks.len() > 1_000,
+        "too few webhook bodies to prove anything"
+    );
+    let streamed = stream.text.clone();
+    assert!(
+        streamed.len() > 1_000,
+        "too little streamed to prove anything"
+    );
     let (_, metrics) = http(lab.app.ops_addr, "GET", "/metrics").await;
     // Each call's record is on disk before the call went on to its route.
     let audit = audit_text(&lab.app.audit_dir);
@@ -731,7 +794,7 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
     callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
     let mut canaries: Vec<String> = Scenario::ALL.iter().map(|s| s.number()).collect();
     canaries.extend((100..=102).map(person));
-    canaries.extend((201..=212).map(person));
+    canaries.extend((201..=214).map(person));
     let logs = captured();
     assert!(
         logs.len() > 10_000,
@@ -749,6 +812,14 @@ async fn personal_numbers_never_reach_logs_metrics_or_the_audit_trail() {
             assert!(
                 !audit.contains(form),
                 "a personal number reached the audit trail"
+            );
+            assert!(
+                !webhooks.contains(form),
+                "a personal number reached a webhook body"
+            );
+            assert!(
+                !streamed.contains(form),
+                "a personal number reached the live stream"
             );
         }
     }
@@ -2226,6 +2297,7 @@ async fn surfaces_of_a_gate_call(
     lab: &Lab,
     call: &str,
     stream: &mut RawStream,
+    crm: &Crm,
 ) -> (
     std::collections::BTreeMap<&'static str, Shown>,
     serde_json::Value,
@@ -2266,10 +2338,12 @@ async fn surfaces_of_a_gate_call(
     })
     .await;
     let audit = record_of(&audit_text(&audit_dir)).unwrap();
+    let hook = crm.event("verification_completed", call).await;
     let surfaces = [
         ("channel", channel),
         ("rest", as_shown(&rest["fields"])),
         ("stream", as_shown(&streamed["verification"]["fields"])),
+        ("webhook", as_shown(&hook["verification"]["fields"])),
     ]
     .into_iter()
     .collect();
@@ -2295,9 +2369,11 @@ async fn each_disclose_setting_shows_exactly_its_fields_on_every_surface() {
         ),
     ];
     for (serial, (disclose, extra)) in (350u16..).zip(cases) {
+        let crm = Crm::start().await;
         let options = LabOptions {
             api_tokens: vec![lead()],
             disclose: disclose.to_owned(),
+            webhook_url: Some(crm.url.clone()),
             ..LabOptions::fast()
         };
         let mut lab = lab(options).await;
@@ -2307,7 +2383,8 @@ async fn each_disclose_setting_shows_exactly_its_fields_on_every_surface() {
         let parsed = PersonalNumber::parse_swedish_12(&number).unwrap();
         let (report, _) = lab.run_call(lab.caller_typing(&number)).await.unwrap();
         assert_eq!(report.outcome, Outcome::Verified, "{disclose}");
-        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+        let (surfaces, audit) =
+            surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream, &crm).await;
 
         let expected: std::collections::BTreeSet<&str> =
             ALWAYS.iter().chain(extra.iter()).copied().collect();
@@ -2352,7 +2429,8 @@ async fn each_disclose_setting_shows_exactly_its_fields_on_every_surface() {
             report.outcome,
             Outcome::NotVerified(Reason::IdentityMismatch)
         );
-        let (surfaces, audit) = surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream).await;
+        let (surfaces, audit) =
+            surfaces_of_a_gate_call(&lab, &report.call_id, &mut stream, &crm).await;
         for (surface, shown) in &surfaces {
             let names: Vec<&str> = shown.keys().map(String::as_str).collect();
             let mut always = ALWAYS.to_vec();
