@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod dialog;
 pub mod doctor;
+pub mod durable;
 pub mod idp;
 pub mod outcome;
 pub mod pbx;

@@ -172,7 +172,7 @@ impl Audit {
         create_private_dir(&dir)?;
         let key = match settings.key {
             Some(k) => k,
-            None => load_or_create_key(&dir.join(KEY_FILE))?,
+            None => crate::durable::load_or_create_key(&dir.join(KEY_FILE), "audit key")?,
         };
         let (seq, prev) = chain_head(&dir)?;
         let syncs = Arc::new(AtomicU64::new(0));
@@ -533,33 +533,4 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         builder.mode(0o700);
     }
     builder.create(dir)
-}
-
-/// The trail's own key: read, or created once (32 random bytes, mode 0600).
-pub fn load_or_create_key(path: &Path) -> std::io::Result<PseudonymKey> {
-    match std::fs::read(path) {
-        Ok(bytes) if bytes.len() >= 32 => return Ok(PseudonymKey::new(bytes)),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is shorter than 32 bytes", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| std::io::Error::other("no system randomness for the audit key"))?;
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    Ok(PseudonymKey::new(bytes.to_vec()))
 }

@@ -92,7 +92,7 @@ impl Journal {
     /// starts the writer. Returns the journal and the orders left open, oldest first.
     pub fn open(data_dir: &Path) -> std::io::Result<(Journal, Vec<Entry>)> {
         std::fs::create_dir_all(data_dir)?;
-        let key = load_or_create_key(&data_dir.join("journal.key"))?;
+        let key = crate::durable::load_or_create_key(&data_dir.join("journal.key"), "journal key")?;
         let path = data_dir.join("orders.journal");
         let open = read(&path)?;
         let mut left: Vec<Entry> = open.values().cloned().collect();
@@ -268,53 +268,12 @@ fn read(path: &Path) -> std::io::Result<HashMap<String, Entry>> {
 
 /// Atomically replaces the file with these open orders.
 fn rewrite<'a>(path: &Path, entries: impl Iterator<Item = &'a Entry>) -> std::io::Result<()> {
-    let tmp = path.with_extension("journal.tmp");
-    {
-        let mut file = File::create(&tmp)?;
-        let mut buf = Vec::new();
-        for e in entries {
-            serde_json::to_writer(&mut buf, &Line::Open(e.clone()))?;
-            buf.push(b'\n');
-        }
-        file.write_all(&buf)?;
-        file.sync_all()?;
+    let mut buf = Vec::new();
+    for e in entries {
+        serde_json::to_writer(&mut buf, &Line::Open(e.clone()))?;
+        buf.push(b'\n');
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        // The rename itself must survive a crash.
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-fn load_or_create_key(path: &Path) -> std::io::Result<PseudonymKey> {
-    match std::fs::read(path) {
-        Ok(bytes) if bytes.len() >= 32 => return Ok(PseudonymKey::new(bytes)),
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("{} is shorter than 32 bytes", path.display()),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let mut bytes = [0u8; 32];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| std::io::Error::other("no system randomness for the journal key"))?;
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    Ok(PseudonymKey::new(bytes.to_vec()))
+    crate::durable::replace(path, &buf)
 }
 
 #[cfg(test)]

@@ -334,33 +334,12 @@ fn read(path: &Path) -> std::io::Result<Vec<Entry>> {
 
 /// Atomically replaces the file with these pending deliveries (mode 0600).
 fn rewrite<'a>(path: &Path, entries: impl Iterator<Item = &'a Entry>) -> std::io::Result<()> {
-    let tmp = path.with_extension("outbox.tmp");
-    // A leftover from a crash may have other permissions; the new file is created 0600.
-    let _ = std::fs::remove_file(&tmp);
-    {
-        let mut options = OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt as _;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp)?;
-        let mut buf = Vec::new();
-        for e in entries {
-            serde_json::to_writer(&mut buf, &Line::Add(e.clone()))?;
-            buf.push(b'\n');
-        }
-        file.write_all(&buf)?;
-        file.sync_all()?;
+    let mut buf = Vec::new();
+    for e in entries {
+        serde_json::to_writer(&mut buf, &Line::Add(e.clone()))?;
+        buf.push(b'\n');
     }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
+    crate::durable::replace(path, &buf)
 }
 
 #[allow(clippy::disallowed_methods)] // the age of deliveries left by the previous process
