@@ -14,6 +14,7 @@ use crate::secret::Secret;
 use crate::verify::{Order, OrderRef, Poll, ProviderError, Started};
 
 pub mod bankid;
+pub mod ciba;
 pub mod sim;
 
 /// A boxed future, so providers can be used as trait objects.

@@ -172,9 +172,15 @@ pub struct Started {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Poll {
     Pending(Stage),
+    /// Still pending, and the provider asks for slower polling (CIBA `slow_down`): the interval grows by
+    /// [`SLOW_DOWN_STEP`] for the rest of the check.
+    SlowDown(Stage),
     Complete(Identity),
     Failed(Reason),
 }
+
+/// How much a `Poll::SlowDown` adds to the poll interval.
+pub const SLOW_DOWN_STEP: Duration = Duration::from_secs(5);
 
 /// The timers a session arms. Re-arming a timer replaces it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -456,6 +462,15 @@ impl Session {
         self.in_flight = InFlight::None;
         match result {
             Ok(Poll::Pending(stage)) => {
+                self.retries = 0;
+                self.unavailable_since = None;
+                if !matches!(stage, Stage::Starting | Stage::Done) {
+                    self.set_stage(stage);
+                }
+                self.arm_next(now + self.interval);
+            }
+            Ok(Poll::SlowDown(stage)) => {
+                self.interval += SLOW_DOWN_STEP;
                 self.retries = 0;
                 self.unavailable_since = None;
                 if !matches!(stage, Stage::Starting | Stage::Done) {

@@ -332,3 +332,35 @@ fn a_poll_the_provider_cannot_serve_ends_the_check_and_cancels_the_order() {
         .transcript()
         .ends_with("poll o1\ncancel o1\nprogress done\nfinished unavailable/provider_error"));
 }
+
+#[test]
+fn slow_down_adds_five_seconds_for_the_rest_of_the_check() {
+    let mut h = H::new(Settings::default());
+    h.started(Some(Duration::from_secs(5)));
+    h.fire(Timer::Next);
+    h.input(Input::Polled(Ok(Poll::SlowDown(Stage::AwaitingApp))));
+    h.fire(Timer::Next);
+    h.input(Input::Polled(Ok(Poll::Pending(Stage::AwaitingApp))));
+    h.fire(Timer::Next);
+    h.input(Input::Polled(Ok(Poll::SlowDown(Stage::AwaitingApp))));
+    h.fire(Timer::Next);
+    h.input(Input::Polled(Ok(Poll::Complete(identity(NUMBER)))));
+    assert_eq!(
+        h.transcript(),
+        lines(
+            "start
+             progress order_created
+             next +5000ms
+             poll o1
+             progress awaiting_app
+             next +10000ms
+             poll o1
+             next +10000ms
+             poll o1
+             next +15000ms
+             poll o1
+             progress done
+             finished verified"
+        )
+    );
+}

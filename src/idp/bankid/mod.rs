@@ -25,6 +25,14 @@ pub fn ca_not_after(path: &std::path::Path) -> Result<time::OffsetDateTime, Erro
 #[cfg(test)]
 mod tests;
 
+/// A rustls client configuration trusting only the CAs in `server_ca` (none: plain HTTP only), with no
+/// client certificate. Shared with the other HTTP identity providers so there is one TLS setup.
+pub(crate) fn server_auth_tls(
+    server_ca: Option<&std::path::Path>,
+) -> Result<rustls::ClientConfig, Error> {
+    tls::client_config(server_ca, None)
+}
+
 /// A rustls client configuration as the client builds it, for tests that talk raw HTTP(S).
 #[cfg(test)]
 pub(crate) fn tls_for_tests(

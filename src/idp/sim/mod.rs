@@ -37,6 +37,7 @@
 //! the [`Simulator`] handle is dropped; no personal number or body is logged.
 
 mod certs;
+mod ciba;
 mod scenario;
 mod server;
 
@@ -56,6 +57,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 #[cfg(test)]
 pub(crate) use certs::foreign_client;
 pub use certs::{issue_rp_certificate, write_unrelated_root, SimFiles};
+pub use ciba::{
+    start_ciba, CibaScenario, CibaSimulator, KID as CIBA_KID, WORD_PAIR as CIBA_WORD_PAIR,
+};
 pub use scenario::{
     is_valid_number, luhn_check_digit, number_with_serial, scenario_table, Scenario,
     RATE_LIMIT_RESET_SECS, SLOW_DELAY, TABLE_DATE, UNKNOWN_FAILED_HINT, UNKNOWN_PENDING_HINT,
