@@ -96,9 +96,28 @@ pub async fn start(
     }
 
     let mut simulators = Vec::new();
+    let mut ciba_simulators = Vec::new();
     let mut providers: HashMap<String, Arc<dyn Provider>> = HashMap::new();
     for (name, idp_cfg) in &cfg.idps {
         let settings = match idp_cfg {
+            Idp::Ciba(s) => {
+                let client = idp::ciba::Client::new(s)
+                    .with_context(|| format!("idp.{name}: building the CIBA client"))?;
+                providers.insert(name.clone(), Arc::new(client));
+                continue;
+            }
+            Idp::CibaSimulator => {
+                let listener = TcpListener::bind("127.0.0.1:0").await?;
+                let sim = idp::sim::start_ciba(listener, root.child_token())
+                    .await
+                    .with_context(|| format!("starting the CIBA simulator for idp.{name}"))?;
+                tracing::info!(idp = %name, addr = %sim.addr(), "CIBA simulator started");
+                let client = idp::ciba::Client::new(&sim.settings())
+                    .with_context(|| format!("idp.{name}: building the CIBA client"))?;
+                providers.insert(name.clone(), Arc::new(client));
+                ciba_simulators.push(sim);
+                continue;
+            }
             Idp::BankId(s) => {
                 let rp = s
                     .identity
@@ -406,6 +425,7 @@ pub async fn start(
         }
         reload_task.abort();
         drop(simulators);
+        drop(ciba_simulators);
         drop(reload_tx);
         tracing::info!("stopped");
     });

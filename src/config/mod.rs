@@ -300,6 +300,10 @@ pub enum Idp {
     Simulator {
         step: Duration,
     },
+    /// An OpenID CIBA provider (an eID broker).
+    Ciba(crate::idp::ciba::CibaSettings),
+    /// In-process CIBA simulator on its own loopback listener.
+    CibaSimulator,
 }
 
 /// `[limits]`: global bounds on identity orders.

@@ -14,6 +14,7 @@ use super::walk::{join, sorted_keys, Ctx};
 use super::{
     valid_name, Api, ApiToken, AuditSettings, Idp, Limits, OnShutdown, Pbx, Role, Server, NAME_RULE,
 };
+use crate::idp::ciba::CibaSettings;
 use crate::idp::{BankIdSettings, ClientIdentity};
 use crate::pbx::ari;
 use crate::secret::Secret;
@@ -49,6 +50,23 @@ pub const BANKID_KEYS: [&str; 9] = [
     "connect_timeout",
 ];
 pub const SIMULATOR_KEYS: [&str; 2] = ["kind", "step"];
+pub const CIBA_KEYS: [&str; 14] = [
+    "kind",
+    "issuer",
+    "client_id",
+    "client_secret",
+    "login_hint",
+    "acr_values",
+    "binding_message",
+    "requested_expiry",
+    "authorization_details",
+    "number_claim",
+    "declined_call_description",
+    "server_ca",
+    "request_timeout",
+    "connect_timeout",
+];
+pub const CIBA_SIMULATOR_KEYS: [&str; 1] = ["kind"];
 pub const LIMITS_KEYS: [&str; 7] = [
     "max_concurrent_orders",
     "max_concurrent_orders_per_idp",
@@ -224,7 +242,10 @@ pub fn idps(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> BTreeMap<Strin
         let kind = match it.get("kind") {
             Some(v) => ctx.text(&join(&path, "kind"), v),
             None => {
-                ctx.issue(join(&path, "kind"), "required (bankid or simulator)");
+                ctx.issue(
+                    join(&path, "kind"),
+                    "required (bankid, simulator, ciba or ciba_simulator)",
+                );
                 None
             }
         };
@@ -238,10 +259,17 @@ pub fn idps(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> BTreeMap<Strin
                 }
                 Some(Idp::Simulator { step })
             }
+            Some("ciba") => ciba(ctx, &path, it).map(Idp::Ciba),
+            Some("ciba_simulator") => {
+                ctx.known_keys(&path, it, &CIBA_SIMULATOR_KEYS);
+                Some(Idp::CibaSimulator)
+            }
             Some(other) => {
                 ctx.issue(
                     join(&path, "kind"),
-                    format!("unknown kind {other:?} (known: bankid, simulator)"),
+                    format!(
+                        "unknown kind {other:?} (known: bankid, simulator, ciba, ciba_simulator)"
+                    ),
                 );
                 None
             }
@@ -376,6 +404,112 @@ fn bankid(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<BankI
         _ => None,
     };
     Some(s)
+}
+
+fn ciba(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<CibaSettings> {
+    ctx.known_keys(path, t, &CIBA_KEYS);
+    let before = ctx.issues.len();
+    let mut s = CibaSettings::default();
+    let key = |k: &str| join(path, k);
+    match t.get("issuer") {
+        Some(v) => {
+            if let Some(u) = ctx.parsed(&key("issuer"), v, ciba_issuer) {
+                s.issuer = u;
+            }
+        }
+        None => ctx.issue(key("issuer"), "required (the provider's issuer URL)"),
+    }
+    for (k, field) in [("client_id", &mut s.client_id)] {
+        match t.get(k) {
+            Some(v) => *field = ctx.text(&key(k), v).unwrap_or_default(),
+            None => ctx.issue(key(k), "required"),
+        }
+    }
+    match t.get("client_secret") {
+        Some(v) => {
+            s.client_secret = Secret::new(ctx.text(&key("client_secret"), v).unwrap_or_default())
+        }
+        None => ctx.issue(key("client_secret"), "required (sent with HTTP Basic)"),
+    }
+    if let Some(v) = t.get("login_hint") {
+        if let Some(h) = ctx.parsed(&key("login_hint"), v, |h| {
+            if h.contains("{number}") {
+                Ok(h.to_owned())
+            } else {
+                Err(format!("{h:?} must contain {{number}}"))
+            }
+        }) {
+            s.login_hint = h;
+        }
+    }
+    if let Some(v) = t.get("authorization_details") {
+        s.authorization_details = ctx.parsed(&key("authorization_details"), v, |d| {
+            let filled = d.replace("{call_initiator}", "RP");
+            match serde_json::from_str::<serde_json::Value>(&filled) {
+                Ok(serde_json::Value::Array(_)) => Ok(d.to_owned()),
+                Ok(_) => Err("must be a JSON array of objects".to_owned()),
+                Err(e) => Err(format!(
+                    "not JSON once {{call_initiator}} is filled in ({e})"
+                )),
+            }
+        });
+    }
+    for (k, field) in [
+        ("acr_values", &mut s.acr_values),
+        ("binding_message", &mut s.binding_message),
+        (
+            "declined_call_description",
+            &mut s.declined_call_description,
+        ),
+    ] {
+        if let Some(v) = t.get(k) {
+            *field = ctx.text(&key(k), v).filter(|x| !x.is_empty());
+        }
+    }
+    if let Some(v) = t.get("number_claim") {
+        if let Some(c) = ctx.text(&key("number_claim"), v) {
+            s.number_claim = c;
+        }
+    }
+    if let Some(v) = t.get("requested_expiry") {
+        s.requested_expiry = ctx.number(&key("requested_expiry"), v, 1, 86_400);
+    }
+    for (k, field) in [
+        ("request_timeout", &mut s.request_timeout),
+        ("connect_timeout", &mut s.connect_timeout),
+    ] {
+        if let Some(v) = t.get(k) {
+            if let Some(d) = ctx.duration(&key(k), v, false) {
+                *field = d;
+            }
+        }
+    }
+    let https = s.issuer.starts_with("https://");
+    match t.get("server_ca") {
+        Some(v) if https => {
+            if let Some(text) = ctx.text(&key("server_ca"), v) {
+                match existing_file(Path::new(&text)) {
+                    Ok(()) => s.server_ca = Some(PathBuf::from(text)),
+                    Err(message) => ctx.issue(key("server_ca"), message),
+                }
+            }
+        }
+        Some(_) => ctx.issue(
+            key("server_ca"),
+            "has no effect with a plain http issuer (only a loopback simulator uses http)",
+        ),
+        None if https => ctx.issue(
+            key("server_ca"),
+            "required with an https issuer (the CA certificates the provider's TLS chains to, PEM)",
+        ),
+        None => {}
+    }
+    (ctx.issues.len() == before).then_some(s)
+}
+
+/// A CIBA issuer URL: https anywhere, plain http only on loopback; no trailing `/`.
+fn ciba_issuer(x: &str) -> Result<String, String> {
+    bankid_url(x).map(|u| u.trim_end_matches('/').to_owned())
 }
 
 /// The BankID base URL: https anywhere, plain http only on loopback; a missing trailing `/` is added

@@ -651,7 +651,7 @@ fn provider_kinds_and_keys() {
     only_issue(
         &explicit_with("[idp.x]\nstep = \"1s\"\n"),
         "idp.x.kind",
-        "required (bankid or simulator)",
+        "required (bankid, simulator, ciba or ciba_simulator)",
     );
     only_issue(
         &explicit_with("[idp.x]\nkind = \"saml\"\n"),
@@ -1265,4 +1265,73 @@ fn audit_retention_has_a_default_and_a_range() {
         "",
     );
     only_issue(&minimal_with("[audit]\nkeep = \"1y\"\n"), "audit.keep", "");
+}
+
+// --- CIBA providers --------------------------------------------------------------------------------------
+
+#[test]
+fn a_ciba_provider_is_read_with_its_templates() {
+    let files = TempFiles::new(&["broker-ca.pem"]);
+    let c = ok(&explicit_with(&format!(
+        r#"[idp.broker]
+kind = "ciba"
+issuer = "https://example.idura.broker/"
+client_id = "urn:my:application"
+client_secret = "s3cret"
+login_hint = "sub:ssn:{{number}}"
+acr_values = "urn:grn:authn:se:bankid"
+binding_message = "Callgate"
+requested_expiry = 120
+authorization_details = '[{{"type":"phoneAuth","callInitiator":"{{call_initiator}}"}}]'
+number_claim = "ssn"
+declined_call_description = "declined"
+server_ca = "{}"
+request_timeout = "4s"
+[idp.cibasim]
+kind = "ciba_simulator"
+"#,
+        files.path("broker-ca.pem")
+    )));
+    let Idp::Ciba(s) = &c.idps["broker"] else {
+        panic!("not ciba")
+    };
+    assert_eq!(s.issuer, "https://example.idura.broker");
+    assert_eq!(s.client_secret.expose(), "s3cret");
+    assert_eq!(s.requested_expiry, Some(120));
+    assert_eq!(s.request_timeout, std::time::Duration::from_secs(4));
+    assert!(s
+        .authorization_details
+        .as_deref()
+        .unwrap()
+        .contains("{call_initiator}"));
+    assert!(matches!(c.idps["cibasim"], Idp::CibaSimulator));
+}
+
+#[test]
+fn ciba_problems_are_reported_at_their_keys() {
+    let got = issues(&explicit_with(
+        r#"[idp.broker]
+kind = "ciba"
+issuer = "https://example.idura.broker"
+login_hint = "sub:ssn:"
+authorization_details = "[{not json"
+"#,
+    ));
+    let paths: Vec<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    for p in [
+        "idp.broker.client_id",
+        "idp.broker.client_secret",
+        "idp.broker.login_hint",
+        "idp.broker.authorization_details",
+        "idp.broker.server_ca",
+    ] {
+        assert!(paths.contains(&p), "{p} missing from {got:#?}");
+    }
+    only_issue(
+        &explicit_with(
+            "[idp.broker]\nkind = \"ciba\"\nissuer = \"http://broker.example\"\nclient_id = \"a\"\nclient_secret = \"b\"\n",
+        ),
+        "idp.broker.issuer",
+        "loopback",
+    );
 }

@@ -577,6 +577,20 @@ async fn idp_checks(name: &str, idp: &Idp, now: OffsetDateTime, report: &mut Rep
             ));
             return;
         }
+        Idp::CibaSimulator => {
+            report.push(Check::ok(
+                base,
+                "embedded CIBA simulator (started by callgate itself; nothing to reach)",
+            ));
+            return;
+        }
+        Idp::Ciba(s) => {
+            report.push(Check::ok(
+                base,
+                format!("CIBA provider {} (not probed by doctor)", s.issuer),
+            ));
+            return;
+        }
         Idp::BankId(s) => s,
     };
     match bankid::Client::new(settings) {
