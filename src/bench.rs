@@ -84,6 +84,7 @@ pub fn core_flows(budget: Duration) -> anyhow::Result<(u64, Duration)> {
                         inputs.push(Input::Idp(verify::Input::Started(Ok(Started {
                             order: OrderRef("o".into()),
                             poll_interval: None,
+                            word_pair: None,
                         }))))
                     }
                     Command::Idp(IdpCommand::Poll(_)) => {

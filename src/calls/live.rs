@@ -93,6 +93,8 @@ pub struct VerificationView {
     /// The abuse limit that refused the check's order (its reason is then `rate_limited` or
     /// `provider_busy`).
     pub limit: Option<Limit>,
+    /// Words the agent reads to the caller so they pick the right request in their app (CIBA word pair).
+    pub word_pair: Option<String>,
 }
 
 impl VerificationView {
@@ -373,6 +375,7 @@ mod tests {
             outcome,
             fields: Vec::new(),
             limit: None,
+            word_pair: None,
         }
     }
 

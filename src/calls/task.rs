@@ -528,6 +528,7 @@ impl Driver {
             outcome: None,
             fields: Vec::new(),
             limit: None,
+            word_pair: None,
         });
     }
 
@@ -931,6 +932,10 @@ impl Driver {
                     if *gen == self.check_gen {
                         self.step(FunnelStep::OrderCreated);
                         self.journal_open(&started.order.0).await;
+                        // Shown to the agent with the order's first progress.
+                        if let Some(check) = self.check.as_mut() {
+                            check.word_pair.clone_from(&started.word_pair);
+                        }
                     }
                 }
                 anchor.handle(input, now().into_std());

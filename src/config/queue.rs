@@ -450,8 +450,27 @@ pub fn finish(
         complete = false;
     }
 
-    // Every provider kind today speaks BankID, which identifies Swedish numbers only.
-    if idps.contains_key(&p.idp) {
+    // An agent must read a word pair to the caller: the gate (IVR) cannot say it.
+    if let Some(Idp::Ciba(c)) = idps.get(&p.idp) {
+        if c.word_pair && matches!(mode, Mode::BeforeAgent | Mode::Both) {
+            ctx.issue(
+                join(path, "mode"),
+                format!(
+                    "provider {:?} answers with a word pair an agent reads to the caller \
+                     (idp.{}.word_pair = true), which the gate cannot say: use mode = \"during_call\" \
+                     in queue {name:?}, or another provider",
+                    p.idp, p.idp
+                ),
+            );
+            complete = false;
+        }
+    }
+
+    // BankID (and its simulators) identify Swedish numbers only; a CIBA broker may take others.
+    if matches!(
+        idps.get(&p.idp),
+        Some(Idp::BankId(_) | Idp::Simulator { .. } | Idp::CibaSimulator)
+    ) {
         let foreign: Vec<&str> = p
             .accept_kinds
             .iter()

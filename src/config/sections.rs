@@ -50,8 +50,9 @@ pub const BANKID_KEYS: [&str; 9] = [
     "connect_timeout",
 ];
 pub const SIMULATOR_KEYS: [&str; 2] = ["kind", "step"];
-pub const CIBA_KEYS: [&str; 14] = [
+pub const CIBA_KEYS: [&str; 15] = [
     "kind",
+    "word_pair",
     "issuer",
     "client_id",
     "client_secret",
@@ -465,6 +466,9 @@ fn ciba(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<CibaSet
         if let Some(v) = t.get(k) {
             *field = ctx.text(&key(k), v).filter(|x| !x.is_empty());
         }
+    }
+    if let Some(v) = t.get("word_pair") {
+        s.word_pair = ctx.boolean(&key("word_pair"), v).unwrap_or(false);
     }
     if let Some(v) = t.get("number_claim") {
         if let Some(c) = ctx.text(&key("number_claim"), v) {

@@ -1335,3 +1335,21 @@ authorization_details = "[{not json"
         "loopback",
     );
 }
+
+#[test]
+fn a_word_pair_provider_is_refused_where_the_gate_checks() {
+    let provider = "[idp.no]\nkind = \"ciba\"\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"a\"\nclient_secret = \"b\"\nword_pair = true\n";
+    let toml = explicit_with(provider).replace("idp = \"sim\"", "idp = \"no\"");
+    only_issue(&toml, "queues.support.mode", "word pair");
+    let during = toml
+        .replace(
+            "[queues.support]\n",
+            "[queues.support]\nmode = \"during_call\"\n",
+        )
+        .replace("verified = ", "agent = \"queues,support,1\"\nverified = ");
+    let c = ok(&during);
+    let Idp::Ciba(s) = &c.idps["no"] else {
+        panic!("not ciba")
+    };
+    assert!(s.word_pair);
+}

@@ -176,6 +176,7 @@ impl H {
         self.input(Input::Idp(verify::Input::Started(Ok(Started {
             order,
             poll_interval: None,
+            word_pair: None,
         }))));
     }
 

@@ -166,6 +166,9 @@ pub struct Started {
     pub order: OrderRef,
     /// The provider's minimum poll interval (CIBA `interval`), if it states one.
     pub poll_interval: Option<Duration>,
+    /// Words the person must hear to pick the right request in their app (a CIBA broker's word pair).
+    /// The call task shows them to the agent; the session itself ignores them.
+    pub word_pair: Option<String>,
 }
 
 /// The provider's answer to a poll.

@@ -78,6 +78,7 @@ impl H {
         self.input(Input::Started(Ok(Started {
             order: OrderRef("o1".into()),
             poll_interval: interval,
+            word_pair: None,
         })));
     }
 

@@ -215,6 +215,7 @@ fn verification(outcome: Outcome, fields: &[(&str, &str)]) -> VerificationView {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect(),
         limit: None,
+        word_pair: None,
     }
 }
 

@@ -210,7 +210,7 @@ pub fn document() -> Value {
                 },
                 "Verification": {
                     "type": "object",
-                    "required": ["verification_id", "call_id", "queue", "idp", "method", "started_by", "started_at", "ended_at", "stage", "stages", "status", "reason", "limit", "fraud", "fields", "links"],
+                    "required": ["verification_id", "call_id", "queue", "idp", "method", "started_by", "started_at", "ended_at", "stage", "stages", "status", "reason", "limit", "word_pair", "fraud", "fields", "links"],
                     "properties": {
                         "verification_id": {"type": "string"},
                         "call_id": {"type": "string"},
@@ -225,6 +225,7 @@ pub fn document() -> Value {
                         "status": {"type": "string", "enum": ["in_progress", "verified", "failed", "unavailable", "skipped", "interrupted"]},
                         "reason": {"type": ["string", "null"], "description": "The outcome's reason code."},
                         "limit": {"type": ["string", "null"], "enum": ["per_number", "per_line", "per_agent", "per_queue", "cool_down", "per_idp", "concurrent", null], "description": "The abuse limit that refused the check's order (reason `rate_limited`, or `provider_busy` for `per_idp` and `concurrent`); null otherwise."},
+                        "word_pair": {"type": ["string", "null"], "description": "Words to read out to the caller so they pick the right request in their app (a CIBA provider's word pair), while the check is in progress; null otherwise."},
                         "fraud": {"type": "boolean", "description": "True for `declined_call`: the person says they are not on a call with us."},
                         "fields": {"type": "object", "additionalProperties": {"type": "string"}, "description": "The result as the queue's disclosure policy renders it: status, reason, ref, method, at, and only the allowed identity fields."},
                         "links": {"type": "object", "additionalProperties": {"type": "string"}}

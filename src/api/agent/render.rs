@@ -43,6 +43,8 @@ pub fn verification(v: &VerificationView) -> Value {
         "status": v.outcome.map_or("in_progress", |o| o.status().code()),
         "reason": v.outcome.and_then(|o| o.reason()).map(|r| r.code()),
         "limit": v.limit.map(|l| l.code()),
+        // Only useful while the caller is choosing in their app.
+        "word_pair": v.word_pair.as_ref().filter(|_| !v.is_over()),
         "fraud": v.outcome.is_some_and(is_fraud),
         "fields": fields,
         "links": {"self": verification_link(&v.id), "call": call_link(&v.call_id)},

@@ -282,6 +282,7 @@ fn check(id: &str, call: &str, stages: &[Stage], outcome: Option<Outcome>) -> Ve
             None => Vec::new(),
         },
         limit: None,
+        word_pair: None,
     }
 }
 

@@ -169,6 +169,7 @@ impl H {
             verify::Input::Started(Ok(Started {
                 order,
                 poll_interval: None,
+                word_pair: None,
             })),
         ));
     }

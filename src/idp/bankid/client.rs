@@ -244,6 +244,7 @@ impl Client {
         Ok(Started {
             order: OrderRef(parsed.order_ref),
             poll_interval: None,
+            word_pair: None,
         })
     }
 

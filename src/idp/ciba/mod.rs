@@ -64,6 +64,9 @@ pub struct CibaSettings {
     pub number_claim: String,
     /// When set, an `access_denied` whose description contains this text means `declined_call`.
     pub declined_call_description: Option<String>,
+    /// The provider answers with a word pair an agent must read to the caller (Norwegian BankID through
+    /// a broker): allowed only in queues that check during the call.
+    pub word_pair: bool,
     /// The CA certificates (PEM) trusted for the provider's https endpoints; system roots are never used.
     pub server_ca: Option<PathBuf>,
     pub request_timeout: Duration,
@@ -83,6 +86,7 @@ impl Default for CibaSettings {
             authorization_details: None,
             number_claim: "ssn".into(),
             declined_call_description: None,
+            word_pair: false,
             server_ca: None,
             request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
@@ -294,6 +298,7 @@ impl Client {
             return Ok(Started {
                 order: OrderRef(ack.auth_req_id),
                 poll_interval: Some(ack.interval.map_or(DEFAULT_INTERVAL, Duration::from_secs)),
+                word_pair: ack.binding_message.filter(|w| !w.trim().is_empty()),
             });
         }
         let body = resp.json::<ErrorBody>().await.ok();

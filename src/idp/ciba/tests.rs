@@ -172,8 +172,11 @@ async fn an_unknown_kid_refreshes_the_cached_jwks_once() {
 async fn word_pair_scenario_acknowledges_with_a_binding_message() {
     let sim = sim().await;
     let client = Client::new(&sim.settings()).unwrap();
-    let (_, _, last) = run(&client, &CibaScenario::WordPair.number()).await;
+    let (started, _, last) = run(&client, &CibaScenario::WordPair.number()).await;
+    assert_eq!(started.word_pair.as_deref(), Some("blue harbour"));
     assert!(matches!(last, Poll::Complete(_)));
+    let (started, _, _) = run(&client, &CibaScenario::Approve.number()).await;
+    assert_eq!(started.word_pair, None);
 }
 
 #[tokio::test]
