@@ -57,6 +57,9 @@ pub struct LabOptions {
     /// A `[[webhooks.targets]]` entry named `lab` with this URL and [`LAB_WEBHOOK_SECRET`], for every
     /// queue and event.
     pub webhook_url: Option<String>,
+    /// The `desk` queue checks through an embedded CIBA simulator (`[idp.ciba] kind = "ciba_simulator"`)
+    /// instead of the BankID simulator.
+    pub desk_ciba: bool,
     /// More `[limits]` keys, `key = value` (the value as TOML, e.g. `"0s"` or `1`).
     pub limits: Vec<(String, String)>,
     /// The `support` queue's `disclose` list, as TOML.
@@ -98,6 +101,7 @@ impl LabOptions {
             api_tokens: Vec::new(),
             agents_closed: false,
             webhook_url: None,
+            desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
@@ -122,6 +126,7 @@ impl LabOptions {
             api_tokens: Vec::new(),
             agents_closed: false,
             webhook_url: None,
+            desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
         }
@@ -434,11 +439,12 @@ reconnect_max = "{rmax}"
 kind = "bankid"
 url = "{idp_url}"
 request_timeout = "2s"
-
+{ciba_idp}
 {limits}
 {api_tokens}
 {webhooks}
 [queues.support]
+idp = "bankid"
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
 inter_digit_timeout = "{inter}"
@@ -457,6 +463,7 @@ unavailable = "queues,support-fallback,1"
 
 # Anchored: checked before the agent, kept in a bridge with them, checked again on request.
 [queues.care]
+idp = "bankid"
 mode = "both"
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
@@ -479,6 +486,7 @@ declined_call = "queues,fraud-desk,1"
 
 # Anchored without a gate: checked only when an agent asks.
 [queues.desk]
+idp = "{desk_idp}"
 mode = "during_call"
 languages = ["sv", "en"]
 first_digit_timeout = "{first}"
@@ -510,6 +518,12 @@ no_agent = "queues,care-noagent,1"
         rmin = ms(ari.reconnect_min),
         rmax = ms(ari.reconnect_max),
         limits = limits,
+        ciba_idp = if options.desk_ciba {
+            "\n[idp.ciba]\nkind = \"ciba_simulator\"\n"
+        } else {
+            ""
+        },
+        desk_idp = if options.desk_ciba { "ciba" } else { "bankid" },
         disclose = options.disclose,
         api_tokens = api_tokens,
         webhooks = webhooks,

@@ -2463,3 +2463,60 @@ fn audit_holds_only_the_pseudonym(audit: &serde_json::Value, number: &str, perso
         "a birth date in the audit line"
     );
 }
+
+/// A `desk` call checked through a CIBA provider (the embedded CIBA simulator) from the agent API: the
+/// word pair the provider returns is shown while the caller picks it, and the caller is verified.
+#[tokio::test]
+async fn an_agent_verifies_a_desk_caller_through_ciba_and_sees_the_word_pair() {
+    const AGENT: &str = "lab-agent-token-ciba-0123456789";
+    let options = LabOptions {
+        api_tokens: vec![demo::LabToken {
+            name: "desk-ciba".into(),
+            token: AGENT.into(),
+            role: callgate::config::Role::Agent,
+            agent: Some(demo::LAB_AGENT.into()),
+        }],
+        desk_ciba: true,
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let id = lab.asterisk.call(Caller::new("46701234567").queue("desk"));
+    talking(&lab, &id).await;
+    let number = callgate::idp::sim::CibaScenario::WordPair.number();
+    let (status, text) = api_request(
+        lab.app.api_addr,
+        "POST",
+        &format!("/v1/calls/{id}/verifications"),
+        AGENT,
+        &format!(r#"{{"number":"{number}"}}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let check = lab.app.live.call(&id).unwrap().verification.unwrap();
+    until("the word pair", || {
+        lab.app
+            .live
+            .verification(&check.id)
+            .is_some_and(|v| v.word_pair.is_some())
+    })
+    .await;
+    let path = format!("/v1/verifications/{}", check.id);
+    let (status, text) = api_request(lab.app.api_addr, "GET", &path, AGENT, "").await;
+    assert_eq!(status, 200, "{text}");
+    let json_of = |text: &str| -> serde_json::Value {
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    };
+    let v = json_of(&text);
+    assert_eq!(v["idp"], "ciba");
+    assert_eq!(v["word_pair"], callgate::idp::sim::CIBA_WORD_PAIR);
+    assert_eq!(v["status"], "in_progress");
+    assert_eq!(check_over(&lab, &check.id).await, Outcome::Verified);
+    let (_, text) = api_request(lab.app.api_addr, "GET", &path, AGENT, "").await;
+    let v = json_of(&text);
+    assert_eq!(v["status"], "verified");
+    assert!(v["word_pair"].is_null(), "{v}");
+    assert!(!text.contains(&number));
+    lab.asterisk.hang_up(&id);
+    all_gone(&lab, &id).await;
+    lab.shutdown().await.unwrap();
+}
