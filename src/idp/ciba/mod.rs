@@ -250,7 +250,13 @@ impl Client {
         if let Some(acr) = &s.acr_values {
             form.push(("acr_values", acr.clone()));
         }
-        if let Some(m) = order.text.as_ref().or(s.binding_message.as_ref()) {
+        // A queue's own text wins; a provider that makes its own word pair gets none.
+        let message = if s.word_pair {
+            None
+        } else {
+            order.text.as_ref().or(s.binding_message.as_ref())
+        };
+        if let Some(m) = message {
             form.push(("binding_message", m.clone()));
         }
         if let Some(e) = s.requested_expiry {

@@ -264,6 +264,17 @@ fn the_form_carries_one_hint_the_template_and_the_initiator() {
     let details = get(&form, "authorization_details").unwrap();
     let v: serde_json::Value = serde_json::from_str(&details).unwrap();
     assert_eq!(v[0]["callInitiator"], "user");
+    o.text = Some("Queue text".into());
+    assert_eq!(
+        get(&client.backchannel_form(&o), "binding_message").as_deref(),
+        Some("Queue text")
+    );
+    let words = Client::new(&CibaSettings {
+        word_pair: true,
+        ..settings.clone()
+    })
+    .unwrap();
+    assert_eq!(get(&words.backchannel_form(&o), "binding_message"), None);
     o.initiator = Initiator::Us;
     let form = client.backchannel_form(&o);
     let v: serde_json::Value =
