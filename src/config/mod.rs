@@ -301,7 +301,7 @@ pub enum Idp {
         step: Duration,
     },
     /// An OpenID CIBA provider (an eID broker).
-    Ciba(crate::idp::ciba::CibaSettings),
+    Ciba(Box<crate::idp::ciba::CibaSettings>),
     /// In-process CIBA simulator on its own loopback listener.
     CibaSimulator,
 }

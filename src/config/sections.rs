@@ -50,8 +50,10 @@ pub const BANKID_KEYS: [&str; 9] = [
     "connect_timeout",
 ];
 pub const SIMULATOR_KEYS: [&str; 2] = ["kind", "step"];
-pub const CIBA_KEYS: [&str; 15] = [
+pub const CIBA_KEYS: [&str; 17] = [
     "kind",
+    "client_key",
+    "client_key_id",
     "word_pair",
     "issuer",
     "client_id",
@@ -260,7 +262,7 @@ pub fn idps(ctx: &mut Ctx<'_>, t: Option<&Map<String, Value>>) -> BTreeMap<Strin
                 }
                 Some(Idp::Simulator { step })
             }
-            Some("ciba") => ciba(ctx, &path, it).map(Idp::Ciba),
+            Some("ciba") => ciba(ctx, &path, it).map(|s| Idp::Ciba(Box::new(s))),
             Some("ciba_simulator") => {
                 ctx.known_keys(&path, it, &CIBA_SIMULATOR_KEYS);
                 Some(Idp::CibaSimulator)
@@ -426,11 +428,29 @@ fn ciba(ctx: &mut Ctx<'_>, path: &str, t: &Map<String, Value>) -> Option<CibaSet
             None => ctx.issue(key(k), "required"),
         }
     }
-    match t.get("client_secret") {
-        Some(v) => {
+    match (t.get("client_secret"), t.get("client_key")) {
+        (Some(_), Some(_)) => ctx.issue(
+            key("client_key"),
+            "give either client_secret (client_secret_basic) or client_key (private_key_jwt), not both",
+        ),
+        (Some(v), None) => {
             s.client_secret = Secret::new(ctx.text(&key("client_secret"), v).unwrap_or_default())
         }
-        None => ctx.issue(key("client_secret"), "required (sent with HTTP Basic)"),
+        (None, Some(v)) => {
+            if let Some(text) = ctx.text(&key("client_key"), v) {
+                match existing_file(Path::new(&text)) {
+                    Ok(()) => s.client_key = Some(PathBuf::from(text)),
+                    Err(message) => ctx.issue(key("client_key"), message),
+                }
+            }
+        }
+        (None, None) => ctx.issue(
+            key("client_secret"),
+            "required: client_secret (client_secret_basic) or client_key (private_key_jwt)",
+        ),
+    }
+    if let Some(v) = t.get("client_key_id") {
+        s.client_key_id = ctx.text(&key("client_key_id"), v);
     }
     if let Some(v) = t.get("login_hint") {
         if let Some(h) = ctx.parsed(&key("login_hint"), v, |h| {

@@ -1305,6 +1305,21 @@ kind = "ciba_simulator"
         .unwrap()
         .contains("{call_initiator}"));
     assert!(matches!(c.idps["cibasim"], Idp::CibaSimulator));
+    let with_key = explicit_with(&format!(
+        "[idp.broker]\nkind = \"ciba\"\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"a\"\nclient_key = \"{}\"\nclient_key_id = \"k1\"\n",
+        files.path("broker-ca.pem")
+    ));
+    let c = ok(&with_key);
+    let Idp::Ciba(s) = &c.idps["broker"] else {
+        panic!("not ciba")
+    };
+    assert!(s.client_key.is_some());
+    assert_eq!(s.client_key_id.as_deref(), Some("k1"));
+    only_issue(
+        &with_key.replace("client_key_id", "client_secret"),
+        "idp.broker.client_key",
+        "not both",
+    );
 }
 
 #[test]

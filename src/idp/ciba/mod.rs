@@ -9,6 +9,9 @@
 //!   description contains the configured `declined_call_description`;
 //! - a valid ID token whose number claim differs from the number asked for → `identity_mismatch`.
 //!
+//! Client authentication: `client_secret_basic`, or `private_key_jwt` with an EC P-256 key (an ES256
+//! assertion per request, audience the issuer).
+//!
 //! Cancel: CIBA defines no cancel, so callgate only forgets the request; the provider ends it at
 //! `expires_in`.
 //!
@@ -41,6 +44,10 @@ pub use wire::{Acknowledgement, Discovery, ErrorBody, GRANT_TYPE};
 
 /// The poll interval when the acknowledgement states none.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+/// `client_assertion_type` of `private_key_jwt`.
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// How long a client assertion is valid.
+pub const ASSERTION_LIFETIME_SECS: u64 = 60;
 /// Clock skew allowed on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: u64 = 30;
 
@@ -50,8 +57,12 @@ pub struct CibaSettings {
     /// The issuer URL; discovery is read from `<issuer>/.well-known/openid-configuration`.
     pub issuer: String,
     pub client_id: String,
-    /// Sent with HTTP Basic (`client_secret_basic`).
+    /// Sent with HTTP Basic (`client_secret_basic`) when no `client_key` is given.
     pub client_secret: Secret,
+    /// An EC P-256 private key (PKCS#8 PEM): authenticate with `private_key_jwt` (ES256 assertions).
+    pub client_key: Option<PathBuf>,
+    /// The `kid` put in the assertion's header.
+    pub client_key_id: Option<String>,
     /// `login_hint` template; `{number}` is replaced by the personal number.
     pub login_hint: String,
     pub acr_values: Option<String>,
@@ -79,6 +90,8 @@ impl Default for CibaSettings {
             issuer: String::new(),
             client_id: String::new(),
             client_secret: Secret::default(),
+            client_key: None,
+            client_key_id: None,
             login_hint: "sub:ssn:{number}".into(),
             acr_values: None,
             binding_message: None,
@@ -101,6 +114,8 @@ pub enum Error {
     Url(String),
     #[error("http client: {0}")]
     Http(String),
+    #[error("{}: {reason}", path.display())]
+    Key { path: PathBuf, reason: String },
 }
 
 /// Why an ID token was refused.
@@ -128,6 +143,8 @@ pub struct Client {
     discovery_url: Url,
     discovery: tokio::sync::OnceCell<Discovery>,
     jwks: Mutex<Option<Arc<JwkSet>>>,
+    /// The `private_key_jwt` signing key, when configured.
+    assertion_key: Option<jsonwebtoken::EncodingKey>,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -187,6 +204,11 @@ impl Client {
             discovery_url,
             discovery: tokio::sync::OnceCell::new(),
             jwks: Mutex::new(None),
+            assertion_key: settings
+                .client_key
+                .as_deref()
+                .map(read_client_key)
+                .transpose()?,
             open: Mutex::new(HashMap::new()),
         })
     }
@@ -272,6 +294,42 @@ impl Client {
         form
     }
 
+    /// A form POST with the client's authentication: HTTP Basic, or a signed assertion
+    /// (`private_key_jwt`, audience the issuer) added to the form.
+    async fn authenticated(
+        &self,
+        endpoint: String,
+        mut form: Vec<(&'static str, String)>,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
+        let req = self.http.post(endpoint);
+        let Some(key) = &self.assertion_key else {
+            return Ok(req
+                .basic_auth(
+                    &self.settings.client_id,
+                    Some(self.settings.client_secret.expose()),
+                )
+                .form(&form));
+        };
+        let audience = self.discovery().await?.issuer.clone();
+        let now = unix_now();
+        let claims = serde_json::json!({
+            "iss": self.settings.client_id,
+            "sub": self.settings.client_id,
+            "aud": audience,
+            "jti": uuid::Uuid::new_v4().to_string(),
+            "iat": now,
+            "exp": now + ASSERTION_LIFETIME_SECS,
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid.clone_from(&self.settings.client_key_id);
+        let assertion =
+            jsonwebtoken::encode(&header, &claims, key).map_err(|_| ProviderError::Fatal)?;
+        form.push(("client_id", self.settings.client_id.clone()));
+        form.push(("client_assertion_type", ASSERTION_TYPE.to_owned()));
+        form.push(("client_assertion", assertion));
+        Ok(req.form(&form))
+    }
+
     async fn start_order(&self, order: &Order) -> Result<Started, ProviderError> {
         let endpoint = self
             .discovery()
@@ -279,13 +337,8 @@ impl Client {
             .backchannel_authentication_endpoint
             .clone();
         let resp = self
-            .http
-            .post(endpoint)
-            .basic_auth(
-                &self.settings.client_id,
-                Some(self.settings.client_secret.expose()),
-            )
-            .form(&self.backchannel_form(order))
+            .authenticated(endpoint, self.backchannel_form(order))
+            .await?
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
@@ -324,17 +377,13 @@ impl Client {
 
     async fn poll_order(&self, order: &OrderRef) -> Result<Poll, ProviderError> {
         let endpoint = self.discovery().await?.token_endpoint.clone();
+        let form = vec![
+            ("grant_type", GRANT_TYPE.to_owned()),
+            ("auth_req_id", order.0.clone()),
+        ];
         let resp = self
-            .http
-            .post(endpoint)
-            .basic_auth(
-                &self.settings.client_id,
-                Some(self.settings.client_secret.expose()),
-            )
-            .form(&[
-                ("grant_type", GRANT_TYPE),
-                ("auth_req_id", order.0.as_str()),
-            ])
+            .authenticated(endpoint, form)
+            .await?
             .send()
             .await
             .map_err(|e| classify_transport(&e))?;
@@ -481,6 +530,45 @@ fn decode_claims(
         return Err(TokenError::Invalid("iat missing".into()));
     }
     Ok(data.claims)
+}
+
+/// Reads an EC P-256 PKCS#8 private key from a PEM (or DER) file.
+fn read_client_key(path: &std::path::Path) -> Result<jsonwebtoken::EncodingKey, Error> {
+    use base64::Engine;
+    let err = |reason: &str| Error::Key {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(&e.to_string()))?;
+    let der = match std::str::from_utf8(&bytes) {
+        Ok(text) if text.contains("-----BEGIN PRIVATE KEY-----") => {
+            let body: String = text
+                .lines()
+                .skip_while(|l| !l.starts_with("-----BEGIN PRIVATE KEY-----"))
+                .skip(1)
+                .take_while(|l| !l.starts_with("-----END"))
+                .collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(body.trim())
+                .map_err(|_| err("not valid PEM"))?
+        }
+        _ => bytes,
+    };
+    ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &der,
+        &ring::rand::SystemRandom::new(),
+    )
+    .map_err(|_| err("not an EC P-256 private key in PKCS#8 (BEGIN PRIVATE KEY)"))?;
+    Ok(jsonwebtoken::EncodingKey::from_ec_der(&der))
+}
+
+#[allow(clippy::disallowed_methods)]
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn find_key<'a>(set: &'a JwkSet, kid: Option<&str>) -> Option<&'a jsonwebtoken::jwk::Jwk> {

@@ -325,3 +325,50 @@ fn unix_now_for_tests() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+#[tokio::test]
+async fn private_key_jwt_authenticates_with_a_signed_assertion() {
+    let sim = sim().await;
+    let dir = std::env::temp_dir().join(format!("callgate-ciba-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("client.pem");
+    std::fs::write(&key, sim.client_key_pem()).unwrap();
+    let settings = CibaSettings {
+        client_secret: Secret::default(),
+        client_key: Some(key.clone()),
+        client_key_id: Some("callgate-1".into()),
+        ..sim.settings()
+    };
+    let client = Client::new(&settings).unwrap();
+    let (_, _, last) = run(&client, &CibaScenario::Approve.number()).await;
+    assert!(matches!(last, Poll::Complete(_)), "{last:?}");
+    // Another key is refused.
+    let other = dir.join("other.pem");
+    let rng = ring::rand::SystemRandom::new();
+    let der = ring::signature::EcdsaKeyPair::generate_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &rng,
+    )
+    .unwrap();
+    std::fs::write(&other, der.as_ref()).unwrap();
+    let client = Client::new(&CibaSettings {
+        client_key: Some(other),
+        ..settings.clone()
+    })
+    .unwrap();
+    let err = client.start(&order(&CibaScenario::Approve.number())).await;
+    assert_eq!(err, Err(ProviderError::Fatal));
+    // A file that is not a P-256 key is refused when the client is built.
+    let junk = dir.join("junk.pem");
+    std::fs::write(
+        &junk,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    assert!(Client::new(&CibaSettings {
+        client_key: Some(junk),
+        ..settings
+    })
+    .is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,7 +1,8 @@
 //! A loopback OpenID CIBA provider (poll mode) for tests, the demo and `kind = "ciba_simulator"`:
 //! discovery, a JWKS with an ES256 key generated at start, the backchannel authentication endpoint and a
 //! token endpoint issuing signed ID tokens. Clients authenticate with HTTP Basic
-//! ([`CLIENT_ID`]/[`CLIENT_SECRET`]).
+//! ([`CLIENT_ID`]/[`CLIENT_SECRET`]) or with `private_key_jwt` assertions signed by the client key it
+//! generates at start ([`CibaSimulator::client_key_pem`]).
 //!
 //! Behaviour is chosen by the serial of the personal number (as in the BankID table); each token request
 //! advances the script by one answer:
@@ -135,6 +136,9 @@ struct Shared {
     key_pkcs8: Vec<u8>,
     /// A second key, never published, for [`CibaScenario::BadSignature`].
     rogue_pkcs8: Vec<u8>,
+    /// The client's `private_key_jwt` key (PKCS#8) and its public point's `x`, `y` (base64url).
+    client_pkcs8: Vec<u8>,
+    client_xy: (String, String),
     jwks: Value,
     requests: Mutex<HashMap<String, Request>>,
 }
@@ -168,15 +172,9 @@ pub async fn start_ciba(
     };
     let key_pkcs8 = gen()?;
     let rogue_pkcs8 = gen()?;
-    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key_pkcs8, &rng)
-        .map_err(|_| Error::Pki("reading the signing key".into()))?;
-    // Uncompressed point: 0x04 || x (32) || y (32).
-    let point = pair.public_key().as_ref();
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let (x, y) = match (point.get(1..33), point.get(33..65)) {
-        (Some(x), Some(y)) => (b64.encode(x), b64.encode(y)),
-        _ => return Err(Error::Pki("unexpected public key shape".into())),
-    };
+    let client_pkcs8 = gen()?;
+    let (x, y) = public_xy(&key_pkcs8, &rng)?;
+    let client_xy = public_xy(&client_pkcs8, &rng)?;
     let issuer = format!("http://127.0.0.1:{}", addr.port());
     let jwks = json!({"keys": [{
         "kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256", "kid": KID, "x": x, "y": y
@@ -185,6 +183,8 @@ pub async fn start_ciba(
         issuer,
         key_pkcs8,
         rogue_pkcs8,
+        client_pkcs8,
+        client_xy,
         jwks,
         requests: Mutex::new(HashMap::new()),
     });
@@ -232,6 +232,18 @@ impl CibaSimulator {
         }
     }
 
+    /// The client key the simulator accepts `private_key_jwt` assertions from, as PKCS#8 PEM.
+    pub fn client_key_pem(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&self.shared.client_pkcs8);
+        let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(chunk));
+            pem.push('\n');
+        }
+        pem.push_str("-----END PRIVATE KEY-----\n");
+        pem
+    }
+
     /// Open requests (those not yet answered with a token or a final error).
     pub fn open_requests(&self) -> usize {
         lock(&self.shared.requests).len()
@@ -240,6 +252,19 @@ impl CibaSimulator {
     /// Signs `claims` with the published key (`rogue`: with a key that is not published).
     pub fn sign(&self, claims: &Value, rogue: bool) -> Option<String> {
         sign(&self.shared, claims, rogue)
+    }
+}
+
+/// The base64url `x` and `y` of a P-256 key's public point.
+fn public_xy(pkcs8: &[u8], rng: &SystemRandom) -> Result<(String, String), Error> {
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, rng)
+        .map_err(|_| Error::Pki("reading a generated key".into()))?;
+    // Uncompressed point: 0x04 || x (32) || y (32).
+    let point = pair.public_key().as_ref();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    match (point.get(1..33), point.get(33..65)) {
+        (Some(x), Some(y)) => Ok((b64.encode(x), b64.encode(y))),
+        _ => Err(Error::Pki("unexpected public key shape".into())),
     }
 }
 
@@ -266,7 +291,29 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn authorized(headers: &HeaderMap) -> bool {
+/// HTTP Basic with the simulator's secret, or a `private_key_jwt` assertion signed with its client key
+/// for its issuer.
+fn authorized(s: &Shared, headers: &HeaderMap, form: &HashMap<String, String>) -> bool {
+    if let Some(assertion) = form.get("client_assertion") {
+        if form.get("client_assertion_type").map(String::as_str)
+            != Some(crate::idp::ciba::ASSERTION_TYPE)
+            || form.get("client_id").map(String::as_str) != Some(CLIENT_ID)
+        {
+            return false;
+        }
+        let Ok(key) = jsonwebtoken::DecodingKey::from_ec_components(&s.client_xy.0, &s.client_xy.1)
+        else {
+            return false;
+        };
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES256);
+        v.set_audience(&[&s.issuer]);
+        v.set_issuer(&[CLIENT_ID]);
+        return jsonwebtoken::decode::<Value>(assertion, &key, &v).is_ok();
+    }
+    basic_authorized(headers)
+}
+
+fn basic_authorized(headers: &HeaderMap) -> bool {
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"))
@@ -307,7 +354,7 @@ async fn bc_authorize(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if !authorized(&headers) {
+    if !authorized(&s, &headers, &form) {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
@@ -374,7 +421,7 @@ async fn token(
     headers: HeaderMap,
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
-    if !authorized(&headers) {
+    if !authorized(&s, &headers, &form) {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
