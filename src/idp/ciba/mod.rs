@@ -526,8 +526,12 @@ fn decode_claims(
     v.set_required_spec_claims(&["exp", "iss", "aud"]);
     let data = jsonwebtoken::decode::<Claims>(token, key, &v)
         .map_err(|e| TokenError::Invalid(e.to_string()))?;
-    if data.claims.iat.is_none() {
-        return Err(TokenError::Invalid("iat missing".into()));
+    match data.claims.iat {
+        None => return Err(TokenError::Invalid("iat missing".into())),
+        Some(iat) if iat > unix_now() + LEEWAY_SECS => {
+            return Err(TokenError::Invalid("iat in the future".into()))
+        }
+        Some(_) => {}
     }
     Ok(data.claims)
 }

@@ -140,6 +140,12 @@ async fn validation_checks_issuer_and_not_before() {
         .validate(&sim.sign(&future, false).unwrap())
         .await
         .is_err());
+    let mut later = base.clone();
+    later["iat"] = json!(now + 3600);
+    assert!(client
+        .validate(&sim.sign(&later, false).unwrap())
+        .await
+        .is_err());
     let mut no_iat = base.clone();
     no_iat.as_object_mut().unwrap().remove("iat");
     assert!(client
