@@ -2516,6 +2516,10 @@ async fn an_agent_verifies_a_desk_caller_through_ciba_and_sees_the_word_pair() {
     assert_eq!(v["status"], "verified");
     assert!(v["word_pair"].is_null(), "{v}");
     assert!(!text.contains(&number));
+    assert!(
+        !captured().contains(&number[2..]),
+        "a personal number reached the logs"
+    );
     lab.asterisk.hang_up(&id);
     all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
