@@ -142,9 +142,9 @@ enum Op {
     Flush(oneshot::Sender<bool>),
     /// Delete files past retention.
     Sweep,
-    /// Test hook: the writer waits here until released.
+    /// Test hook: the writer says it is held, then waits here until released.
     #[cfg(test)]
-    Hold(std::sync::mpsc::Receiver<()>),
+    Hold(std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>),
 }
 
 /// A handle to the writer thread. Cheap to clone.
@@ -283,9 +283,13 @@ impl Audit {
     }
 
     #[cfg(test)]
+    /// Stops the writer until the returned sender is used; returns once the writer is held (so
+    /// whatever is queued from now on waits for the release).
     fn hold(&self) -> std::sync::mpsc::Sender<()> {
         let (release, wait) = std::sync::mpsc::channel();
-        let _ = self.tx.send(Op::Hold(wait));
+        let (held_tx, held) = std::sync::mpsc::channel();
+        let _ = self.tx.send(Op::Hold(wait, held_tx));
+        let _ = held.recv();
         release
     }
 }
@@ -343,7 +347,8 @@ impl Writer {
                     Op::Flush(ack) => acks.push(ack),
                     Op::Sweep => sweep(&self.dir, (self.clock)().date(), self.retention_days),
                     #[cfg(test)]
-                    Op::Hold(wait) => {
+                    Op::Hold(wait, held) => {
+                        let _ = held.send(());
                         let _ = wait.recv();
                     }
                 }
