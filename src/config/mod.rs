@@ -137,8 +137,17 @@ pub use webhooks::{WebhookTarget, Webhooks};
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 9] = [
-    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "webhooks", "audit",
+const TOP_KEYS: [&str; 10] = [
+    "server",
+    "pbx",
+    "idp",
+    "queues",
+    "defaults",
+    "limits",
+    "api",
+    "webhooks",
+    "audit",
+    "switchboards",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -175,6 +184,24 @@ pub struct Config {
     /// `[webhooks]`: signed events to CRMs.
     pub webhooks: Webhooks,
     pub audit: AuditSettings,
+    /// `[switchboards.<name>]`: hosted switchboards calling the request-node API, by name.
+    pub switchboards: BTreeMap<String, Switchboard>,
+}
+
+/// One hosted switchboard allowed to call `/switchboard/v1`. Only its token's SHA-256 is configured.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Switchboard {
+    pub token_sha256: [u8; 32],
+    /// The queues (`[queues.<name>]`) its verifications may name.
+    pub queues: Vec<String>,
+}
+
+impl fmt::Debug for Switchboard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Switchboard")
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[api]`: the agent API's limits and its bearer tokens.
@@ -435,6 +462,9 @@ pub fn load(
         }
     }
 
+    let switchboards_t = section(&mut ctx, "switchboards");
+    let switchboards = sections::switchboards(&mut ctx, switchboards_t, &queues, &api);
+
     let mut issues = ctx.issues;
     let mut seen = std::collections::HashSet::new();
     issues.retain(|i| seen.insert(i.clone()));
@@ -449,6 +479,7 @@ pub fn load(
             api,
             webhooks,
             audit,
+            switchboards,
         })
     } else {
         Err(issues)
