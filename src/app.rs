@@ -35,8 +35,8 @@ use crate::pbx::ari;
 use crate::pbx::asterisk::Adapter;
 use crate::pbx::routecheck::RouteCheck;
 use crate::pnr::PseudonymKey;
-use crate::telemetry::Metrics;
 use crate::switchboard::Switchboards;
+use crate::telemetry::Metrics;
 use crate::verify;
 
 /// How to run, beyond the config file.

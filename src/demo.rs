@@ -494,7 +494,14 @@ failed = "queues,support-unverified,1"
 unavailable = "queues,care-fallback,1"
 agent = "{agent_context},care,1"
 no_agent = "queues,care-noagent,1"
+
+# A hosted switchboard's IVR calling the request-node API.
+[switchboards.lab]
+token_sha256 = "{switchboard_hash}"
+queues = ["support"]
 "#,
+        switchboard_hash =
+            crate::api::agent::auth::token_hash(LAB_SWITCHBOARD_TOKEN).unwrap_or_default(),
         data_dir = data_dir.display(),
         grace = ms(options.shutdown_grace),
         on_shutdown = if options.handover {
@@ -549,6 +556,9 @@ fn lab_api_tokens(tokens: &[LabToken]) -> String {
     }
     out
 }
+
+/// The bearer token of the lab's switchboard (`[switchboards.lab]`, queue `support`).
+pub const LAB_SWITCHBOARD_TOKEN: &str = "lab-switchboard-token-not-for-production";
 
 /// One scripted call of the demo.
 pub struct DemoCall {

@@ -94,7 +94,10 @@ pub enum Format {
 
 impl Format {
     /// `?format=json|form|text` wins; otherwise the `Accept` header; JSON by default.
-    pub fn choose(query: &HashMap<String, String>, headers: &HeaderMap) -> Result<Format, ApiError> {
+    pub fn choose(
+        query: &HashMap<String, String>,
+        headers: &HeaderMap,
+    ) -> Result<Format, ApiError> {
         if let Some(f) = query.get("format") {
             return match f.as_str() {
                 "json" => Ok(Format::Json),
@@ -183,7 +186,9 @@ fn start_fields(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, Stri
         )
     })?;
     let serde_json::Value::Object(map) = value else {
-        return Err(ApiError::BadRequest("the body must be a JSON object".into()));
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object".into(),
+        ));
     };
     let mut out = HashMap::new();
     for (k, v) in map {
@@ -287,9 +292,9 @@ async fn status(
     let Path(id) = path.map_err(|_| ApiError::BadRequest("bad verification id".into()))?;
     let wait = match query.get("wait") {
         None => 0,
-        Some(w) => w.parse::<u64>().map_err(|_| {
-            ApiError::BadRequest("wait must be a whole number of seconds".into())
-        })?,
+        Some(w) => w
+            .parse::<u64>()
+            .map_err(|_| ApiError::BadRequest("wait must be a whole number of seconds".into()))?,
     };
     let until_final = match query.get("until").map(String::as_str) {
         None | Some("change") => false,
@@ -405,7 +410,10 @@ mod tests {
         let (ct, lines) = body(write(&verified(), Format::Lines)).await;
         assert!(ct.starts_with("text/plain"));
         assert!(lines.contains("\ncallgate_status=verified\n"), "{lines}");
-        assert!(lines.contains("\ncallgate_name=Anna Andersson\n"), "{lines}");
+        assert!(
+            lines.contains("\ncallgate_name=Anna Andersson\n"),
+            "{lines}"
+        );
     }
 
     #[test]
@@ -446,14 +454,15 @@ mod tests {
         )
         .unwrap();
         let r = start_request(f).unwrap();
-        assert_eq!((r.call_id.as_str(), r.caller.as_str()), ("c2", "+46701234567"));
+        assert_eq!(
+            (r.call_id.as_str(), r.caller.as_str()),
+            ("c2", "+46701234567")
+        );
         // Missing fields and bad attempts are named; the number is never quoted.
         let e = start_request(start_fields(&h, b"call_id=c&queue=q").unwrap()).unwrap_err();
         assert_eq!(e.to_string(), "number is required");
-        let e = start_request(
-            start_fields(&h, b"call_id=c&queue=q&number=1&attempt=x").unwrap(),
-        )
-        .unwrap_err();
+        let e = start_request(start_fields(&h, b"call_id=c&queue=q&number=1&attempt=x").unwrap())
+            .unwrap_err();
         assert!(e.to_string().contains("attempt"));
         let h = HeaderMap::new();
         let e = start_fields(&h, br#"{"number": 198112189876.5e3, "x": [1]}"#).unwrap_err();

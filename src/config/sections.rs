@@ -705,13 +705,19 @@ pub fn switchboards(
         let names = match it.get("queues") {
             Some(v) => ctx.list(&queues_path, v).unwrap_or_default(),
             None => {
-                ctx.issue(&queues_path, "required: the queues its verifications may name");
+                ctx.issue(
+                    &queues_path,
+                    "required: the queues its verifications may name",
+                );
                 Vec::new()
             }
         };
         for (i, q) in names.iter().enumerate() {
             if !queues.contains_key(q) {
-                ctx.issue(format!("{queues_path}[{i}]"), format!("no queue named {q:?}"));
+                ctx.issue(
+                    format!("{queues_path}[{i}]"),
+                    format!("no queue named {q:?}"),
+                );
             }
         }
         let Some(hash) = hash else { continue };

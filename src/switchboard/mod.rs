@@ -8,6 +8,8 @@
 //! and reference only); each verification ends with exactly one record (audit trail, live view,
 //! webhook) and is bounded by the queue's `verify_timeout` plus the provider's request timeouts.
 
+pub mod sim;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -265,14 +267,8 @@ impl Switchboards {
                     },
                 );
                 v.insert(id.clone());
-                let verification = Verification::new(
-                    Arc::clone(&self.deps),
-                    policy,
-                    board,
-                    &req,
-                    id.clone(),
-                    tx,
-                );
+                let verification =
+                    Verification::new(Arc::clone(&self.deps), policy, board, &req, id.clone(), tx);
                 let span = tracing::info_span!("verify", r#ref = %id, switchboard = board, call.id = %req.call_id);
                 let me = Arc::clone(self);
                 let stop = self.stop.clone();
@@ -324,16 +320,11 @@ impl Switchboards {
         let seen = run.state.borrow_and_update().clone();
         if !seen.is_final() && !wait.is_zero() {
             let deadline = task::now() + wait.min(MAX_WAIT);
-            loop {
-                match tokio::time::timeout_at(deadline, run.state.changed()).await {
-                    Ok(Ok(())) => {
-                        let now = run.state.borrow_and_update().clone();
-                        if now.is_final() || (!until_final && now != seen) {
-                            break;
-                        }
-                    }
-                    // Timed out, or the task is gone (its last state stays readable).
-                    _ => break,
+            // Ends on timeout, or when the task is gone (its last state stays readable).
+            while let Ok(Ok(())) = tokio::time::timeout_at(deadline, run.state.changed()).await {
+                let now = run.state.borrow_and_update().clone();
+                if now.is_final() || (!until_final && now != seen) {
+                    break;
                 }
             }
         }
@@ -552,9 +543,7 @@ impl Verification {
                 let (C::Poll(order) | C::Cancel(order)) = cmd else {
                     return None;
                 };
-                let Some(provider) = self.deps.providers.get(&self.policy.idp).cloned() else {
-                    return None;
-                };
+                let provider = self.deps.providers.get(&self.policy.idp).cloned()?;
                 let metrics = Arc::clone(&self.deps.metrics);
                 let name = self.policy.idp.clone();
                 idp.spawn(async move {
