@@ -60,6 +60,8 @@
 //! | `api.tokens.<name>.agent` | — | the agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); required for role `agent`, not allowed for the others |
 //! | `api.widget_frame_ancestors` | `[]` (`'self'` only) | list of origins (`https://crm.example.com`, `http` only for 127.0.0.1/localhost; a host may start with `*.`) that may show `/widget` in a frame, besides callgate's own; no path, query or repeats |
 //! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
+//! | `switchboards.<name>.token_sha256` | — | **required**: 64 hex digits, the SHA-256 of the switchboard's bearer token for `/switchboard/v1`; distinct from every other token |
+//! | `switchboards.<name>.queues` | — | **required**: the queues (`[queues.<name>]`) its verifications may name |
 //! | `webhooks.max_attempts` | `10` | 1..=100 |
 //! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
 //! | `webhooks.timeout` | `10s` | 100ms..=120s |
