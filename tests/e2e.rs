@@ -2681,3 +2681,13 @@ async fn switchboard_caller_hangs_up_mid_check_cancels_the_order_and_wakes_the_l
     assert!(lab.bankid.cancels() >= 1);
     lab.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn demo_switchboard_calls_end_as_expected_and_retried_nodes_reuse_the_verification() {
+    let lab = lab(LabOptions::fast()).await;
+    let (table, ok) = demo::switchboard_calls(&lab).await.unwrap();
+    assert!(ok, "{table}");
+    assert!(table.contains("same verification"), "{table}");
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
