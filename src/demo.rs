@@ -901,10 +901,10 @@ pub async fn switchboard_calls(lab: &Lab) -> anyhow::Result<(String, bool)> {
             answer.var("callgate_status"),
             answer.var("callgate_reason"),
             answer.var("callgate_name"),
-            if same {
-                "same verification"
-            } else {
-                "NEW ORDER"
+            match (same, answer.var("callgate_ref").is_empty()) {
+                (true, true) => "nothing started",
+                (true, false) => "same verification",
+                (false, _) => "NEW ORDER",
             }
         );
     }

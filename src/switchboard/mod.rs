@@ -143,7 +143,6 @@ impl Answer {
 #[derive(Clone)]
 struct Run {
     board: String,
-    call_id: String,
     state: watch::Receiver<State>,
     /// Fired when the caller hung up.
     hangup: CancellationToken,
@@ -261,7 +260,6 @@ impl Switchboards {
                     id.clone(),
                     Run {
                         board: board.to_owned(),
-                        call_id: req.call_id.clone(),
                         state: rx,
                         hangup: hangup.clone(),
                     },
@@ -340,19 +338,6 @@ impl Switchboards {
             }
             None => false,
         }
-    }
-
-    /// The switchboard reported that a call ended: every verification still running on it ends
-    /// `caller_hung_up`.
-    pub fn call_ended(&self, board: &str, call_id: &str) -> usize {
-        let mut n = 0;
-        for r in self.runs.iter() {
-            if r.board == board && r.call_id == call_id && !r.state.borrow().is_final() {
-                r.hangup.cancel();
-                n += 1;
-            }
-        }
-        n
     }
 }
 

@@ -16,13 +16,24 @@ pub struct Ivr {
 }
 
 /// What an IVR asks for when the caller typed their number.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Typed<'a> {
     pub call_id: &'a str,
     pub queue: &'a str,
     pub number: &'a str,
     pub caller: &'a str,
     pub attempt: u32,
+}
+
+impl std::fmt::Debug for Typed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Typed")
+            .field("call_id", &self.call_id)
+            .field("queue", &self.queue)
+            .field("number", &"<redacted>")
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An HTTP answer: its status and the variables it set (or the error body's fields).
