@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::agent::{self, AgentState};
 use crate::api::ops::{self, OpsState, Readiness, ReloadRequest};
+use crate::api::switchboard::{self as switchboard_api, BoardTokens, SwitchboardState};
 use crate::api::widget;
 use crate::audit::{self, Audit};
 use crate::calls::journal::Journal;
@@ -34,6 +35,7 @@ use crate::pbx::ari;
 use crate::pbx::asterisk::Adapter;
 use crate::pbx::routecheck::RouteCheck;
 use crate::pnr::PseudonymKey;
+use crate::switchboard::Switchboards;
 use crate::telemetry::Metrics;
 use crate::verify;
 
@@ -233,6 +235,7 @@ pub async fn start(
     });
 
     let (config_tx, config_rx) = watch::channel(Arc::clone(&cfg));
+    let config_rx_api = config_rx.clone();
 
     // The PBX adapter.
     let Pbx::Ari(ari_settings) = &cfg.pbx;
@@ -312,6 +315,19 @@ pub async fn start(
     if cfg.api.tokens.is_empty() {
         tracing::info!("no [api.tokens]: the agent API answers 401 to every request");
     }
+    // The switchboards' request-node API, on the same listener.
+    let switchboards = Switchboards::new(
+        Arc::clone(&deps),
+        config_rx_api.clone(),
+        tracker.clone(),
+        calls_token.clone(),
+    );
+    let api_router = api_router.merge(switchboard_api::router(SwitchboardState {
+        engine: Arc::clone(&switchboards),
+        tokens: Arc::new(BoardTokens::from_config(&cfg)),
+        readiness: Arc::clone(&readiness),
+        max_body: cfg.api.max_body,
+    }));
     let api_stop = api_token.clone();
     let api_task = tokio::spawn(async move {
         let serve = axum::serve(listener, api_router)
@@ -480,6 +496,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.audit != running.audit {
         problems.push(restart("audit"));
+    }
+    if new.switchboards != running.switchboards {
+        problems.push(restart("switchboards"));
     }
     if problems.is_empty() {
         Ok(())

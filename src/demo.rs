@@ -502,7 +502,14 @@ failed = "queues,support-unverified,1"
 unavailable = "queues,care-fallback,1"
 agent = "{agent_context},care,1"
 no_agent = "queues,care-noagent,1"
+
+# A hosted switchboard's IVR calling the request-node API.
+[switchboards.lab]
+token_sha256 = "{switchboard_hash}"
+queues = ["support"]
 "#,
+        switchboard_hash =
+            crate::api::agent::auth::token_hash(LAB_SWITCHBOARD_TOKEN).unwrap_or_default(),
         data_dir = data_dir.display(),
         grace = ms(options.shutdown_grace),
         on_shutdown = if options.handover {
@@ -563,6 +570,9 @@ fn lab_api_tokens(tokens: &[LabToken]) -> String {
     }
     out
 }
+
+/// The bearer token of the lab's switchboard (`[switchboards.lab]`, queue `support`).
+pub const LAB_SWITCHBOARD_TOKEN: &str = "lab-switchboard-token-not-for-production";
 
 /// One scripted call of the demo.
 pub struct DemoCall {
@@ -817,13 +827,102 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
     println!("\nDuring a call: a caller of queue `desk` talks to agent {LAB_AGENT}, whose CRM asks callgate");
     println!("(POST /v1/calls/<call>/verifications, {{\"collect\":\"keypad\"}}) to verify them; the live stream shows:\n");
     let mid_call = mid_call(&lab).await?;
+    println!("\nHosted switchboard: its IVR's HTTP request nodes start a verification with the typed number");
+    println!("(POST /switchboard/v1/verifications), loop on its status and route on the flat variables:\n");
+    let (sb_table, sb_ok) = switchboard_calls(&lab).await?;
+    print!("{sb_table}");
     let orders_left = lab.bankid.open_orders();
     lab.shutdown().await?;
     let ok = rows.iter().all(|r| r.outcome == r.expected)
         && mid_call
+        && sb_ok
         && orders_left == 0
         && audit.is_ok();
     Ok(ok)
+}
+
+/// The demo's switchboard calls: the lab's switchboard IVR (`[switchboards.lab]`) verifies callers
+/// through the request-node API, each flow at once. Returns the table and whether every call ended
+/// as expected (a retried node included: it must get the same verification).
+pub async fn switchboard_calls(lab: &Lab) -> anyhow::Result<(String, bool)> {
+    use crate::switchboard::sim::{Ivr, Typed};
+    let nodes = Ivr::new(
+        &format!("http://{}", lab.app.api_addr),
+        LAB_SWITCHBOARD_TOKEN,
+    )?;
+    // People of their own (born 1975), so the gate calls' limits and cool-downs do not apply.
+    let number = |s: Scenario| idp_sim::number_with_serial("19750505", s.serial());
+    let cases: [(&str, String, &str, &str); 4] = [
+        (
+            "approved in the app",
+            number(Scenario::Approve),
+            "verified",
+            "",
+        ),
+        (
+            "cancelled in the app",
+            number(Scenario::UserCancels),
+            "failed",
+            "user_cancelled",
+        ),
+        (
+            "mistyped number",
+            "19811218".to_owned(),
+            "failed",
+            "invalid_number",
+        ),
+        (
+            "not on a call (declined)",
+            number(Scenario::DeclinesCall),
+            "failed",
+            "declined_call",
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (i, (title, number, status, reason)) in cases.into_iter().enumerate() {
+        let nodes = nodes.clone();
+        runs.push(tokio::spawn(async move {
+            let call_id = format!("sb-demo-{i}");
+            let t = Typed {
+                call_id: &call_id,
+                queue: "support",
+                number: &number,
+                caller: "+46701234567",
+                attempt: 0,
+            };
+            let answer = nodes.verify(&t, 20).await;
+            // The switchboard retries the start node: same verification, no second order.
+            let again = nodes.start(&t).await;
+            (title, status, reason, answer, again)
+        }));
+    }
+    let mut out = format!(
+        "{:<28} {:<10} {:<16} {:<16} {}\n",
+        "switchboard call", "status", "reason", "name", "retried node"
+    );
+    let mut ok = true;
+    for run in runs {
+        let (title, status, reason, answer, again) = run.await?;
+        let (answer, again) = (answer?, again?);
+        let same = again.var("callgate_ref") == answer.var("callgate_ref");
+        ok &= answer.var("callgate_status") == status
+            && answer.var("callgate_reason") == reason
+            && same;
+        let _ = writeln!(
+            out,
+            "{:<28} {:<10} {:<16} {:<16} {}",
+            title,
+            answer.var("callgate_status"),
+            answer.var("callgate_reason"),
+            answer.var("callgate_name"),
+            match (same, answer.var("callgate_ref").is_empty()) {
+                (true, true) => "nothing started",
+                (true, false) => "same verification",
+                (false, _) => "NEW ORDER",
+            }
+        );
+    }
+    Ok((out, ok))
 }
 
 #[allow(clippy::disallowed_methods)] // the demo prints when each event arrived

@@ -2524,3 +2524,231 @@ async fn an_agent_verifies_a_desk_caller_through_ciba_and_sees_the_word_pair() {
     all_gone(&lab, &id).await;
     lab.shutdown().await.unwrap();
 }
+
+// ---- hosted switchboards: the request-node API ----
+
+fn ivr(lab: &Lab, token: &str) -> callgate::switchboard::sim::Ivr {
+    callgate::switchboard::sim::Ivr::new(&format!("http://{}", lab.app.api_addr), token).unwrap()
+}
+
+fn typed<'a>(
+    call_id: &'a str,
+    number: &'a str,
+    attempt: u32,
+) -> callgate::switchboard::sim::Typed<'a> {
+    callgate::switchboard::sim::Typed {
+        call_id,
+        queue: "support",
+        number,
+        caller: "+46701234567",
+        attempt,
+    }
+}
+
+#[tokio::test]
+async fn switchboard_every_outcome_through_the_request_node_api() {
+    let lab = lab(LabOptions::fast()).await;
+    let nodes = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN);
+    let cases = [
+        (Scenario::Approve, Outcome::Verified),
+        (
+            Scenario::UserCancels,
+            Outcome::NotVerified(Reason::UserCancelled),
+        ),
+        (
+            Scenario::DeclinesCall,
+            Outcome::NotVerified(Reason::DeclinedCall),
+        ),
+        (Scenario::Expires, Outcome::NotVerified(Reason::Expired)),
+        (Scenario::BlockedId, Outcome::NotVerified(Reason::IdBlocked)),
+        (
+            Scenario::WrongPerson,
+            Outcome::NotVerified(Reason::IdentityMismatch),
+        ),
+        (
+            Scenario::Maintenance,
+            Outcome::NotVerified(Reason::ProviderUnavailable),
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (i, (scenario, expected)) in cases.iter().enumerate() {
+        let nodes = nodes.clone();
+        let number = scenario.number();
+        let call = format!("sb-outcome-{i}");
+        let expected = *expected;
+        runs.push(tokio::spawn(async move {
+            let a = nodes.verify(&typed(&call, &number, 0), 20).await.unwrap();
+            (call, number, expected, a)
+        }));
+    }
+    for run in runs {
+        let (call, number, expected, a) = run.await.unwrap();
+        assert_eq!(a.status, 200, "{call}: {a:?}");
+        assert_eq!(
+            a.var("callgate_status"),
+            expected.status().code(),
+            "{call}: {a:?}"
+        );
+        assert_eq!(
+            a.var("callgate_reason"),
+            expected.reason().map(|r| r.code()).unwrap_or(""),
+            "{call}: {a:?}"
+        );
+        assert_eq!(a.var("callgate_stage"), "done");
+        let id = a.var("callgate_ref");
+        assert_eq!(a.var("verification_id"), id);
+        assert!(a.var("callgate_at").ends_with('Z'));
+        // The queue discloses name and masked number, never the number.
+        assert!(!a.vars.contains_key("callgate_number"), "{a:?}");
+        assert!(!a.vars.values().any(|v| v.contains(&number[2..])), "{a:?}");
+        if expected == Outcome::Verified {
+            assert!(!a.var("callgate_name").is_empty());
+            assert!(a.var("callgate_number_masked").ends_with("-****"), "{a:?}");
+        } else {
+            assert!(!a.vars.contains_key("callgate_name"), "{a:?}");
+        }
+        // The agent API and the stream see the same record, started by the switchboard.
+        let v = lab
+            .app
+            .live
+            .verification(id)
+            .expect("the verification is readable");
+        assert_eq!(v.started_by, StartedBy::Switchboard("lab".into()));
+        assert_eq!(v.outcome, Some(expected));
+        assert!(!captured().contains(&number), "a number in the logs");
+    }
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn switchboard_retried_nodes_get_the_same_verification_and_bad_input_starts_nothing() {
+    let lab = lab(LabOptions::fast()).await;
+    let nodes = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN);
+    let number = Scenario::Approve.number();
+
+    // Bad tokens: 401, nothing started.
+    for token in ["", "not-a-switchboard-token-at-all"] {
+        let a = ivr(&lab, token)
+            .start(&typed("sb-bad", &number, 0))
+            .await
+            .unwrap();
+        assert_eq!(a.status, 401, "{a:?}");
+    }
+    // Bad input: 400 with a reason, nothing started.
+    let bad = [
+        typed("", &number, 0),
+        callgate::switchboard::sim::Typed {
+            queue: "care",
+            ..typed("sb-bad", &number, 0)
+        },
+        callgate::switchboard::sim::Typed {
+            queue: "nope",
+            ..typed("sb-bad", &number, 0)
+        },
+        typed("sb-bad", &number, 1000),
+    ];
+    for t in &bad {
+        let a = nodes.start(t).await.unwrap();
+        assert_eq!(a.status, 400, "{t:?}: {a:?}");
+        assert_eq!(a.var("error"), "bad_request");
+        assert!(!a.var("reason").is_empty());
+    }
+    // The number in a URL is refused.
+    let (status, _) = {
+        let r = nodes
+            .http()
+            .post(format!(
+                "http://{}/switchboard/v1/verifications?number={number}",
+                lab.app.api_addr
+            ))
+            .bearer_auth(demo::LAB_SWITCHBOARD_TOKEN)
+            .json(&serde_json::json!({"call_id": "sb-url", "queue": "support", "number": number}))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), ())
+    };
+    assert_eq!(status, 400);
+    // An invalid number: answered at once with a reason the IVR can branch on, no order.
+    let a = nodes
+        .start(&typed("sb-invalid", "19811218987", 0))
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.var("callgate_status"), "failed");
+    assert_eq!(a.var("callgate_reason"), "invalid_number");
+    assert_eq!(a.var("callgate_ref"), "");
+    assert_eq!(lab.bankid.starts(), 0, "something reached BankID");
+
+    // A retried node (same call and attempt) gets the same verification: one order.
+    let first = nodes.start(&typed("sb-retry", &number, 0)).await.unwrap();
+    let again = nodes.start(&typed("sb-retry", &number, 0)).await.unwrap();
+    assert_eq!(first.status, 200);
+    assert!(!first.var("callgate_ref").is_empty());
+    assert_eq!(first.var("callgate_ref"), again.var("callgate_ref"));
+    let id = first.var("callgate_ref").to_owned();
+    let done = nodes.status(&id, 20, true).await.unwrap();
+    assert_eq!(done.var("callgate_status"), "verified", "{done:?}");
+    let retried = nodes.start(&typed("sb-retry", &number, 0)).await.unwrap();
+    assert_eq!(retried.var("callgate_ref"), id);
+    assert_eq!(retried.var("callgate_status"), "verified");
+    assert_eq!(lab.bankid.starts(), 1);
+    // An unknown id is 404.
+    let missing = nodes.status("no-such-id", 0, false).await.unwrap();
+    assert_eq!(missing.status, 404);
+    // A new attempt is a new verification.
+    let next = nodes.start(&typed("sb-retry", &number, 1)).await.unwrap();
+    assert_ne!(next.var("callgate_ref"), id);
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn switchboard_caller_hangs_up_mid_check_cancels_the_order_and_wakes_the_long_poll() {
+    let mut options = LabOptions::fast();
+    // The order stays outstanding until the caller hangs up.
+    options.step = Duration::from_secs(30);
+    options.verify_timeout = Duration::from_secs(60);
+    options.gate_deadline = Duration::from_secs(90);
+    let lab = lab(options).await;
+    let nodes = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN);
+    let number = Scenario::Approve.number();
+    let a = nodes.start(&typed("sb-hangup", &number, 0)).await.unwrap();
+    assert_eq!(a.var("callgate_status"), "pending", "{a:?}");
+    let id = a.var("callgate_ref").to_owned();
+    lab.bankid.wait_for_open_orders(1).await;
+    // A loop node long-polls; the hang-up ends its wait with the final state.
+    let poll = {
+        let nodes = nodes.clone();
+        let id = id.clone();
+        tokio::spawn(async move { nodes.status(&id, 25, true).await.unwrap() })
+    };
+    until("a started order", || {
+        lab.app
+            .live
+            .verification(&id)
+            .is_some_and(|v| v.stage().is_some())
+    })
+    .await;
+    let c = nodes.cancel(&id).await.unwrap();
+    assert_eq!(c.status, 200);
+    let polled = poll.await.unwrap();
+    for a in [&c, &polled] {
+        assert_eq!(a.var("callgate_status"), "failed", "{a:?}");
+        assert_eq!(a.var("callgate_reason"), "caller_hung_up", "{a:?}");
+    }
+    no_open_orders(&lab).await;
+    assert!(lab.bankid.cancels() >= 1);
+    lab.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn demo_switchboard_calls_end_as_expected_and_retried_nodes_reuse_the_verification() {
+    let lab = lab(LabOptions::fast()).await;
+    let (table, ok) = demo::switchboard_calls(&lab).await.unwrap();
+    assert!(ok, "{table}");
+    assert!(table.contains("same verification"), "{table}");
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod ops;
+pub mod switchboard;
 pub mod widget;
 
 use axum::http::{header, HeaderValue, StatusCode};

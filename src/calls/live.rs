@@ -57,6 +57,8 @@ pub enum StartedBy {
     Api(String),
     /// The agent pressed the queue's key sequence on their phone.
     AgentKeys,
+    /// A hosted switchboard's IVR (`[switchboards.<name>]`), through the request-node API.
+    Switchboard(String),
 }
 
 impl fmt::Display for StartedBy {
@@ -65,6 +67,7 @@ impl fmt::Display for StartedBy {
             StartedBy::Gate => f.write_str("gate"),
             StartedBy::Api(name) => write!(f, "api:{name}"),
             StartedBy::AgentKeys => f.write_str("agent_keys"),
+            StartedBy::Switchboard(name) => write!(f, "switchboard:{name}"),
         }
     }
 }

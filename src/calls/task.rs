@@ -169,12 +169,12 @@ pub fn spawn(
 }
 
 #[allow(clippy::disallowed_methods)] // the call task is where the wall clock is read
-fn wall_clock() -> SystemTime {
+pub(crate) fn wall_clock() -> SystemTime {
     SystemTime::now()
 }
 
 #[allow(clippy::disallowed_methods)] // the call task is where the clock is read
-fn now() -> Instant {
+pub(crate) fn now() -> Instant {
     Instant::now()
 }
 
@@ -752,6 +752,7 @@ impl Driver {
             (_, Some(agent)) => Some(format!("agent:{agent}")),
             (StartedBy::Api(token), None) => Some(format!("token:{token}")),
             (StartedBy::AgentKeys, None) => Some("agent:".to_owned()),
+            (StartedBy::Switchboard(name), None) => Some(format!("switchboard:{name}")),
         }
     }
 
@@ -1390,7 +1391,7 @@ impl Driver {
 }
 
 /// The disclosed fields as the API shows them: `CALLGATE_STATUS` → `status`.
-fn live_fields(vars: &[(&'static str, String)]) -> Vec<(String, String)> {
+pub(crate) fn live_fields(vars: &[(&'static str, String)]) -> Vec<(String, String)> {
     vars.iter()
         .map(|(n, v)| {
             let name = n
@@ -1410,7 +1411,7 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// Runs one provider request, recording its latency and logging a failure (never a body).
-async fn timed<T>(
+pub(crate) async fn timed<T>(
     metrics: &Metrics,
     idp: &str,
     op: &'static str,
@@ -1434,7 +1435,7 @@ async fn timed<T>(
     r
 }
 
-async fn sleep_until(at: Option<Instant>) {
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -1442,7 +1443,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// A stable in-memory key for a caller line (rate limits only; never stored or logged).
-fn line_key(line: &str) -> String {
+pub(crate) fn line_key(line: &str) -> String {
     if line.is_empty() {
         return String::new();
     }

@@ -60,6 +60,8 @@
 //! | `api.tokens.<name>.agent` | — | the agent's interface as the queue reports it (`MEMBERINTERFACE`, e.g. `PJSIP/1001`); required for role `agent`, not allowed for the others |
 //! | `api.widget_frame_ancestors` | `[]` (`'self'` only) | list of origins (`https://crm.example.com`, `http` only for 127.0.0.1/localhost; a host may start with `*.`) that may show `/widget` in a frame, besides callgate's own; no path, query or repeats |
 //! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
+//! | `switchboards.<name>.token_sha256` | — | **required**: 64 hex digits, the SHA-256 of the switchboard's bearer token for `/switchboard/v1`; distinct from every other token |
+//! | `switchboards.<name>.queues` | — | **required**: the queues (`[queues.<name>]`) its verifications may name |
 //! | `webhooks.max_attempts` | `10` | 1..=100 |
 //! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
 //! | `webhooks.timeout` | `10s` | 100ms..=120s |
@@ -137,8 +139,17 @@ pub use webhooks::{WebhookTarget, Webhooks};
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 9] = [
-    "server", "pbx", "idp", "queues", "defaults", "limits", "api", "webhooks", "audit",
+const TOP_KEYS: [&str; 10] = [
+    "server",
+    "pbx",
+    "idp",
+    "queues",
+    "defaults",
+    "limits",
+    "api",
+    "webhooks",
+    "audit",
+    "switchboards",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -175,6 +186,24 @@ pub struct Config {
     /// `[webhooks]`: signed events to CRMs.
     pub webhooks: Webhooks,
     pub audit: AuditSettings,
+    /// `[switchboards.<name>]`: hosted switchboards calling the request-node API, by name.
+    pub switchboards: BTreeMap<String, Switchboard>,
+}
+
+/// One hosted switchboard allowed to call `/switchboard/v1`. Only its token's SHA-256 is configured.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Switchboard {
+    pub token_sha256: [u8; 32],
+    /// The queues (`[queues.<name>]`) its verifications may name.
+    pub queues: Vec<String>,
+}
+
+impl fmt::Debug for Switchboard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Switchboard")
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[api]`: the agent API's limits and its bearer tokens.
@@ -439,6 +468,9 @@ pub fn load(
         }
     }
 
+    let switchboards_t = section(&mut ctx, "switchboards");
+    let switchboards = sections::switchboards(&mut ctx, switchboards_t, &queues, &api);
+
     let mut issues = ctx.issues;
     let mut seen = std::collections::HashSet::new();
     issues.retain(|i| seen.insert(i.clone()));
@@ -453,6 +485,7 @@ pub fn load(
             api,
             webhooks,
             audit,
+            switchboards,
         })
     } else {
         Err(issues)

@@ -6,17 +6,20 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ::config::{Map, Value};
 use reqwest::Url;
 
 use super::walk::{join, sorted_keys, Ctx};
 use super::{
-    valid_name, Api, ApiToken, AuditSettings, Idp, Limits, OnShutdown, Pbx, Role, Server, NAME_RULE,
+    valid_name, Api, ApiToken, AuditSettings, Idp, Limits, OnShutdown, Pbx, Role, Server,
+    Switchboard, NAME_RULE,
 };
 use crate::idp::ciba::CibaSettings;
 use crate::idp::{BankIdSettings, ClientIdentity};
 use crate::pbx::ari;
+use crate::policy::QueuePolicy;
 use crate::secret::Secret;
 
 pub const SERVER_KEYS: [&str; 6] = [
@@ -821,4 +824,85 @@ fn sha256_hex(x: &str) -> Result<[u8; 32], String> {
         out[i] = u8::try_from(hi * 16 + lo).map_err(|_| err())?;
     }
     Ok(out)
+}
+
+/// Keys of `[switchboards.<name>]`.
+pub const SWITCHBOARD_KEYS: [&str; 2] = ["token_sha256", "queues"];
+
+/// `[switchboards.<name>]`: a token hash (distinct from every other token) and the queues it may use.
+pub fn switchboards(
+    ctx: &mut Ctx<'_>,
+    t: Option<&Map<String, Value>>,
+    queues: &BTreeMap<String, Arc<QueuePolicy>>,
+    api: &Api,
+) -> BTreeMap<String, Switchboard> {
+    let mut out: BTreeMap<String, Switchboard> = BTreeMap::new();
+    let Some(t) = t else { return out };
+    for name in sorted_keys(t) {
+        let path = join("switchboards", name);
+        if !valid_name(name) {
+            ctx.issue(&path, format!("switchboard names {NAME_RULE}"));
+            continue;
+        }
+        let Some(it) = ctx.table(&path, &t[name]) else {
+            continue;
+        };
+        ctx.known_keys(&path, it, &SWITCHBOARD_KEYS);
+        let hash_path = join(&path, "token_sha256");
+        let hash = match it.get("token_sha256") {
+            Some(v) => ctx.parsed(&hash_path, v, sha256_hex),
+            None => {
+                ctx.issue(
+                    &hash_path,
+                    "required: the SHA-256 of the switchboard's token in hex (callgate token-hash)",
+                );
+                None
+            }
+        };
+        let queues_path = join(&path, "queues");
+        let names = match it.get("queues") {
+            Some(v) => ctx.list(&queues_path, v).unwrap_or_default(),
+            None => {
+                ctx.issue(
+                    &queues_path,
+                    "required: the queues its verifications may name",
+                );
+                Vec::new()
+            }
+        };
+        for (i, q) in names.iter().enumerate() {
+            if !queues.contains_key(q) {
+                ctx.issue(
+                    format!("{queues_path}[{i}]"),
+                    format!("no queue named {q:?}"),
+                );
+            }
+        }
+        let Some(hash) = hash else { continue };
+        let clash = api
+            .tokens
+            .iter()
+            .find(|(_, o)| o.sha256 == hash)
+            .map(|(n, _)| format!("api.tokens.{n}"))
+            .or_else(|| {
+                out.iter()
+                    .find(|(_, o)| o.token_sha256 == hash)
+                    .map(|(n, _)| format!("switchboards.{n}"))
+            });
+        if let Some(other) = clash {
+            ctx.issue(
+                &hash_path,
+                format!("the same hash as {other}: each token must be distinct"),
+            );
+            continue;
+        }
+        out.insert(
+            name.clone(),
+            Switchboard {
+                token_sha256: hash,
+                queues: names,
+            },
+        );
+    }
+    out
 }

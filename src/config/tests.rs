@@ -1368,3 +1368,42 @@ fn a_word_pair_provider_is_refused_where_the_gate_checks() {
     };
     assert!(s.word_pair);
 }
+
+#[test]
+fn switchboards_take_a_token_hash_and_known_queues() {
+    let cfg = ok(&minimal_with(&format!(
+        "[switchboards.telavox]\ntoken_sha256 = \"{HASH_A}\"\nqueues = [\"support\"]"
+    )));
+    let b = &cfg.switchboards["telavox"];
+    assert_eq!(b.queues, vec!["support".to_owned()]);
+    assert_eq!(b.token_sha256[0], 0x9f);
+    assert!(!format!("{b:?}").contains("9f86"), "the hash in Debug");
+    assert!(ok(MINIMAL).switchboards.is_empty());
+    only_issue(
+        &minimal_with(&format!(
+            "[switchboards.t]\ntoken_sha256 = \"{HASH_A}\"\nqueues = [\"nope\"]"
+        )),
+        "switchboards.t.queues[0]",
+        "no queue named",
+    );
+    only_issue(
+        &minimal_with("[switchboards.t]\nqueues = [\"support\"]"),
+        "switchboards.t.token_sha256",
+        "required",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[switchboards.t]\ntoken_sha256 = \"{HASH_A}\"\nqueues = [\"support\"]\nurl = \"x\""
+        )),
+        "switchboards.t.url",
+        "",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "[api.tokens.a]\nsha256 = \"{HASH_A}\"\nrole = \"ops\"\n\
+             [switchboards.t]\ntoken_sha256 = \"{HASH_A}\"\nqueues = [\"support\"]"
+        )),
+        "switchboards.t.token_sha256",
+        "api.tokens.a",
+    );
+}

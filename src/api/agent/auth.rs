@@ -103,7 +103,7 @@ impl Tokens {
 }
 
 /// The token of `Bearer <token>` (scheme in any case).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
     let (scheme, rest) = value.split_at_checked(7)?;
     if !scheme.eq_ignore_ascii_case(b"bearer ") {
         return None;
@@ -113,7 +113,7 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 }
 
 /// Compares two digests without an early exit.
-fn equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+pub(crate) fn equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
     std::hint::black_box(diff) == 0
 }

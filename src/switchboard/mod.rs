@@ -1,0 +1,684 @@
+//! Hosted switchboards: verifications started by a switchboard's IVR through HTTP request nodes
+//! (`/switchboard/v1`, see `api::switchboard`). The switchboard plays the prompts and collects the
+//! digits; callgate validates the number and runs one `verify::Session` per verification in its own task.
+//!
+//! Invariants: a verification is keyed by switchboard, call id and attempt, so a retried node never
+//! starts a second order; an invalid number never reaches the provider; the flat variables a node
+//! receives come from `outcome::render` through the queue's `disclose` (while pending: status, stage
+//! and reference only); each verification ends with exactly one record (audit trail, live view,
+//! webhook) and is bounded by the queue's `verify_timeout` plus the provider's request timeouts.
+
+pub mod sim;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashMap;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::audit::{self, Event};
+use crate::calls::live::{
+    CallState, CallView, CheckMethod, LiveKind, StartedBy, TypedNumber, VerificationView,
+};
+use crate::calls::task::{self, Deps};
+use crate::calls::{limits, CallEvent};
+use crate::config::Config;
+use crate::outcome::{self, Outcome, Reason, Record};
+use crate::pnr::{ParseOptions, PersonalNumber};
+use crate::policy::QueuePolicy;
+use crate::verify::{self, Initiator, Order, ProviderError, Session, Stage};
+
+/// Longest `wait` a status request may ask for: below the shortest timeout of the switchboards'
+/// HTTP nodes that wait long (30 s).
+pub const MAX_WAIT: Duration = Duration::from_secs(25);
+/// Beyond `verify_timeout`, how long a verification's task may take to get its last provider answer.
+const GRACE: Duration = Duration::from_secs(30);
+/// Longest accepted call id, caller line and language.
+const MAX_FIELD: usize = 128;
+/// Highest accepted `attempt`.
+pub const MAX_ATTEMPT: u32 = 99;
+
+/// What a switchboard asks for.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// The switchboard's call id.
+    pub call_id: String,
+    pub queue: String,
+    /// As typed on the keypad (a trailing `#` is dropped).
+    pub number: TypedNumber,
+    /// The caller's line as the switchboard reports it (rate limits only, hashed in memory).
+    pub caller: String,
+    pub language: Option<String>,
+    /// The IVR's attempt number (a new attempt after a failure starts a new verification).
+    pub attempt: u32,
+}
+
+/// Why a start request was refused before anything started (answered 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadStart {
+    #[error("call_id is required (at most 128 characters)")]
+    CallId,
+    #[error("caller must be at most 128 characters")]
+    Caller,
+    #[error("queue is not one this switchboard may use")]
+    Queue,
+    #[error("language is not one of the queue's languages")]
+    Language,
+    #[error("attempt must be between 0 and 99")]
+    Attempt,
+}
+
+/// A verification's state as the switchboard sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    pub stage: Option<Stage>,
+    /// `Some` once the verification is over.
+    pub outcome: Option<Outcome>,
+    /// Once over: the record rendered through the queue's disclosure (`status`, `reason`, `ref`,
+    /// `method`, `at` and only what the policy allows of the identity fields).
+    pub fields: Vec<(String, String)>,
+}
+
+impl State {
+    pub fn is_final(&self) -> bool {
+        self.outcome.is_some()
+    }
+}
+
+/// The answer to a start or status request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// Empty when nothing was started (invalid number).
+    pub id: String,
+    pub state: State,
+}
+
+impl Answer {
+    /// The flat variables a node stores: `callgate_status`, `callgate_reason`, `callgate_ref`,
+    /// `callgate_stage`, then the disclosed fields (`callgate_name`, …).
+    pub fn variables(&self) -> Vec<(String, String)> {
+        let stage = match (&self.state.outcome, self.state.stage) {
+            (Some(_), _) => Stage::Done.code(),
+            (None, Some(s)) => s.code(),
+            (None, None) => Stage::Starting.code(),
+        };
+        if self.state.outcome.is_none() {
+            return vec![
+                ("callgate_status".into(), "pending".into()),
+                ("callgate_reason".into(), String::new()),
+                ("callgate_ref".into(), self.id.clone()),
+                ("callgate_stage".into(), stage.into()),
+            ];
+        }
+        let field = |name: &str| {
+            self.state
+                .fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        let mut out = vec![
+            ("callgate_status".into(), field("status")),
+            ("callgate_reason".into(), field("reason")),
+            ("callgate_ref".into(), self.id.clone()),
+            ("callgate_stage".into(), stage.into()),
+        ];
+        for (name, value) in &self.state.fields {
+            if !matches!(name.as_str(), "status" | "reason" | "ref") {
+                out.push((format!("callgate_{name}"), value.clone()));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+struct Run {
+    board: String,
+    state: watch::Receiver<State>,
+    /// Fired when the caller hung up.
+    hangup: CancellationToken,
+}
+
+/// Every switchboard verification of the process.
+pub struct Switchboards {
+    deps: Arc<Deps>,
+    config: watch::Receiver<Arc<Config>>,
+    tracker: TaskTracker,
+    /// Fired at shutdown: verifications still running end `interrupted`/`restart`.
+    stop: CancellationToken,
+    /// How long a finished verification stays readable.
+    keep: Duration,
+    /// (switchboard, call id, attempt) → verification id.
+    keys: DashMap<(String, String, u32), String>,
+    runs: DashMap<String, Run>,
+}
+
+impl Switchboards {
+    pub fn new(
+        deps: Arc<Deps>,
+        config: watch::Receiver<Arc<Config>>,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Arc<Switchboards> {
+        let keep = config.borrow().api.keep_verifications;
+        Arc::new(Switchboards {
+            deps,
+            config,
+            tracker,
+            stop,
+            keep,
+            keys: DashMap::new(),
+            runs: DashMap::new(),
+        })
+    }
+
+    /// Starts a verification, or answers the one this call and attempt already has. An invalid
+    /// number is answered `failed`/`invalid_number` at once, with nothing started.
+    pub fn start(self: &Arc<Self>, board: &str, req: StartRequest) -> Result<Answer, BadStart> {
+        if req.call_id.is_empty()
+            || req.call_id.len() > MAX_FIELD
+            || req.call_id.chars().any(char::is_control)
+        {
+            return Err(BadStart::CallId);
+        }
+        if req.caller.len() > MAX_FIELD {
+            return Err(BadStart::Caller);
+        }
+        if req.attempt > MAX_ATTEMPT {
+            return Err(BadStart::Attempt);
+        }
+        let policy = {
+            let cfg = self.config.borrow();
+            let allowed = cfg
+                .switchboards
+                .get(board)
+                .is_some_and(|b| b.queues.contains(&req.queue));
+            match cfg.queues.get(&req.queue) {
+                Some(p) if allowed => Arc::clone(p),
+                _ => return Err(BadStart::Queue),
+            }
+        };
+        if let Some(lang) = &req.language {
+            let known = policy
+                .languages
+                .iter()
+                .any(|l| l.code().eq_ignore_ascii_case(lang));
+            if lang.len() > MAX_FIELD || !known {
+                return Err(BadStart::Language);
+            }
+        }
+        let key = (board.to_owned(), req.call_id.clone(), req.attempt);
+        if let Some(id) = self.keys.get(&key).map(|e| e.value().clone()) {
+            if let Some(answer) = self.answer(board, &id) {
+                return Ok(answer);
+            }
+        }
+        let opts = ParseOptions {
+            kinds: &policy.accept_kinds,
+            accept_10_digits: policy.accept_10_digits,
+            today: task::today(),
+        };
+        let typed = req.number.0.trim().trim_end_matches('#');
+        let Ok(number) = PersonalNumber::parse(typed, &opts) else {
+            tracing::info!(switchboard = board, queue = %policy.name, "invalid number refused");
+            self.deps
+                .metrics
+                .call_ended(&policy.name.0, Outcome::NotVerified(Reason::InvalidNumber));
+            let record = Record {
+                reference: String::new(),
+                method: String::new(),
+                outcome: Outcome::NotVerified(Reason::InvalidNumber),
+                at: task::wall_clock(),
+                identity: None,
+            };
+            let vars = outcome::render(&record, &policy.disclose, &self.deps.key);
+            return Ok(Answer {
+                id: String::new(),
+                state: State {
+                    stage: None,
+                    outcome: Some(record.outcome),
+                    fields: task::live_fields(&vars),
+                },
+            });
+        };
+        let id = match self.keys.entry(key) {
+            MapEntry::Occupied(e) => e.get().clone(),
+            MapEntry::Vacant(v) => {
+                let id = uuid::Uuid::new_v4().to_string();
+                let (tx, rx) = watch::channel(State::default());
+                let hangup = CancellationToken::new();
+                self.runs.insert(
+                    id.clone(),
+                    Run {
+                        board: board.to_owned(),
+                        state: rx,
+                        hangup: hangup.clone(),
+                    },
+                );
+                v.insert(id.clone());
+                let verification =
+                    Verification::new(Arc::clone(&self.deps), policy, board, &req, id.clone(), tx);
+                let span = tracing::info_span!("verify", r#ref = %id, switchboard = board, call.id = %req.call_id);
+                let me = Arc::clone(self);
+                let stop = self.stop.clone();
+                let id2 = id.clone();
+                let board_key = (board.to_owned(), req.call_id.clone(), req.attempt);
+                self.tracker.spawn(
+                    async move {
+                        verification.run(number, hangup, stop).await;
+                        // Readable for `keep`, then forgotten (the audit trail keeps the record).
+                        tokio::time::sleep(me.keep).await;
+                        me.runs.remove(&id2);
+                        me.keys.remove(&board_key);
+                    }
+                    .instrument(span),
+                );
+                id
+            }
+        };
+        self.answer(board, &id).ok_or(BadStart::CallId)
+    }
+
+    /// The current answer of a verification of this switchboard.
+    pub fn answer(&self, board: &str, id: &str) -> Option<Answer> {
+        let run = self.run(board, id)?;
+        let state = run.state.borrow().clone();
+        Some(Answer {
+            id: id.to_owned(),
+            state,
+        })
+    }
+
+    fn run(&self, board: &str, id: &str) -> Option<Run> {
+        self.runs
+            .get(id)
+            .filter(|r| r.board == board)
+            .map(|r| r.value().clone())
+    }
+
+    /// Waits up to `wait` for the verification to change (or, with `until_final`, to be over); answers
+    /// its state then. `None` if there is no such verification of this switchboard.
+    pub async fn wait(
+        &self,
+        board: &str,
+        id: &str,
+        wait: Duration,
+        until_final: bool,
+    ) -> Option<Answer> {
+        let mut run = self.run(board, id)?;
+        let seen = run.state.borrow_and_update().clone();
+        if !seen.is_final() && !wait.is_zero() {
+            let deadline = task::now() + wait.min(MAX_WAIT);
+            // Ends on timeout, or when the task is gone (its last state stays readable).
+            while let Ok(Ok(())) = tokio::time::timeout_at(deadline, run.state.changed()).await {
+                let now = run.state.borrow_and_update().clone();
+                if now.is_final() || (!until_final && now != seen) {
+                    break;
+                }
+            }
+        }
+        self.answer(board, id)
+    }
+
+    /// The caller hung up: the order is cancelled and the verification ends `caller_hung_up`.
+    pub fn cancel(&self, board: &str, id: &str) -> bool {
+        match self.run(board, id) {
+            Some(run) => {
+                run.hangup.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// One verification's task state.
+struct Verification {
+    deps: Arc<Deps>,
+    policy: Arc<QueuePolicy>,
+    call_id: String,
+    caller: String,
+    state: watch::Sender<State>,
+    view: VerificationView,
+    stages: Vec<Stage>,
+    /// Pseudonym of the person whose order this verification holds in the limits.
+    person: Option<String>,
+    /// The person of the last granted order (kept for the cool-down after a declined call).
+    last_person: Option<String>,
+    started: Instant,
+}
+
+impl Verification {
+    fn new(
+        deps: Arc<Deps>,
+        policy: Arc<QueuePolicy>,
+        board: &str,
+        req: &StartRequest,
+        id: String,
+        state: watch::Sender<State>,
+    ) -> Verification {
+        let view = VerificationView {
+            id,
+            call_id: req.call_id.clone(),
+            queue: policy.name.0.clone(),
+            idp: policy.idp.clone(),
+            method: CheckMethod::Ivr,
+            started_by: StartedBy::Switchboard(board.to_owned()),
+            started_at: task::wall_clock(),
+            ended_at: None,
+            stages: Vec::new(),
+            outcome: None,
+            fields: Vec::new(),
+            limit: None,
+            word_pair: None,
+        };
+        Verification {
+            deps,
+            policy,
+            call_id: req.call_id.clone(),
+            caller: req.caller.clone(),
+            state,
+            view,
+            stages: Vec::new(),
+            person: None,
+            last_person: None,
+            started: task::now(),
+        }
+    }
+
+    async fn run(
+        mut self,
+        number: PersonalNumber,
+        hangup: CancellationToken,
+        stop: CancellationToken,
+    ) {
+        self.publish(LiveKind::CallStarted);
+        tracing::info!("switchboard verification started");
+        let order = Order {
+            number,
+            initiator: Initiator::Caller,
+            text: self.policy.user_visible_text.clone(),
+            pin_code: self.policy.pin_code,
+        };
+        let mut settings = self.deps.verify.clone();
+        settings.verify_timeout = self.policy.verify_timeout;
+        let hard_deadline = self.started + self.policy.verify_timeout + GRACE;
+        let mut session = Session::new(order, settings, task::now().into_std());
+        let mut idp: JoinSet<verify::Input> = JoinSet::new();
+        let mut timers: HashMap<verify::Timer, Instant> = HashMap::new();
+        let mut stopping = false;
+        loop {
+            let mut at_once = Vec::new();
+            while let Some(cmd) = session.poll_command() {
+                if let Some(input) = self.command(cmd, &mut idp, &mut timers).await {
+                    at_once.push(input);
+                }
+            }
+            if !at_once.is_empty() {
+                for input in at_once {
+                    session.handle(input, task::now().into_std());
+                }
+                continue;
+            }
+            if session.is_quiescent() && idp.is_empty() {
+                break;
+            }
+            let next = timers.values().min().copied();
+            tokio::select! {
+                Some(done) = idp.join_next(), if !idp.is_empty() => {
+                    if let Ok(input) = done {
+                        session.handle(input, task::now().into_std());
+                    }
+                }
+                _ = task::sleep_until(next) => {
+                    let now = task::now();
+                    let due: Vec<verify::Timer> =
+                        timers.iter().filter(|(_, at)| **at <= now).map(|(t, _)| *t).collect();
+                    for t in due {
+                        timers.remove(&t);
+                        session.handle(verify::Input::Timer(t), now.into_std());
+                    }
+                }
+                _ = hangup.cancelled(), if !stopping => {
+                    stopping = true;
+                    tracing::info!("caller hung up");
+                    session.handle(verify::Input::Cancel(Reason::CallerHungUp), task::now().into_std());
+                }
+                _ = stop.cancelled(), if !stopping => {
+                    stopping = true;
+                    session.handle(verify::Input::Cancel(Reason::Restart), task::now().into_std());
+                }
+                _ = tokio::time::sleep_until(hard_deadline) => {
+                    tracing::warn!("verification overran its deadline; left without its last answers");
+                    if session.conclusion().is_none() {
+                        self.finish(Outcome::NotVerified(Reason::Timeout), None).await;
+                    }
+                    break;
+                }
+            }
+        }
+        self.release();
+        self.publish(LiveKind::CallEnded);
+    }
+
+    /// Runs one command; an answer known at once (refused by the limits) is returned.
+    async fn command(
+        &mut self,
+        cmd: verify::Command,
+        idp: &mut JoinSet<verify::Input>,
+        timers: &mut HashMap<verify::Timer, Instant>,
+    ) -> Option<verify::Input> {
+        use verify::Command as C;
+        match cmd {
+            C::Start(order) => {
+                let Some(provider) = self.deps.providers.get(&self.policy.idp).cloned() else {
+                    tracing::error!(idp = %self.policy.idp, "no such identity provider");
+                    return Some(verify::Input::Started(Err(ProviderError::Fatal)));
+                };
+                if self.person.is_none() {
+                    let person = order.number.pseudonym(&self.deps.key);
+                    let line = task::line_key(&self.caller);
+                    let start = limits::Start {
+                        person: &person,
+                        line: &line,
+                        call: &self.call_id,
+                        queue: &self.policy.name.0,
+                        idp: &self.policy.idp,
+                        agent: None,
+                    };
+                    match self.deps.limits.acquire(start, task::now().into_std()) {
+                        Err(limit) => {
+                            tracing::warn!(limit = limit.code(), "order refused by limits");
+                            self.deps
+                                .metrics
+                                .limit_refused(&self.policy.name.0, limit.code());
+                            self.view.limit = Some(limit);
+                            return Some(verify::Input::Started(Err(ProviderError::Rejected(
+                                limit.reason(),
+                            ))));
+                        }
+                        Ok(grant) => {
+                            self.person = Some(person);
+                            if let Some(other) = grant.supersede {
+                                let registry = self.deps.registry.clone();
+                                tokio::spawn(async move {
+                                    registry.send(&other, CallEvent::Superseded).await;
+                                });
+                            }
+                        }
+                    }
+                }
+                let metrics = Arc::clone(&self.deps.metrics);
+                let name = self.policy.idp.clone();
+                idp.spawn(async move {
+                    let r = task::timed(&metrics, &name, "start", provider.start(&order)).await;
+                    verify::Input::Started(r)
+                });
+            }
+            C::Poll(_) | C::Cancel(_) => {
+                let poll = matches!(cmd, C::Poll(_));
+                let (C::Poll(order) | C::Cancel(order)) = cmd else {
+                    return None;
+                };
+                let provider = self.deps.providers.get(&self.policy.idp).cloned()?;
+                let metrics = Arc::clone(&self.deps.metrics);
+                let name = self.policy.idp.clone();
+                idp.spawn(async move {
+                    if poll {
+                        let r = task::timed(&metrics, &name, "poll", provider.poll(&order)).await;
+                        verify::Input::Polled(r)
+                    } else {
+                        let r =
+                            task::timed(&metrics, &name, "cancel", provider.cancel(&order)).await;
+                        verify::Input::CancelDone(r)
+                    }
+                });
+            }
+            C::ArmTimer { timer, at } => {
+                timers.insert(timer, Instant::from_std(at));
+            }
+            C::DisarmTimer(timer) => {
+                timers.remove(&timer);
+            }
+            C::Progress(stage) => {
+                tracing::debug!(stage = stage.code(), "verification progress");
+                self.stages.push(stage);
+                self.view.stages.push((stage, task::wall_clock()));
+                if stage == Stage::Done {
+                    self.release();
+                } else {
+                    self.state.send_modify(|s| s.stage = Some(stage));
+                    self.publish(LiveKind::Progress);
+                }
+            }
+            C::Finished(conclusion) => self.finish(conclusion.outcome, conclusion.identity).await,
+        }
+        None
+    }
+
+    async fn finish(&mut self, outcome: Outcome, identity: Option<outcome::Identity>) {
+        let method = self
+            .deps
+            .providers
+            .get(&self.policy.idp)
+            .map(|p| p.method().to_owned())
+            .unwrap_or_default();
+        let record = Record {
+            reference: self.view.id.clone(),
+            method,
+            outcome,
+            at: task::wall_clock(),
+            identity,
+        };
+        let vars = outcome::render(&record, &self.policy.disclose, &self.deps.key);
+        let fields = task::live_fields(&vars);
+        // On disk (or its bounded wait over) before the switchboard hears the result.
+        if let Some(audit) = &self.deps.audit {
+            let entry = self.audit_entry(audit, &record);
+            audit.record(record.at, Event::Verification(entry)).await;
+        }
+        self.release();
+        self.view.outcome = Some(outcome);
+        self.view.ended_at = Some(record.at);
+        self.view.fields = fields.clone();
+        self.deps
+            .metrics
+            .verification_ended(&self.policy.idp, outcome);
+        self.deps.metrics.call_ended(&self.policy.name.0, outcome);
+        if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
+            if let Some(person) = &self.view_person() {
+                self.deps.limits.declined(person, task::now().into_std());
+            }
+            tracing::warn!(reference = %self.view.id, "the person declined the call in their app: someone may be calling in their name");
+        } else {
+            tracing::info!(status = %outcome.status(), reason = outcome.reason().map(|r| r.code()).unwrap_or(""), "switchboard verification ended");
+        }
+        self.state.send_modify(|s| {
+            s.outcome = Some(outcome);
+            s.fields = fields;
+        });
+        self.publish(LiveKind::Completed);
+        if let Some(webhooks) = &self.deps.webhooks {
+            webhooks.call_event(LiveKind::Completed, &self.call_view(), task::wall_clock());
+        }
+    }
+
+    /// The pseudonym the limits know the person by (kept past the order's release for the
+    /// cool-down after a declined call).
+    fn view_person(&self) -> Option<String> {
+        self.last_person.clone()
+    }
+
+    fn release(&mut self) {
+        if let Some(person) = self.person.take() {
+            self.deps.limits.release(&person, &self.call_id);
+            self.last_person = Some(person);
+        }
+    }
+
+    fn audit_entry(&self, audit: &audit::Audit, record: &Record) -> audit::Entry {
+        let outcome = record.outcome;
+        let verified = record
+            .identity
+            .as_ref()
+            .filter(|_| outcome == Outcome::Verified);
+        let duration = self.started.elapsed();
+        audit::Entry {
+            reference: record.reference.clone(),
+            call_id: self.call_id.clone(),
+            queue: self.policy.name.0.clone(),
+            status: outcome.status().code(),
+            reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+            method: record.method.clone(),
+            started_by: self.view.started_by.to_string(),
+            person: verified
+                .map(|i| audit.person(&i.number))
+                .unwrap_or_default(),
+            evidence: verified
+                .and_then(|i| i.evidence_digest.clone())
+                .unwrap_or_default(),
+            stages: self.stages.iter().map(|s| s.code()).collect(),
+            destination: "switchboard".to_owned(),
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    fn call_view(&self) -> CallView {
+        CallView {
+            call_id: self.call_id.clone(),
+            queue: self.policy.name.0.clone(),
+            state: if self.view.outcome.is_some() {
+                CallState::Ended
+            } else {
+                CallState::Gate
+            },
+            agent: None,
+            aliases: Vec::new(),
+            started_at: self.view.started_at,
+            can_verify: false,
+            verification: Some(self.view.clone()),
+        }
+    }
+
+    fn publish(&self, kind: LiveKind) {
+        let mut view = self.call_view();
+        if kind != LiveKind::CallEnded {
+            view.state = CallState::Gate;
+        }
+        self.deps.live.publish(kind, view);
+    }
+}
+
+/// Seconds as a `Duration`, bounded by [`MAX_WAIT`].
+pub fn bounded_wait(seconds: u64) -> Duration {
+    Duration::from_secs(seconds).min(MAX_WAIT)
+}
