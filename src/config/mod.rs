@@ -511,7 +511,13 @@ pub fn load_file(path: &Path) -> Result<Config, Vec<Issue>> {
 /// issue per line).
 pub fn check_config(path: &Path) -> (String, i32) {
     match load_file(path) {
-        Ok(cfg) => (summary(&cfg), 0),
+        Ok(cfg) => {
+            let mut out = summary(&cfg);
+            for w in warnings(&cfg) {
+                out.push_str(&format!("warning: {w}\n"));
+            }
+            (out, 0)
+        }
         Err(issues) => {
             let mut out = String::new();
             for issue in &issues {
@@ -521,6 +527,33 @@ pub fn check_config(path: &Path) -> (String, i32) {
             (out, EXIT_CONFIG)
         }
     }
+}
+
+/// What is valid but probably not meant, as `path: message` lines; `check-config` prints them and
+/// still succeeds.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, idp) in &cfg.idps {
+        let Idp::Ciba(c) = idp else {
+            continue;
+        };
+        let Some(details) = c.authorization_details.as_deref() else {
+            continue;
+        };
+        // A call initiator written as a value rather than the placeholder: the provider is told the
+        // same direction for every call, inbound or outbound.
+        let fixed = details.contains("callInitiator")
+            && !details.contains("{call_initiator}")
+            && ["\"user\"", "\"RP\"", "\"rp\""]
+                .iter()
+                .any(|v| details.contains(v));
+        if fixed {
+            out.push(format!(
+                "idp.{name}.authorization_details: the call initiator is fixed; write \"{{call_initiator}}\" so that each call tells the provider who called whom"
+            ));
+        }
+    }
+    out
 }
 
 /// One line per queue (and `[defaults]`): name, mode, idp, languages, the three status routes and the

@@ -1407,3 +1407,18 @@ fn switchboards_take_a_token_hash_and_known_queues() {
         "api.tokens.a",
     );
 }
+
+#[test]
+fn a_fixed_call_initiator_is_a_warning_and_the_placeholder_is_not() {
+    let with = |details: &str| {
+        ok(&explicit_with(&format!(
+            "[idp.broker]\nkind = \"ciba\"\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"a\"\nclient_secret = \"s3cret\"\nauthorization_details = '{details}'\n"
+        )))
+    };
+    let fixed = with(r#"[{"type":"phoneAuth","callInitiator":"RP"}]"#);
+    let w = warnings(&fixed);
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].starts_with("idp.broker.authorization_details: the call initiator is fixed"));
+    let placeholder = with(r#"[{"type":"phoneAuth","callInitiator":"{call_initiator}"}]"#);
+    assert!(warnings(&placeholder).is_empty());
+}
