@@ -936,14 +936,8 @@ const DEMO_AGENT_TOKEN: &str = "demo-agent-token-not-for-production";
 /// The demo's mid-call check: an anchored call, the agent's CRM starts a keypad check through the
 /// agent API and prints the call's live stream until the check is over. `true` when verified.
 async fn mid_call(lab: &Lab) -> anyhow::Result<bool> {
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
     let http = reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
+        .tls_backend_preconfigured((*crate::pbx::ari::tls::client_config()?).clone())
         .build()?;
     let base = format!("http://{}", lab.app.api_addr);
     let number = Lab::number(Scenario::Approve);

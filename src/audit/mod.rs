@@ -71,6 +71,46 @@ pub struct Entry {
     pub duration_ms: u64,
 }
 
+/// Where a check was made, for [`Entry::of_check`].
+pub struct CheckContext<'a> {
+    pub call_id: &'a str,
+    pub queue: &'a str,
+    pub started_by: String,
+    pub stages: &'a [crate::verify::Stage],
+    pub destination: String,
+    pub duration: Duration,
+}
+
+impl Entry {
+    /// The record of a check that ended with `record`: the person (a pseudonym under the trail's key)
+    /// and the evidence only when verified, never a number.
+    pub fn of_check(audit: &Audit, record: &crate::outcome::Record, at: CheckContext<'_>) -> Entry {
+        let outcome = record.outcome;
+        let verified = record
+            .identity
+            .as_ref()
+            .filter(|_| outcome == crate::outcome::Outcome::Verified);
+        Entry {
+            reference: record.reference.clone(),
+            call_id: at.call_id.to_owned(),
+            queue: at.queue.to_owned(),
+            status: outcome.status().code(),
+            reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
+            method: record.method.clone(),
+            started_by: at.started_by,
+            person: verified
+                .map(|i| audit.person(&i.number))
+                .unwrap_or_default(),
+            evidence: verified
+                .and_then(|i| i.evidence_digest.clone())
+                .unwrap_or_default(),
+            stages: at.stages.iter().map(|s| s.code()).collect(),
+            destination: at.destination,
+            duration_ms: u64::try_from(at.duration.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// What one record says. `kind` on the line is the variant's snake_case name.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -1262,33 +1262,22 @@ impl Driver {
         destination: &Destination,
         duration: Duration,
     ) -> audit::Entry {
-        let outcome = record.outcome;
-        let verified = record
-            .identity
-            .as_ref()
-            .filter(|_| outcome == Outcome::Verified);
-        audit::Entry {
-            reference: record.reference.clone(),
-            call_id: self.setup.call_id.clone(),
-            queue: self.setup.policy.name.0.clone(),
-            status: outcome.status().code(),
-            reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
-            method: record.method.clone(),
-            started_by: self
-                .check
-                .as_ref()
-                .map(|c| c.started_by.to_string())
-                .unwrap_or_default(),
-            person: verified
-                .map(|i| audit.person(&i.number))
-                .unwrap_or_default(),
-            evidence: verified
-                .and_then(|i| i.evidence_digest.clone())
-                .unwrap_or_default(),
-            stages: self.stages.iter().map(|s| s.code()).collect(),
-            destination: destination.to_string(),
-            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        }
+        audit::Entry::of_check(
+            audit,
+            record,
+            audit::CheckContext {
+                call_id: &self.setup.call_id,
+                queue: &self.setup.policy.name.0,
+                started_by: self
+                    .check
+                    .as_ref()
+                    .map(|c| c.started_by.to_string())
+                    .unwrap_or_default(),
+                stages: &self.stages,
+                destination: destination.to_string(),
+                duration,
+            },
+        )
     }
 
     /// The gate's result, for the agent leg's inheritable variables.

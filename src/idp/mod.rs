@@ -67,3 +67,15 @@ impl Default for BankIdSettings {
         }
     }
 }
+
+/// A request that failed without an HTTP answer, classified for the session: not connected means
+/// not sent; anything after the connection was made may have reached the provider.
+pub(crate) fn classify_transport(e: &reqwest::Error) -> ProviderError {
+    if e.is_builder() {
+        ProviderError::Fatal
+    } else if e.is_connect() {
+        ProviderError::NotSent
+    } else {
+        ProviderError::OutcomeUnknown
+    }
+}

@@ -626,30 +626,18 @@ impl Verification {
     }
 
     fn audit_entry(&self, audit: &audit::Audit, record: &Record) -> audit::Entry {
-        let outcome = record.outcome;
-        let verified = record
-            .identity
-            .as_ref()
-            .filter(|_| outcome == Outcome::Verified);
-        let duration = self.started.elapsed();
-        audit::Entry {
-            reference: record.reference.clone(),
-            call_id: self.call_id.clone(),
-            queue: self.policy.name.0.clone(),
-            status: outcome.status().code(),
-            reason: outcome.reason().map(|r| r.code()).unwrap_or(""),
-            method: record.method.clone(),
-            started_by: self.view.started_by.to_string(),
-            person: verified
-                .map(|i| audit.person(&i.number))
-                .unwrap_or_default(),
-            evidence: verified
-                .and_then(|i| i.evidence_digest.clone())
-                .unwrap_or_default(),
-            stages: self.stages.iter().map(|s| s.code()).collect(),
-            destination: "switchboard".to_owned(),
-            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        }
+        audit::Entry::of_check(
+            audit,
+            record,
+            audit::CheckContext {
+                call_id: &self.call_id,
+                queue: &self.policy.name.0,
+                started_by: self.view.started_by.to_string(),
+                stages: &self.stages,
+                destination: "switchboard".to_owned(),
+                duration: self.started.elapsed(),
+            },
+        )
     }
 
     fn call_view(&self) -> CallView {

@@ -5,7 +5,6 @@
 //! Invariant: the number travels only in the start request's body.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// One switchboard's HTTP request nodes.
 #[derive(Clone)]
@@ -52,17 +51,9 @@ impl NodeAnswer {
 impl Ivr {
     /// Nodes calling `base` (e.g. `http://127.0.0.1:8080`) with the switchboard's bearer token.
     pub fn new(base: &str, token: &str) -> Result<Ivr, reqwest::Error> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
         let builder = reqwest::Client::builder();
-        let builder = match tls {
-            Ok(tls) => builder.tls_backend_preconfigured(tls),
+        let builder = match crate::pbx::ari::tls::client_config() {
+            Ok(tls) => builder.tls_backend_preconfigured((*tls).clone()),
             Err(_) => builder,
         };
         Ok(Ivr {

@@ -191,7 +191,7 @@ impl Client {
         let mut response = match sent {
             Ok(r) => r,
             Err(e) => {
-                let class = classify_transport(&e);
+                let class = crate::idp::classify_transport(&e);
                 let cause = tls_cause(&e, self.server_ca.as_deref());
                 warn!(method = endpoint.path(), cause = cause.as_deref(), error = %ErrorChain(&e), class = ?class, "bankid request failed");
                 return Err(class);
@@ -422,17 +422,6 @@ impl Provider for Client {
 
     fn cancel<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<(), ProviderError>> {
         Box::pin(self.cancel_order(order))
-    }
-}
-
-/// Not connected means not sent; anything after the connection was made may have reached BankID.
-fn classify_transport(e: &reqwest::Error) -> ProviderError {
-    if e.is_builder() {
-        ProviderError::Fatal
-    } else if e.is_connect() {
-        ProviderError::NotSent
-    } else {
-        ProviderError::OutcomeUnknown
     }
 }
 

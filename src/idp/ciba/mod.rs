@@ -221,7 +221,7 @@ impl Client {
                     .get(self.discovery_url.clone())
                     .send()
                     .await
-                    .map_err(|e| classify_transport(&e))?;
+                    .map_err(|e| crate::idp::classify_transport(&e))?;
                 if !resp.status().is_success() {
                     tracing::warn!(status = resp.status().as_u16(), "ciba discovery failed");
                     return Err(status_error(resp.status()));
@@ -245,7 +245,7 @@ impl Client {
             .get(uri)
             .send()
             .await
-            .map_err(|e| classify_transport(&e))?;
+            .map_err(|e| crate::idp::classify_transport(&e))?;
         if !resp.status().is_success() {
             return Err(status_error(resp.status()));
         }
@@ -341,7 +341,7 @@ impl Client {
             .await?
             .send()
             .await
-            .map_err(|e| classify_transport(&e))?;
+            .map_err(|e| crate::idp::classify_transport(&e))?;
         let status = resp.status();
         if status.is_success() {
             let ack: Acknowledgement = resp
@@ -386,7 +386,7 @@ impl Client {
             .await?
             .send()
             .await
-            .map_err(|e| classify_transport(&e))?;
+            .map_err(|e| crate::idp::classify_transport(&e))?;
         let status = resp.status();
         if status.is_success() {
             let token: wire::TokenResponse = resp
@@ -604,16 +604,6 @@ impl Provider for Client {
     fn cancel<'a>(&'a self, order: &'a OrderRef) -> BoxFuture<'a, Result<(), ProviderError>> {
         lock(&self.open).remove(&order.0);
         Box::pin(async { Ok(()) })
-    }
-}
-
-fn classify_transport(e: &reqwest::Error) -> ProviderError {
-    if e.is_builder() {
-        ProviderError::Fatal
-    } else if e.is_connect() {
-        ProviderError::NotSent
-    } else {
-        ProviderError::OutcomeUnknown
     }
 }
 
