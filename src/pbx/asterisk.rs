@@ -526,7 +526,7 @@ impl Adapter {
             return;
         }
         let id = channel.id.clone();
-        if !self.spawn_call(channel, policy, None) {
+        if !self.spawn_call(channel, policy, None, None) {
             tracing::warn!(channel = %id, "duplicate StasisStart ignored");
         }
     }
@@ -735,25 +735,11 @@ impl Adapter {
             _ => None,
         };
         tracing::info!(channel = %channel.id, agent = agent.as_deref().unwrap_or(""), "adopting a bridged call left by the previous run");
-        let control = Arc::new(AriControl::new(
-            self.client.clone(),
-            Arc::clone(&self.routes),
-            &channel,
-        ));
-        let setup = Setup {
-            call_id: channel.id,
+        self.spawn_call(
+            channel,
             policy,
-            info: task::call_info(&channel.language, task::today()),
-            caller_line: channel.caller.number,
-            resume: None,
-            adopt: Some(task::Adopt { agent, agent_leg }),
-        };
-        task::spawn(
-            Arc::clone(&self.deps),
-            setup,
-            control,
-            &self.tracker,
-            &self.calls,
+            None,
+            Some(task::Adopt { agent, agent_leg }),
         );
     }
 
@@ -787,15 +773,17 @@ impl Adapter {
             .unwrap_or_default()
             .saturating_sub(Duration::from_millis(entry.started_ms));
         tracing::info!(channel = %channel.id, order = %entry.order, "resuming an order left open by the previous run");
-        self.spawn_call(channel, policy, Some(Resume { entry, elapsed }));
+        self.spawn_call(channel, policy, Some(Resume { entry, elapsed }), None);
     }
 
-    /// Starts the task of a gated call. `false` if the call has one already.
+    /// Starts the task of a call (new, resumed with its order, or adopted with its bridge). `false`
+    /// if the call has one already.
     fn spawn_call(
         &self,
         channel: Channel,
         policy: Arc<QueuePolicy>,
         resume: Option<Resume>,
+        adopt: Option<task::Adopt>,
     ) -> bool {
         let control = Arc::new(AriControl::new(
             self.client.clone(),
@@ -808,7 +796,7 @@ impl Adapter {
             info: task::call_info(&channel.language, task::today()),
             caller_line: channel.caller.number,
             resume,
-            adopt: None,
+            adopt,
         };
         task::spawn(
             Arc::clone(&self.deps),
