@@ -26,15 +26,16 @@ use crate::api::switchboard::{self as switchboard_api, BoardTokens, SwitchboardS
 use crate::api::widget;
 use crate::audit::{self, Audit};
 use crate::calls::journal::Journal;
-use crate::calls::limits::{self, Limits};
+use crate::calls::limits::{self, Limiter, Limits};
 use crate::calls::task::Deps;
 use crate::calls::{Live, Registry, Report};
-use crate::config::{self, Config, Idp, Pbx};
+use crate::config::{self, Config, Idp, Pbx, StateKind};
 use crate::idp::{self, Provider};
 use crate::pbx::ari;
 use crate::pbx::asterisk::Adapter;
 use crate::pbx::routecheck::RouteCheck;
 use crate::pnr::PseudonymKey;
+use crate::state::{KeyCheck, Shared};
 use crate::switchboard::Switchboards;
 use crate::telemetry::Metrics;
 use crate::verify;
@@ -208,19 +209,29 @@ pub async fn start(
             }
         });
     }
-    let live = Arc::new(Live::new(cfg.api.keep_verifications));
+    let shared = shared_state(&cfg, &key, &metrics).await?;
+    let live = Arc::new(match &shared {
+        Some(sh) => Live::with_instance(cfg.api.keep_verifications, sh.instance()),
+        None => Live::new(cfg.api.keep_verifications),
+    });
     let drain_token = CancellationToken::new();
     let deps = Arc::new(Deps {
         providers,
-        limits: Limits::new(limits::Settings {
-            max_concurrent_orders: cfg.limits.max_concurrent_orders,
-            max_concurrent_orders_per_idp: cfg.limits.max_concurrent_orders_per_idp,
-            max_starts_per_number_per_hour: cfg.limits.max_starts_per_number_per_hour,
-            max_starts_per_line_per_hour: cfg.limits.max_starts_per_line_per_hour,
-            max_checks_per_agent_per_hour: cfg.limits.max_checks_per_agent_per_hour,
-            max_starts_per_queue_per_minute: cfg.limits.max_starts_per_queue_per_minute,
-            declined_cool_down: cfg.limits.declined_cool_down,
-        }),
+        limits: {
+            let own = Limits::new(limits::Settings {
+                max_concurrent_orders: cfg.limits.max_concurrent_orders,
+                max_concurrent_orders_per_idp: cfg.limits.max_concurrent_orders_per_idp,
+                max_starts_per_number_per_hour: cfg.limits.max_starts_per_number_per_hour,
+                max_starts_per_line_per_hour: cfg.limits.max_starts_per_line_per_hour,
+                max_checks_per_agent_per_hour: cfg.limits.max_checks_per_agent_per_hour,
+                max_starts_per_queue_per_minute: cfg.limits.max_starts_per_queue_per_minute,
+                declined_cool_down: cfg.limits.declined_cool_down,
+            });
+            match &shared {
+                Some(sh) => Limiter::shared(own, Arc::clone(sh)),
+                None => Limiter::local(own),
+            }
+        },
         key,
         verify: opts.verify.clone().unwrap_or_default(),
         audit: Some(audit.clone()),
@@ -259,6 +270,17 @@ pub async fn start(
     });
     let router_token = CancellationToken::new();
     let router = tokio::spawn(Arc::clone(&adapter).run(events_rx, router_token.clone()));
+
+    // The view shared with the other instances.
+    let replica = match &shared {
+        Some(sh) => crate::state::replica::spawn(
+            Arc::clone(sh),
+            Arc::clone(&live),
+            registry.clone(),
+            root.child_token(),
+        ),
+        None => Vec::new(),
+    };
 
     // The ops listener.
     let listener = match opts.ops_listener {
@@ -309,6 +331,7 @@ pub async fn start(
             readiness: Arc::clone(&readiness),
             stop: api_token.clone(),
             audit: Some(audit.clone()),
+            shared: shared.clone(),
         },
         &widget::Embedding::from_config(&cfg.api),
     );
@@ -439,6 +462,9 @@ pub async fn start(
         if let Some(dispatcher) = webhook_dispatcher {
             let _ = dispatcher.await;
         }
+        for task in replica {
+            let _ = task.await;
+        }
         reload_task.abort();
         drop(simulators);
         drop(ciba_simulators);
@@ -457,6 +483,50 @@ pub async fn start(
         audit_dir,
         done,
     })
+}
+
+/// The shared state of `[state] kind = "redis"`: built lazily (a Redis that is down at start does not
+/// keep callgate from starting), with the pseudonym key's fingerprint checked when Redis answers.
+async fn shared_state(
+    cfg: &Config,
+    key: &crate::pnr::PseudonymKey,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Option<Arc<Shared>>> {
+    let StateKind::Redis(settings) = &cfg.state.kind else {
+        return Ok(None);
+    };
+    let Pbx::Ari(ari_settings) = &cfg.pbx;
+    let instance = cfg.state.instance_or(&host_name(), &ari_settings.app);
+    let shared = Shared::new(
+        settings,
+        &instance,
+        key,
+        Arc::clone(metrics),
+        cfg.api.keep_verifications,
+    )?;
+    match shared.check_key().await {
+        Ok(KeyCheck::Same) => {
+            tracing::info!(instance = %instance, "shared state on Redis");
+        }
+        Ok(KeyCheck::Different) => anyhow::bail!(
+            "state: the instances already in Redis (key prefix {:?}) use another server.pseudonym_key; every instance must use the same one",
+            settings.key_prefix
+        ),
+        Err(e) => {
+            tracing::warn!(instance = %instance, error = %e, on_unavailable = settings.on_unavailable.code(), "shared state unreachable at start; calls are taken and Redis is retried");
+        }
+    }
+    Ok(Some(shared))
+}
+
+/// This machine's host name, for the default instance id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "callgate".to_owned())
 }
 
 /// Runs until `shutdown`, then drains.
@@ -499,6 +569,9 @@ fn reloadable(running: &Config, new: &Config) -> Result<(), Vec<String>> {
     }
     if new.switchboards != running.switchboards {
         problems.push(restart("switchboards"));
+    }
+    if new.state != running.state {
+        problems.push(restart("state"));
     }
     if problems.is_empty() {
         Ok(())

@@ -64,6 +64,8 @@ pub struct LabOptions {
     pub limits: Vec<(String, String)>,
     /// The `support` queue's `disclose` list, as TOML.
     pub disclose: String,
+    /// The body of a `[state]` section (shared state on Redis), as TOML; none = in memory.
+    pub state: Option<String>,
 }
 
 /// The secret of the lab's webhook target.
@@ -104,6 +106,7 @@ impl LabOptions {
             desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
+            state: None,
         }
     }
 
@@ -129,6 +132,7 @@ impl LabOptions {
             desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
+            state: None,
         }
     }
 }
@@ -443,6 +447,7 @@ request_timeout = "2s"
 {limits}
 {api_tokens}
 {webhooks}
+{state}
 [queues.support]
 idp = "bankid"
 languages = ["sv", "en"]
@@ -510,6 +515,11 @@ queues = ["support"]
 "#,
         switchboard_hash =
             crate::api::agent::auth::token_hash(LAB_SWITCHBOARD_TOKEN).unwrap_or_default(),
+        state = options
+            .state
+            .as_ref()
+            .map(|body| format!("[state]\n{body}\n"))
+            .unwrap_or_default(),
         data_dir = data_dir.display(),
         grace = ms(options.shutdown_grace),
         on_shutdown = if options.handover {

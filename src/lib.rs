@@ -18,6 +18,7 @@ pub mod pnr;
 pub mod policy;
 pub mod prompts;
 pub mod secret;
+pub mod state;
 pub mod switchboard;
 pub mod telemetry;
 pub mod verify;

@@ -152,7 +152,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 14] = [
+pub const METRICS: [(&str, &str, &str); 19] = [
     (
         "callgate_build_info",
         "gauge",
@@ -186,7 +186,7 @@ pub const METRICS: [(&str, &str, &str); 14] = [
     (
         "callgate_limit_refusals_total",
         "counter",
-        "Identity orders refused by an abuse limit, by queue and limit (per_number, per_line, per_agent, per_queue, cool_down, per_idp, concurrent).",
+        "Identity orders refused by an abuse limit, by queue and limit (per_number, per_line, per_agent, per_queue, cool_down, per_idp, concurrent, shared_state).",
     ),
     (
         "callgate_pbx_connected",
@@ -218,6 +218,31 @@ pub const METRICS: [(&str, &str, &str); 14] = [
         "callgate_webhook_request_seconds",
         "histogram",
         "Latency of each webhook request (one attempt) by target.",
+    ),
+    (
+        "callgate_state_up",
+        "gauge",
+        "With shared state (Redis): 1 while the last operation reached Redis.",
+    ),
+    (
+        "callgate_state_errors_total",
+        "counter",
+        "Failed operations on the shared state by operation.",
+    ),
+    (
+        "callgate_state_fallbacks_total",
+        "counter",
+        "Orders whose limits this instance decided alone because Redis was unreachable (state.on_unavailable = local_limits).",
+    ),
+    (
+        "callgate_state_forwarded_total",
+        "counter",
+        "Starts and cancels forwarded to the instance owning the call, by result: answered, refused, unreachable.",
+    ),
+    (
+        "callgate_state_instances",
+        "gauge",
+        "Instances with a live heartbeat in the shared state, as this instance last counted them.",
     ),
 ];
 
@@ -290,6 +315,24 @@ impl Metrics {
         self.inc(
             "callgate_limit_refusals_total",
             vec![("queue", queue.to_owned()), ("limit", limit.to_owned())],
+        );
+    }
+
+    /// An operation on the shared state failed.
+    pub fn state_error(&self, op: &'static str) {
+        self.inc("callgate_state_errors_total", vec![("op", op.to_owned())]);
+    }
+
+    /// An order's limits were decided locally because the shared state was unreachable.
+    pub fn state_fallback(&self) {
+        self.inc("callgate_state_fallbacks_total", Vec::new());
+    }
+
+    /// A start or cancel went to another instance; `result` is answered, refused or unreachable.
+    pub fn state_forwarded(&self, result: &'static str) {
+        self.inc(
+            "callgate_state_forwarded_total",
+            vec![("result", result.to_owned())],
         );
     }
 

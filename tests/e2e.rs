@@ -1377,6 +1377,7 @@ async fn a_number_typed_through_the_agent_api_reaches_no_log_and_no_answer() {
             started_at: std::time::SystemTime::UNIX_EPOCH,
             can_verify: true,
             verification: None,
+            owner: None,
         },
     );
     let addr = lab.app.api_addr;

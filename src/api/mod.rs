@@ -60,13 +60,17 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ApiError::Refused(r) => match r {
-                Refusal::NotAnchored => (StatusCode::CONFLICT, "not_with_agent"),
-                Refusal::Ended => (StatusCode::NOT_FOUND, "call_ended"),
-                Refusal::InvalidNumber => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_number"),
-                Refusal::NothingToCancel => (StatusCode::CONFLICT, "nothing_to_cancel"),
-                Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "call_unavailable"),
-            },
+            ApiError::Refused(r) => (
+                match r {
+                    Refusal::NotAnchored | Refusal::NothingToCancel => StatusCode::CONFLICT,
+                    Refusal::Ended => StatusCode::NOT_FOUND,
+                    Refusal::InvalidNumber => StatusCode::UNPROCESSABLE_ENTITY,
+                    Refusal::Unavailable | Refusal::OwnerUnreachable => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                },
+                r.code(),
+            ),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

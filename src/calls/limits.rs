@@ -11,9 +11,14 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 
+use crate::config::OnUnavailable;
 use crate::outcome::Reason;
+use crate::state::limits::Acquired;
+use crate::state::Shared;
 
 /// Limit settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +59,13 @@ pub enum Limit {
     CoolDown,
     PerIdp,
     Concurrent,
+    /// Several instances: the shared state (Redis) could not be reached and `state.on_unavailable`
+    /// is `refuse`.
+    SharedState,
 }
 
 impl Limit {
-    pub const ALL: [Limit; 7] = [
+    pub const ALL: [Limit; 8] = [
         Limit::PerNumber,
         Limit::PerLine,
         Limit::PerAgent,
@@ -65,7 +73,12 @@ impl Limit {
         Limit::CoolDown,
         Limit::PerIdp,
         Limit::Concurrent,
+        Limit::SharedState,
     ];
+
+    pub fn from_code(code: &str) -> Option<Limit> {
+        Limit::ALL.into_iter().find(|l| l.code() == code)
+    }
 
     /// Stable code, shown to the agent as the verification's `limit`.
     pub fn code(self) -> &'static str {
@@ -77,6 +90,7 @@ impl Limit {
             Limit::CoolDown => "cool_down",
             Limit::PerIdp => "per_idp",
             Limit::Concurrent => "concurrent",
+            Limit::SharedState => "shared_state",
         }
     }
 
@@ -84,7 +98,7 @@ impl Limit {
     /// capacity caps.
     pub fn reason(self) -> Reason {
         match self {
-            Limit::PerIdp | Limit::Concurrent => Reason::ProviderBusy,
+            Limit::PerIdp | Limit::Concurrent | Limit::SharedState => Reason::ProviderBusy,
             _ => Reason::RateLimited,
         }
     }
@@ -235,6 +249,31 @@ impl Limits {
         Ok(Grant { supersede })
     }
 
+    /// Takes one slot of the concurrency caps (overall and at `idp`) for an order whose other limits
+    /// were decided elsewhere (the shared state).
+    pub fn capacity_take(&self, idp: &str) -> Result<(), Limit> {
+        let n = self.concurrent.fetch_add(1, Ordering::SeqCst);
+        if n >= self.settings.max_concurrent_orders {
+            self.concurrent.fetch_sub(1, Ordering::SeqCst);
+            return Err(Limit::Concurrent);
+        }
+        if let Err(limit) = self.idp_add(idp) {
+            self.concurrent.fetch_sub(1, Ordering::SeqCst);
+            return Err(limit);
+        }
+        Ok(())
+    }
+
+    /// Gives back a slot of [`Limits::capacity_take`].
+    pub fn capacity_give(&self, idp: &str) {
+        self.concurrent.fetch_sub(1, Ordering::SeqCst);
+        self.idp_sub(idp);
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     fn idp_add(&self, idp: &str) -> Result<(), Limit> {
         let mut n = self.per_idp.entry(idp.to_owned()).or_default();
         if *n >= self.settings.max_concurrent_orders_per_idp {
@@ -300,6 +339,140 @@ impl Limits {
     /// Live orders at one provider.
     pub fn live_orders_at(&self, idp: &str) -> usize {
         self.per_idp.get(idp).map(|n| *n).unwrap_or(0)
+    }
+}
+
+/// The limits a call task asks: this process's own ([`Limits`]), or with shared state the limits on
+/// Redis (`state::limits`) plus this process's concurrency caps.
+///
+/// With shared state, a start asks Redis first (one atomic script); a grant is then checked against
+/// the local caps and taken back from Redis if they refuse, so a refused start records nothing. While
+/// Redis cannot be reached, `state.on_unavailable` decides: this process's own limits
+/// (`callgate_state_fallbacks_total`, a warning per start) or a refusal (`shared_state`).
+#[derive(Debug)]
+pub struct Limiter {
+    local: Limits,
+    shared: Option<Arc<Shared>>,
+    /// (person, call) of orders granted by Redis → their provider (for the local caps at release).
+    held: DashMap<(String, String), String>,
+}
+
+impl Limiter {
+    /// Limits of this process only.
+    pub fn local(limits: Limits) -> Limiter {
+        Limiter {
+            local: limits,
+            shared: None,
+            held: DashMap::new(),
+        }
+    }
+
+    /// Limits shared through Redis.
+    pub fn shared(limits: Limits, shared: Arc<Shared>) -> Limiter {
+        Limiter {
+            local: limits,
+            shared: Some(shared),
+            held: DashMap::new(),
+        }
+    }
+
+    /// Asks to start an order; which limit refused it otherwise. `now` drives the local limits,
+    /// the wall clock the shared ones.
+    pub async fn acquire(&self, s: Start<'_>, now: Instant) -> Result<Grant, Limit> {
+        let Some(shared) = &self.shared else {
+            return self.local.acquire(s, now);
+        };
+        let now_ms = crate::state::wire::millis(super::task::wall_clock());
+        match shared
+            .limits_acquire(&s, self.local.settings(), now_ms)
+            .await
+        {
+            Ok(Acquired::Refused(limit)) => Err(limit),
+            Ok(Acquired::Granted { previous, undo }) => {
+                let key = (s.person.to_owned(), s.call.to_owned());
+                if !self.held.contains_key(&key) {
+                    if let Err(limit) = self.local.capacity_take(s.idp) {
+                        if let Err(e) = shared.limits_undo(&undo).await {
+                            tracing::warn!(error = %e, "could not take back a start refused by this instance's caps; its window entries stay");
+                        }
+                        return Err(limit);
+                    }
+                    self.held.insert(key, s.idp.to_owned());
+                }
+                let supersede = match previous {
+                    Some(h) if h.instance == shared.instance() => Some(h.call),
+                    Some(h) => {
+                        // The person's older order is on another instance's call: it ends there.
+                        let shared = Arc::clone(shared);
+                        tokio::spawn(async move {
+                            let by = super::live::StartedBy::Gate;
+                            let _ = shared
+                                .forward(
+                                    &h.instance,
+                                    &h.call,
+                                    by,
+                                    crate::state::wire::Op::Superseded,
+                                )
+                                .await;
+                        });
+                        None
+                    }
+                    None => None,
+                };
+                Ok(Grant { supersede })
+            }
+            Err(e) => match shared.on_unavailable() {
+                OnUnavailable::LocalLimits => {
+                    shared.metrics().state_fallback();
+                    tracing::warn!(error = %e, "shared state unreachable: this order's limits are decided by this instance alone");
+                    self.local.acquire(s, now)
+                }
+                OnUnavailable::Refuse => {
+                    tracing::warn!(error = %e, "shared state unreachable: order refused (state.on_unavailable = refuse)");
+                    Err(Limit::SharedState)
+                }
+            },
+        }
+    }
+
+    /// The order of `call` for `person` is over. Never waits: the shared release runs on its own
+    /// (should Redis be unreachable, the claim expires by itself).
+    pub fn release(&self, person: &str, call: &str) {
+        match self.held.remove(&(person.to_owned(), call.to_owned())) {
+            Some((_, idp)) => {
+                self.local.capacity_give(&idp);
+                if let Some(shared) = &self.shared {
+                    let shared = Arc::clone(shared);
+                    let (person, call) = (person.to_owned(), call.to_owned());
+                    tokio::spawn(async move {
+                        let _ = shared.limits_release(&person, &call).await;
+                    });
+                }
+            }
+            None => self.local.release(person, call),
+        }
+    }
+
+    /// The person declined a call in their app: the cool-down, here and (without waiting) on Redis.
+    pub fn declined(&self, person: &str, now: Instant) {
+        self.local.declined(person, now);
+        if let Some(shared) = &self.shared {
+            let shared = Arc::clone(shared);
+            let person = person.to_owned();
+            let cool_down = self.local.settings().declined_cool_down;
+            let now_ms = crate::state::wire::millis(super::task::wall_clock());
+            tokio::spawn(async move {
+                let _ = shared.limits_declined(&person, now_ms, cool_down).await;
+            });
+        }
+    }
+
+    pub fn live_orders(&self) -> usize {
+        self.local.live_orders()
+    }
+
+    pub fn live_orders_at(&self, idp: &str) -> usize {
+        self.local.live_orders_at(idp)
     }
 }
 

@@ -128,6 +128,18 @@ pub struct CallView {
     pub can_verify: bool,
     /// The current or last check of this call.
     pub verification: Option<VerificationView>,
+    /// With shared state (`[state] kind = "redis"`): the instance whose task owns the call. `None`
+    /// with state in memory.
+    pub owner: Option<Owner>,
+}
+
+/// The instance owning a call, when several share their state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// Its `state.instance_id`.
+    pub instance: String,
+    /// Its heartbeat stopped: the call is no longer followed (its PBX's dialplan routes the caller).
+    pub lost: bool,
 }
 
 /// What happened.
@@ -143,9 +155,25 @@ pub enum LiveKind {
     /// their name.
     Fraud,
     CallEnded,
+    /// The instance owning the call stopped beating (several instances only).
+    InstanceLost,
 }
 
 impl LiveKind {
+    pub const ALL: [LiveKind; 7] = [
+        LiveKind::CallStarted,
+        LiveKind::AgentConnected,
+        LiveKind::Progress,
+        LiveKind::Completed,
+        LiveKind::Fraud,
+        LiveKind::CallEnded,
+        LiveKind::InstanceLost,
+    ];
+
+    pub fn from_code(code: &str) -> Option<LiveKind> {
+        LiveKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
     pub fn code(self) -> &'static str {
         match self {
             LiveKind::CallStarted => "call_started",
@@ -154,6 +182,7 @@ impl LiveKind {
             LiveKind::Completed => "verification_completed",
             LiveKind::Fraud => "fraud_warning",
             LiveKind::CallEnded => "call_ended",
+            LiveKind::InstanceLost => "instance_lost",
         }
     }
 }
@@ -185,6 +214,8 @@ pub struct Live {
     verifications: DashMap<String, Kept>,
     keep: Duration,
     tx: broadcast::Sender<LiveEvent>,
+    /// With shared state: this instance's id, stamped on the calls it publishes.
+    instance: Option<String>,
 }
 
 impl Live {
@@ -197,12 +228,83 @@ impl Live {
             verifications: DashMap::new(),
             keep,
             tx,
+            instance: None,
         }
     }
 
+    /// A view that also holds other instances' calls: this process's own calls are stamped with
+    /// `instance` as their owner.
+    pub fn with_instance(keep: Duration, instance: &str) -> Live {
+        Live {
+            instance: Some(instance.to_owned()),
+            ..Live::new(keep)
+        }
+    }
+
+    /// This instance's id, with shared state.
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.as_deref()
+    }
+
+    /// Whether a call is owned by this process (always so with state in memory).
+    pub fn is_local(&self, call: &CallView) -> bool {
+        match (&call.owner, &self.instance) {
+            (None, _) | (_, None) => true,
+            (Some(o), Some(me)) => &o.instance == me,
+        }
+    }
+
+    /// The calls other instances own that are known here.
+    pub fn remote_calls(&self) -> Vec<CallView> {
+        self.calls()
+            .into_iter()
+            .filter(|c| !self.is_local(c))
+            .collect()
+    }
+
+    /// An instance stopped beating: its calls here are marked lost (each announced once).
+    pub fn mark_lost(&self, instance: &str) {
+        let lost: Vec<CallView> = self
+            .calls
+            .iter()
+            .filter(|c| {
+                c.owner
+                    .as_ref()
+                    .is_some_and(|o| o.instance == instance && !o.lost)
+            })
+            .map(|c| c.clone())
+            .collect();
+        for mut call in lost {
+            if let Some(o) = &mut call.owner {
+                o.lost = true;
+            }
+            self.publish(LiveKind::InstanceLost, call);
+        }
+    }
+
+    /// Forgets a call another instance owned (its snapshot is gone): announced as ended.
+    pub fn forget_remote(&self, call_id: &str) {
+        let Some(mut call) = self.calls.get(call_id).map(|c| c.clone()) else {
+            return;
+        };
+        if self.is_local(&call) {
+            return;
+        }
+        call.state = CallState::Ended;
+        self.publish(LiveKind::CallEnded, call);
+    }
+
     /// Publishes a call's new view (its task is the only writer).
-    pub fn publish(&self, kind: LiveKind, call: CallView) {
+    pub fn publish(&self, kind: LiveKind, mut call: CallView) {
         let now = instant_now();
+        if call.owner.is_none() {
+            if let Some(me) = &self.instance {
+                call.owner = Some(Owner {
+                    instance: me.clone(),
+                    lost: false,
+                });
+            }
+        }
         for alias in &call.aliases {
             self.aliases.insert(alias.clone(), call.call_id.clone());
         }
@@ -361,6 +463,7 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH,
             can_verify: true,
             verification: v,
+            owner: None,
         }
     }
 

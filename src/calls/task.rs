@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::journal::{self, Journal};
-use super::limits::{self, Limits};
+use super::limits::{self, Limiter};
 use super::live::{
     CallState, CallView, CheckMethod, Live, LiveKind, Refusal, StartedBy, VerificationView,
 };
@@ -38,7 +38,7 @@ use crate::verify::{self, ProviderError, Stage};
 /// Shared by every call of one process.
 pub struct Deps {
     pub providers: HashMap<String, Arc<dyn Provider>>,
-    pub limits: Limits,
+    pub limits: Limiter,
     pub key: PseudonymKey,
     pub verify: verify::Settings,
     pub audit: Option<Audit>,
@@ -508,6 +508,7 @@ impl Driver {
                 started_at: self.snapshot.borrow().started_at,
                 can_verify: self.can_verify,
                 verification: self.check.clone(),
+                owner: None,
             },
         );
     }
@@ -594,7 +595,7 @@ impl Driver {
                 self.timers.remove(&timer);
             }
             Command::Idp(req) => {
-                if let Some(answer) = self.provider_request(0, req) {
+                if let Some(answer) = self.provider_request(0, req).await {
                     self.pending.push(Input::Idp(answer));
                 }
             }
@@ -619,7 +620,7 @@ impl Driver {
 
     /// Sends a provider request for check `gen` as a child future; an answer known at once (no such
     /// provider, refused by the limits) is returned instead.
-    fn provider_request(&mut self, gen: u32, req: IdpCommand) -> Option<verify::Input> {
+    async fn provider_request(&mut self, gen: u32, req: IdpCommand) -> Option<verify::Input> {
         let Some(provider) = self.provider() else {
             tracing::error!(idp = %self.setup.policy.idp, "no such identity provider");
             if let IdpCommand::Start(_) = req {
@@ -651,7 +652,7 @@ impl Driver {
                     idp: &self.setup.policy.idp,
                     agent: agent.as_deref(),
                 };
-                match self.deps.limits.acquire(start, now().into_std()) {
+                match self.deps.limits.acquire(start, now().into_std()).await {
                     Err(limit) => {
                         let reason = limit.reason();
                         tracing::warn!(reason = %reason, limit = limit.code(), "order refused by limits");
@@ -1183,7 +1184,9 @@ impl Driver {
                         }
                     }
                 }
-                self.provider_request(gen, req).map(|a| A::Idp(gen, a))
+                self.provider_request(gen, req)
+                    .await
+                    .map(|a| A::Idp(gen, a))
             }
             C::Progress { gen, stage } => {
                 if gen == self.check_gen {
@@ -1374,6 +1377,7 @@ impl Driver {
             started_at: self.snapshot.borrow().started_at,
             can_verify: self.can_verify,
             verification: self.check.clone(),
+            owner: None,
         };
         webhooks.call_event(kind, &view, wall_clock());
     }

@@ -62,6 +62,16 @@
 //! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
 //! | `switchboards.<name>.token_sha256` | — | **required**: 64 hex digits, the SHA-256 of the switchboard's bearer token for `/switchboard/v1`; distinct from every other token |
 //! | `switchboards.<name>.queues` | — | **required**: the queues (`[queues.<name>]`) its verifications may name |
+//! | `state.kind` | `memory` | `memory` (this process only) or `redis` (shared by several instances; needs `server.pseudonym_key`, the same on every instance) |
+//! | `state.instance_id` | host name + `-` + ARI app | 1..=64 of letters, digits, `-`, `_`, `.`; unique per instance |
+//! | `state.url` | — | **required** with `redis`: `redis://` or `rediss://` (TLS), secret (may carry a password) |
+//! | `state.key_prefix` | `callgate` | like `instance_id`; every key and channel starts with it |
+//! | `state.pool_size` | `2` | 1..=32 multiplexed connections |
+//! | `state.connect_timeout` / `response_timeout` | `2s` / `1s` | 100ms..=60s / 50ms..=30s |
+//! | `state.command_timeout` | `3s` | 100ms..=4s: wait for the owning instance to answer a forwarded start or cancel (below the API's 5 s) |
+//! | `state.heartbeat_interval` | `2s` | 100ms..=60s; an instance is lost after three missed beats |
+//! | `state.snapshot_ttl` | `60s` | 1s..=1h, at least three heartbeats: a call's snapshot outlives its owner this long |
+//! | `state.on_unavailable` | `local_limits` | `local_limits` or `refuse`: new orders while Redis is unreachable |
 //! | `webhooks.max_attempts` | `10` | 1..=100 |
 //! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
 //! | `webhooks.timeout` | `10s` | 100ms..=120s |
@@ -126,6 +136,7 @@ pub mod duration;
 mod queue;
 mod sections;
 mod source;
+mod state;
 mod walk;
 mod webhooks;
 
@@ -133,13 +144,14 @@ mod webhooks;
 mod tests;
 
 pub use source::{interpolate, ENV_PREFIX, ENV_SEPARATOR};
+pub use state::{redis_on_loopback, OnUnavailable, RedisSettings, State, StateKind};
 pub use webhooks::{WebhookTarget, Webhooks};
 
 /// Exit code of `check-config` (and of startup) when the configuration has problems (`EX_USAGE`).
 pub const EXIT_CONFIG: i32 = 64;
 /// Default `step` of a simulator provider.
 pub const DEFAULT_SIMULATOR_STEP: Duration = Duration::from_secs(1);
-const TOP_KEYS: [&str; 10] = [
+const TOP_KEYS: [&str; 11] = [
     "server",
     "pbx",
     "idp",
@@ -150,6 +162,7 @@ const TOP_KEYS: [&str; 10] = [
     "webhooks",
     "audit",
     "switchboards",
+    "state",
 ];
 const NAME_RULE: &str =
     "must be lowercase letters, digits, '-' or '_' (no \"__\"), so environment overrides can address them";
@@ -188,6 +201,8 @@ pub struct Config {
     pub audit: AuditSettings,
     /// `[switchboards.<name>]`: hosted switchboards calling the request-node API, by name.
     pub switchboards: BTreeMap<String, Switchboard>,
+    /// `[state]`: in memory, or shared with other instances on Redis.
+    pub state: State,
 }
 
 /// One hosted switchboard allowed to call `/switchboard/v1`. Only its token's SHA-256 is configured.
@@ -420,6 +435,16 @@ pub fn load(
     let api = sections::api(&mut ctx, api_t);
     let audit_t = section(&mut ctx, "audit");
     let audit = sections::audit(&mut ctx, audit_t);
+    let state_t = section(&mut ctx, "state");
+    let state = state::state(&mut ctx, state_t);
+    if matches!(state.kind, StateKind::Redis(_)) && server.pseudonym_key.is_empty() {
+        // Limits key persons by pseudonym and shared records are sealed with a key derived from it:
+        // every instance must have the same one.
+        ctx.issue(
+            "server.pseudonym_key",
+            "required with state.kind = \"redis\": every instance must use the same key",
+        );
+    }
 
     let defaults_spec =
         section(&mut ctx, "defaults").map(|t| queue::parse(&mut ctx, "defaults", t));
@@ -486,6 +511,7 @@ pub fn load(
             webhooks,
             audit,
             switchboards,
+            state,
         })
     } else {
         Err(issues)
@@ -533,6 +559,12 @@ pub fn check_config(path: &Path) -> (String, i32) {
 /// still succeeds.
 pub fn warnings(cfg: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    if let StateKind::Redis(r) = &cfg.state.kind {
+        let url = r.url.expose();
+        if url.starts_with("redis://") && !redis_on_loopback(url) {
+            out.push("state.url: plain redis:// to another host sends the password and key names in clear; use rediss://".to_owned());
+        }
+    }
     for (name, idp) in &cfg.idps {
         let Idp::Ciba(c) = idp else {
             continue;

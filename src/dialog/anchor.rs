@@ -73,6 +73,36 @@ pub enum Refusal {
     /// The call did not answer in time (overloaded or stuck): 503.
     #[error("the call did not answer in time")]
     Unavailable,
+    /// Several instances: the one owning the call did not answer a forwarded request: 503.
+    #[error("the callgate instance owning the call did not answer")]
+    OwnerUnreachable,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NotAnchored,
+        Refusal::Ended,
+        Refusal::InvalidNumber,
+        Refusal::NothingToCancel,
+        Refusal::Unavailable,
+        Refusal::OwnerUnreachable,
+    ];
+
+    /// Stable code (the API's error code, and how another instance reports the refusal).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::NotAnchored => "not_with_agent",
+            Refusal::Ended => "call_ended",
+            Refusal::InvalidNumber => "invalid_number",
+            Refusal::NothingToCancel => "nothing_to_cancel",
+            Refusal::Unavailable => "call_unavailable",
+            Refusal::OwnerUnreachable => "instance_unavailable",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Refusal> {
+        Refusal::ALL.into_iter().find(|r| r.code() == code)
+    }
 }
 
 /// Which side of the bridge a prompt is for.

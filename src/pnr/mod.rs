@@ -276,6 +276,15 @@ impl PseudonymKey {
     pub fn new(bytes: Vec<u8>) -> Self {
         PseudonymKey(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
     }
+
+    /// A 32-byte key for another purpose, derived from this one and a label (HMAC of the label), so
+    /// that instances sharing the pseudonym key share it too without configuring a second secret.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let tag = hmac::sign(&self.0, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
+    }
 }
 
 impl fmt::Debug for PseudonymKey {

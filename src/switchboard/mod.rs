@@ -495,7 +495,12 @@ impl Verification {
                         idp: &self.policy.idp,
                         agent: None,
                     };
-                    match self.deps.limits.acquire(start, task::now().into_std()) {
+                    match self
+                        .deps
+                        .limits
+                        .acquire(start, task::now().into_std())
+                        .await
+                    {
                         Err(limit) => {
                             tracing::warn!(limit = limit.code(), "order refused by limits");
                             self.deps
@@ -654,6 +659,7 @@ impl Verification {
             started_at: self.view.started_at,
             can_verify: false,
             verification: Some(self.view.clone()),
+            owner: None,
         }
     }
 

@@ -47,6 +47,7 @@ use crate::calls::live::{
 };
 use crate::calls::{CallEvent, Live, Registry};
 use crate::config::Role;
+use crate::state::{wire, Shared};
 
 /// Longest accepted typed number, in characters (a personal number with separators fits easily).
 const MAX_NUMBER_LEN: usize = 32;
@@ -85,6 +86,9 @@ pub struct AgentState {
     pub stop: CancellationToken,
     /// Where reads of identity fields are recorded.
     pub audit: Option<Audit>,
+    /// With several instances: the shared state, through which requests for other instances'
+    /// calls are forwarded and older verifications read.
+    pub shared: Option<Arc<Shared>>,
 }
 
 impl AgentState {
@@ -268,6 +272,30 @@ fn start_body(body: &[u8]) -> Result<Source, ApiError> {
     }
 }
 
+/// Sends a start or cancel to the instance owning a call another instance owns; `None` when the
+/// call is this process's own.
+async fn forward(
+    s: &AgentState,
+    call: &CallView,
+    by: crate::calls::live::StartedBy,
+    op: wire::Op,
+) -> Option<Result<String, ApiError>> {
+    let shared = s.shared.as_ref()?;
+    if s.live.is_local(call) {
+        return None;
+    }
+    let owner = call.owner.as_ref()?;
+    if owner.lost {
+        return Some(Err(ApiError::Refused(Refusal::OwnerUnreachable)));
+    }
+    Some(
+        shared
+            .forward(&owner.instance, &call.call_id, by, op)
+            .await
+            .map_err(ApiError::Refused),
+    )
+}
+
 /// Delivers a request to a call task and waits (bounded) for its answer.
 async fn ask(
     s: &AgentState,
@@ -345,16 +373,25 @@ async fn start_verification(
         Source::Keypad => "keypad",
         Source::Typed(_) => "agent_typed",
     };
-    let (tx, rx) = oneshot::channel();
-    let request = CheckRequest {
-        by: who.started_by(),
-        number: match source {
-            Source::Keypad => None,
-            Source::Typed(n) => Some(n),
-        },
-        reply: tx,
+    let number = match source {
+        Source::Keypad => None,
+        Source::Typed(n) => Some(n),
     };
-    let id = ask(&s, &call.call_id, CallEvent::StartCheck(request), rx).await?;
+    let op = wire::Op::Start {
+        number: number.as_ref().map(|n| n.0.clone()),
+    };
+    let id = match forward(&s, &call, who.started_by(), op).await {
+        Some(answer) => answer?,
+        None => {
+            let (tx, rx) = oneshot::channel();
+            let request = CheckRequest {
+                by: who.started_by(),
+                number,
+                reply: tx,
+            };
+            ask(&s, &call.call_id, CallEvent::StartCheck(request), rx).await?
+        }
+    };
     tracing::info!(call.id = %call.call_id, verification = %id, method, "verification started through the api");
     Ok(accepted(&id, &call.call_id, "in_progress"))
 }
@@ -368,12 +405,17 @@ async fn cancel_verification(
     may_verify(&who)?;
     no_query(&uri)?;
     let call = visible_call(&s, &who, &path_id(path)?)?;
-    let (tx, rx) = oneshot::channel();
-    let request = CancelRequest {
-        by: who.started_by(),
-        reply: tx,
+    let id = match forward(&s, &call, who.started_by(), wire::Op::Cancel).await {
+        Some(answer) => answer?,
+        None => {
+            let (tx, rx) = oneshot::channel();
+            let request = CancelRequest {
+                by: who.started_by(),
+                reply: tx,
+            };
+            ask(&s, &call.call_id, CallEvent::CancelCheck(request), rx).await?
+        }
     };
-    let id = ask(&s, &call.call_id, CallEvent::CancelCheck(request), rx).await?;
     tracing::info!(call.id = %call.call_id, verification = %id, "verification cancelled through the api");
     Ok(accepted(&id, &call.call_id, "cancelling"))
 }
@@ -386,10 +428,18 @@ async fn get_verification(
 ) -> Result<Json<Value>, ApiError> {
     no_query(&uri)?;
     let id = path_id(path)?;
-    let (view, agent) = s
-        .live
-        .verification_with_agent(&id)
-        .ok_or_else(|| ApiError::NotFound("no verification with this id".into()))?;
+    let known = match s.live.verification_with_agent(&id) {
+        Some(found) => Some(found),
+        // Several instances: one that ended before this instance knew it is read from Redis.
+        None => match &s.shared {
+            Some(shared) => crate::state::replica::read_verification(shared, &id)
+                .await
+                .map_err(|_| ApiError::Unavailable("the shared state cannot be read".into()))?,
+            None => None,
+        },
+    };
+    let (view, agent) =
+        known.ok_or_else(|| ApiError::NotFound("no verification with this id".into()))?;
     if who.role == Role::Agent && !who.owns(agent.as_deref()) {
         return Err(ApiError::Forbidden(
             "this verification is of a call that was not yours".into(),

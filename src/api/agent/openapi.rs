@@ -94,7 +94,7 @@ pub fn document() -> Value {
                         "409": error("The call is not with an agent (`not_with_agent`)."),
                         "413": error("The body is larger than `api.max_body` (`body_too_large`)."),
                         "422": error("The body is not one of the two forms (`invalid_request`), or the number is not a valid personal number for the queue (`invalid_number`)."),
-                        "503": error("The call did not answer in time (`call_unavailable`), or callgate is draining (`unavailable`).")
+                        "503": error("The call did not answer in time (`call_unavailable`), the instance owning it did not answer (`instance_unavailable`, shared state only), or callgate is draining (`unavailable`).")
                     }
                 }
             },
@@ -107,13 +107,13 @@ pub fn document() -> Value {
                         "401": e401, "403": e403, "404": e404,
                         "409": error("No verification in progress (`nothing_to_cancel`) or the call is not with an agent (`not_with_agent`)."),
                         "422": e422,
-                        "503": error("The call did not answer in time (`call_unavailable`).")
+                        "503": error("The call did not answer in time (`call_unavailable`), or the instance owning it did not answer (`instance_unavailable`, shared state only).")
                     }
                 }
             },
             "/v1/calls/{id}/events": {
                 "get": {
-                    "summary": "Server-Sent Events of one call: a `snapshot` of its current state, then `agent_connected`, `verification_progress`, `verification_completed`, `fraud_warning` and `call_ended`, each with the call (schema Call) as data. After a gap the client gets a `snapshot` again. Ends after `call_ended`.",
+                    "summary": "Server-Sent Events of one call: a `snapshot` of its current state, then `agent_connected`, `verification_progress`, `verification_completed`, `fraud_warning`, `instance_lost` (shared state only) and `call_ended`, each with the call (schema Call) as data. After a gap the client gets a `snapshot` again. Ends after `call_ended`.",
                     "parameters": [call_id],
                     "responses": {
                         "200": sse("The stream."),
@@ -123,7 +123,7 @@ pub fn document() -> Value {
             },
             "/v1/events": {
                 "get": {
-                    "summary": "Server-Sent Events of every call the token may see: one `snapshot` per call, then `snapshot_complete` (data `{\"calls\": n}`), then `call_started`, `agent_connected`, `verification_progress`, `verification_completed`, `fraud_warning` and `call_ended`, each with the call (schema Call) as data. After a gap the snapshots are sent again and replace the client's state. An agent's calls appear from `agent_connected` on.",
+                    "summary": "Server-Sent Events of every call the token may see: one `snapshot` per call, then `snapshot_complete` (data `{\"calls\": n}`), then `call_started`, `agent_connected`, `verification_progress`, `verification_completed`, `fraud_warning`, `instance_lost` (shared state only) and `call_ended`, each with the call (schema Call) as data. After a gap the snapshots are sent again and replace the client's state. An agent's calls appear from `agent_connected` on.",
                     "parameters": [queue_param()],
                     "responses": {
                         "200": sse("The stream."),
@@ -164,7 +164,7 @@ pub fn document() -> Value {
                             "unauthorized", "forbidden", "not_found", "no_route", "method_not_allowed",
                             "body_too_large", "invalid_request", "bad_request", "not_with_agent",
                             "call_ended", "invalid_number", "nothing_to_cancel", "call_unavailable",
-                            "unavailable", "internal"
+                            "instance_unavailable", "unavailable", "internal"
                         ]},
                         "reason": {"type": "string"}
                     }
@@ -205,7 +205,9 @@ pub fn document() -> Value {
                         "started_at": {"type": "string", "format": "date-time"},
                         "can_verify": {"type": "boolean"},
                         "verification": {"oneOf": [{"$ref": "#/components/schemas/Verification"}, {"type": "null"}]},
-                        "links": {"type": "object", "additionalProperties": {"type": "string"}}
+                        "links": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "instance": {"type": "string", "description": "Only with shared state ([state] kind = \"redis\"): the callgate instance that owns the call. Any instance answers for it."},
+                        "instance_lost": {"type": "boolean", "description": "Only with shared state: the owning instance stopped beating; the call is no longer followed (its PBX's dialplan routes the caller)."}
                     }
                 },
                 "Verification": {

@@ -10,7 +10,7 @@ use crate::calls::live::{is_fraud, CallView, VerificationView};
 use crate::outcome::rfc3339;
 
 pub fn call(c: &CallView) -> Value {
-    json!({
+    let mut out = json!({
         "call_id": c.call_id,
         "queue": c.queue,
         "state": c.state.code(),
@@ -20,7 +20,13 @@ pub fn call(c: &CallView) -> Value {
         "can_verify": c.can_verify,
         "verification": c.verification.as_ref().map(verification),
         "links": call_links(&c.call_id),
-    })
+    });
+    // Only with shared state: which instance owns the call, and whether it is still beating.
+    if let (Some(owner), Value::Object(map)) = (&c.owner, &mut out) {
+        map.insert("instance".into(), Value::String(owner.instance.clone()));
+        map.insert("instance_lost".into(), Value::Bool(owner.lost));
+    }
+    out
 }
 
 pub fn verification(v: &VerificationView) -> Value {

@@ -85,6 +85,7 @@ fn harness_audited(
     let stop = CancellationToken::new();
     let router = router(
         AgentState {
+            shared: None,
             live: Arc::clone(&live),
             registry: registry.clone(),
             tokens: Arc::new(tokens()),
@@ -250,6 +251,7 @@ fn view(id: &str, queue: &str, state: CallState, agent: Option<&str>) -> CallVie
         started_at: at(0),
         can_verify: state == CallState::Talking,
         verification: None,
+        owner: None,
     }
 }
 

@@ -1,0 +1,555 @@
+//! The live view across instances, the heartbeats and the forwarded commands: three tasks per
+//! instance.
+//!
+//! - `outbound`: this instance's live events become snapshots (`call:<id>` with a TTL of
+//!   `snapshot_ttl`, `verification:<id>` kept `api.keep_verifications`) and messages on `events`.
+//!   While Redis is unreachable nothing is written; the next beat that reaches it rewrites every
+//!   snapshot and republishes every call, so the others catch up.
+//! - `heartbeat`: every `heartbeat_interval`, `instance:<me>` (TTL three beats) and every snapshot of
+//!   ours are rewritten; an instance whose key is gone is lost (its calls here are marked), and a lost
+//!   instance's calls are forgotten once their snapshots expired.
+//! - `inbound`: one subscription to `events`, `cmd:<me>` and `reply:<me>`; every (re)subscription
+//!   first reloads all snapshots (what was missed while apart), then applies the others' events to
+//!   `calls::Live`, runs the commands forwarded to us through `calls::Registry` (exactly as the API
+//!   would locally) and hands replies to the waiting requests. Our own beats are published on
+//!   `beat:<me>`, so a subscription silent for three beats is taken for dead and renewed. Reconnects
+//!   back off with jitter.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, oneshot, Mutex};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{wire, Shared, StateError};
+use crate::calls::live::{CallView, CancelRequest, CheckRequest, LiveKind, Refusal, TypedNumber};
+use crate::calls::{CallEvent, Live, Registry};
+
+/// How long the owner waits for its own call task to answer a forwarded command (below
+/// `command_timeout`'s lower bound, so the asker hears the real answer).
+const TASK_ANSWER: Duration = Duration::from_millis(2500);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Starts the three tasks; they end when `stop` fires.
+pub fn spawn(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    registry: Registry,
+    stop: CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let dirty = Arc::new(AtomicBool::new(true));
+    // Snapshot writes of the two writers are serialised, so a beat cannot write back a call whose
+    // end the outbound task just deleted.
+    let writing = Arc::new(Mutex::new(()));
+    vec![
+        tokio::spawn(outbound(
+            Arc::clone(&shared),
+            Arc::clone(&live),
+            Arc::clone(&dirty),
+            Arc::clone(&writing),
+            stop.clone(),
+        )),
+        tokio::spawn(heartbeat(
+            Arc::clone(&shared),
+            Arc::clone(&live),
+            dirty,
+            writing,
+            stop.clone(),
+        )),
+        tokio::spawn(inbound(shared, live, registry, stop)),
+    ]
+}
+
+fn sealed(shared: &Shared, purpose: &str, value: &Value) -> Option<Vec<u8>> {
+    let plain = serde_json::to_vec(value).ok()?;
+    shared.seal().seal(purpose, &plain)
+}
+
+fn opened(shared: &Shared, purpose: &str, data: &[u8]) -> Option<Value> {
+    let plain = shared.seal().open(purpose, data)?;
+    serde_json::from_slice(&plain).ok()
+}
+
+/// Writes one of our calls' snapshot (or deletes it when the call ended) and publishes the event.
+async fn write(
+    shared: &Shared,
+    kind: LiveKind,
+    call: &CallView,
+    publish: bool,
+) -> Result<(), StateError> {
+    let call_key = shared.key(&["call", &call.call_id]);
+    let ttl = u64::try_from(shared.settings().snapshot_ttl.as_millis()).unwrap_or(u64::MAX);
+    let keep = u64::try_from(shared.keep().as_millis()).unwrap_or(u64::MAX);
+    let snapshot = sealed(shared, "call", &wire::call_to_json(call)).ok_or(StateError::Corrupt)?;
+    let event =
+        sealed(shared, "event", &wire::event_to_json(kind, call)).ok_or(StateError::Corrupt)?;
+    let verification = match &call.verification {
+        Some(v) => Some((
+            shared.key(&["verification", &v.id]),
+            sealed(
+                shared,
+                "verification",
+                &json!({"verification": wire::verification_to_json(v), "agent": call.agent}),
+            )
+            .ok_or(StateError::Corrupt)?,
+        )),
+        None => None,
+    };
+    let events = shared.key(&["events"]);
+    let ended = kind == LiveKind::CallEnded;
+    shared
+        .run("publish", |mut c| async move {
+            let mut pipe = redis::pipe();
+            if ended {
+                pipe.cmd("DEL").arg(&call_key).ignore();
+            } else {
+                pipe.cmd("SET")
+                    .arg(&call_key)
+                    .arg(snapshot)
+                    .arg("PX")
+                    .arg(ttl)
+                    .ignore();
+            }
+            if let Some((key, value)) = verification {
+                pipe.cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(keep)
+                    .ignore();
+            }
+            if publish {
+                pipe.cmd("PUBLISH").arg(&events).arg(event).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
+}
+
+async fn outbound(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    dirty: Arc<AtomicBool>,
+    writing: Arc<Mutex<()>>,
+    stop: CancellationToken,
+) {
+    let mut rx = live.subscribe();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return,
+            e = rx.recv() => e,
+        };
+        match event {
+            Ok(e) => {
+                // `fraud_warning` is derived from `verification_completed` by each instance's view.
+                if !live.is_local(&e.call)
+                    || matches!(e.kind, LiveKind::Fraud | LiveKind::InstanceLost)
+                {
+                    continue;
+                }
+                if dirty.load(Ordering::SeqCst) {
+                    // The next beat that reaches Redis rewrites everything.
+                    continue;
+                }
+                let _guard = writing.lock().await;
+                if write(&shared, e.kind, &e.call, true).await.is_err() {
+                    dirty.store(true, Ordering::SeqCst);
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "shared state fell behind the live view; republishing every call"
+                );
+                dirty.store(true, Ordering::SeqCst);
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+async fn heartbeat(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    dirty: Arc<AtomicBool>,
+    writing: Arc<Mutex<()>>,
+    stop: CancellationToken,
+) {
+    let every = shared.settings().heartbeat_interval;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        if beat(&shared, &live, &dirty, &writing).await.is_err() {
+            dirty.store(true, Ordering::SeqCst);
+        }
+    }
+    // Leaving: the others see us gone at once rather than after three beats.
+    let key = shared.key(&["instance", shared.instance()]);
+    let _ = shared
+        .run("leave", |mut c| async move {
+            redis::cmd("DEL").arg(&key).query_async::<()>(&mut c).await
+        })
+        .await;
+}
+
+/// One beat: say we are alive, refresh our snapshots (republishing them after an outage), and look
+/// after the other instances' calls.
+async fn beat(
+    shared: &Shared,
+    live: &Live,
+    dirty: &AtomicBool,
+    writing: &Mutex<()>,
+) -> Result<(), StateError> {
+    let every = shared.settings().heartbeat_interval;
+    let key = shared.key(&["instance", shared.instance()]);
+    let alive_ms = u64::try_from((every * 3).as_millis()).unwrap_or(u64::MAX);
+    let stamp = wire::millis(crate::calls::task::wall_clock()).to_string();
+    let beat_channel = shared.key(&["beat", shared.instance()]);
+    shared
+        .run("heartbeat", |mut c| async move {
+            redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg(stamp)
+                .arg("PX")
+                .arg(alive_ms)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(&beat_channel)
+                .arg("")
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await?;
+    let guard = writing.lock().await;
+    let republish = dirty.swap(false, Ordering::SeqCst);
+    if republish {
+        tracing::info!("rewriting this instance's calls in the shared state");
+    }
+    for call in live.calls().into_iter().filter(|c| live.is_local(c)) {
+        let kind = if republish {
+            LiveKind::Progress
+        } else {
+            LiveKind::CallStarted
+        };
+        if let Err(e) = write(shared, kind, &call, republish).await {
+            dirty.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+    }
+    drop(guard);
+    // Other instances: lost when their key expired; their calls forgotten once the snapshots are gone.
+    let mut owners = HashSet::new();
+    for call in live.remote_calls() {
+        if let Some(o) = &call.owner {
+            owners.insert(o.instance.clone());
+        }
+    }
+    for owner in owners {
+        let key = shared.key(&["instance", &owner]);
+        let alive: bool = shared
+            .run("instance_alive", |mut c| async move {
+                redis::cmd("EXISTS").arg(&key).query_async(&mut c).await
+            })
+            .await?;
+        if !alive {
+            tracing::warn!(instance = %owner, "instance lost: its calls are no longer followed");
+            live.mark_lost(&owner);
+        }
+    }
+    for call in live.remote_calls() {
+        if !call.owner.as_ref().is_some_and(|o| o.lost) {
+            continue;
+        }
+        let key = shared.key(&["call", &call.call_id]);
+        let exists: bool = shared
+            .run("snapshot_exists", |mut c| async move {
+                redis::cmd("EXISTS").arg(&key).query_async(&mut c).await
+            })
+            .await?;
+        if !exists {
+            live.forget_remote(&call.call_id);
+        }
+    }
+    let pattern = shared.key(&["instance", "*"]);
+    let instances: Vec<String> = shared
+        .run("instances", |mut c| async move {
+            let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+            let mut out = Vec::new();
+            while let Some(k) = iter.next_item().await {
+                out.push(k?);
+            }
+            Ok(out)
+        })
+        .await?;
+    shared
+        .metrics()
+        .set_gauge("callgate_state_instances", instances.len() as f64);
+    Ok(())
+}
+
+async fn inbound(
+    shared: Arc<Shared>,
+    live: Arc<Live>,
+    registry: Registry,
+    stop: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match subscribe(&shared).await {
+            Ok(pubsub) => {
+                backoff = BACKOFF_MIN;
+                if let Err(e) = reload(&shared, &live).await {
+                    tracing::warn!(error = %e, "reloading the other instances' calls failed");
+                }
+                tracing::info!("subscribed to the shared state");
+                shared.set_subscribed(true);
+                listen(&shared, &live, &registry, pubsub, &stop).await;
+                shared.set_subscribed(false);
+                if stop.is_cancelled() {
+                    return;
+                }
+                tracing::warn!("subscription to the shared state lost; reconnecting");
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot subscribe to the shared state");
+                shared.set_up(false);
+            }
+        }
+        let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn subscribe(shared: &Shared) -> Result<redis::aio::PubSub, StateError> {
+    let bound = shared.settings().connect_timeout + shared.settings().response_timeout;
+    let channels = [
+        shared.key(&["events"]),
+        shared.key(&["cmd", shared.instance()]),
+        shared.key(&["reply", shared.instance()]),
+        shared.key(&["beat", shared.instance()]),
+    ];
+    let connect = async {
+        let mut pubsub = shared.client().get_async_pubsub().await?;
+        for c in &channels {
+            pubsub.subscribe(c).await?;
+        }
+        Ok::<_, redis::RedisError>(pubsub)
+    };
+    match tokio::time::timeout(bound, connect).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(e)) => Err(StateError::Redis(e)),
+        Err(_) => Err(StateError::Timeout),
+    }
+}
+
+/// Loads every snapshot of the other instances' calls; forgets those that are gone.
+async fn reload(shared: &Shared, live: &Live) -> Result<(), StateError> {
+    let pattern = shared.key(&["call", "*"]);
+    let values: Vec<Option<Vec<u8>>> = shared
+        .run("reload", |mut c| async move {
+            let mut keys = Vec::new();
+            {
+                let mut iter: redis::AsyncIter<String> = c.scan_match(&pattern).await?;
+                while let Some(k) = iter.next_item().await {
+                    keys.push(k?);
+                }
+            }
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            redis::cmd("MGET").arg(keys).query_async(&mut c).await
+        })
+        .await?;
+    let mut present = HashSet::new();
+    for raw in values.into_iter().flatten() {
+        let Some(call) = opened(shared, "call", &raw).and_then(|v| wire::call_from_json(&v)) else {
+            continue;
+        };
+        if live.is_local(&call) {
+            continue;
+        }
+        present.insert(call.call_id.clone());
+        apply(live, None, call);
+    }
+    for call in live.remote_calls() {
+        if !present.contains(&call.call_id) {
+            live.forget_remote(&call.call_id);
+        }
+    }
+    Ok(())
+}
+
+/// Applies another instance's view of a call (unchanged views are not announced again).
+fn apply(live: &Live, kind: Option<LiveKind>, call: CallView) {
+    let known = live.call(&call.call_id);
+    if kind.is_none() && known.as_ref() == Some(&call) {
+        return;
+    }
+    let kind = kind.unwrap_or(if known.is_some() {
+        LiveKind::Progress
+    } else {
+        LiveKind::CallStarted
+    });
+    live.publish(kind, call);
+}
+
+async fn listen(
+    shared: &Arc<Shared>,
+    live: &Live,
+    registry: &Registry,
+    pubsub: redis::aio::PubSub,
+    stop: &CancellationToken,
+) {
+    let events = shared.key(&["events"]);
+    let commands = shared.key(&["cmd", shared.instance()]);
+    let replies = shared.key(&["reply", shared.instance()]);
+    let mut stream = pubsub.into_on_message();
+    // Our own heartbeat publishes on `beat:<me>` every beat: a subscription that hears nothing for
+    // three beats is dead even if its socket did not say so.
+    let silence = shared.settings().heartbeat_interval * 3;
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = tokio::time::timeout(silence, stream.next()) => match m {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => return,
+            },
+        };
+        let channel = msg.get_channel_name().to_owned();
+        let payload = msg.get_payload_bytes();
+        if channel == events {
+            let Some((kind, call)) =
+                opened(shared, "event", payload).and_then(|v| wire::event_from_json(&v))
+            else {
+                tracing::warn!(
+                    "an unreadable live event in the shared state (another key or version?)"
+                );
+                continue;
+            };
+            if !live.is_local(&call) {
+                apply(live, Some(kind), call);
+            }
+        } else if channel == commands {
+            let Some(command) =
+                opened(shared, "command", payload).and_then(|v| wire::command_from_json(&v))
+            else {
+                tracing::warn!("an unreadable forwarded command (another key or version?)");
+                continue;
+            };
+            let shared = Arc::clone(shared);
+            let registry = registry.clone();
+            tokio::spawn(async move { run_command(&shared, &registry, command).await });
+        } else if channel == replies {
+            if let Some((id, answer)) =
+                opened(shared, "reply", payload).and_then(|v| wire::reply_from_json(&v))
+            {
+                shared.replied(&id, answer);
+            }
+        }
+    }
+}
+
+/// Runs a command forwarded to us on our call, exactly as our own API would, and replies.
+async fn run_command(shared: &Shared, registry: &Registry, command: wire::Command) {
+    let call_id = command.call_id.clone();
+    let answer = match command.op {
+        wire::Op::Superseded => {
+            registry.send(&call_id, CallEvent::Superseded).await;
+            return;
+        }
+        wire::Op::Start { number } => {
+            let (tx, rx) = oneshot::channel();
+            let request = CheckRequest {
+                by: command.by,
+                number: number.map(TypedNumber),
+                reply: tx,
+            };
+            ask(registry, &call_id, CallEvent::StartCheck(request), rx).await
+        }
+        wire::Op::Cancel => {
+            let (tx, rx) = oneshot::channel();
+            let request = CancelRequest {
+                by: command.by,
+                reply: tx,
+            };
+            ask(registry, &call_id, CallEvent::CancelCheck(request), rx).await
+        }
+    };
+    tracing::info!(call.id = %call_id, from = %command.from, ok = answer.is_ok(), "ran a request forwarded by another instance");
+    let Some(reply) = sealed(shared, "reply", &wire::reply_to_json(&command.id, &answer)) else {
+        return;
+    };
+    let channel = shared.key(&["reply", &command.from]);
+    let _ = shared
+        .run("reply", |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(reply)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+}
+
+async fn ask(
+    registry: &Registry,
+    call_id: &str,
+    event: CallEvent,
+    reply: oneshot::Receiver<Result<String, Refusal>>,
+) -> Result<String, Refusal> {
+    if !registry.contains(call_id) {
+        return Err(Refusal::Ended);
+    }
+    if !registry.send(call_id, event).await {
+        return Err(Refusal::Unavailable);
+    }
+    match tokio::time::timeout(TASK_ANSWER, reply).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(Refusal::Ended),
+        Err(_) => Err(Refusal::Unavailable),
+    }
+}
+
+/// Reads a verification's snapshot (for an id this instance's view no longer or never held).
+pub async fn read_verification(
+    shared: &Shared,
+    id: &str,
+) -> Result<Option<(crate::calls::live::VerificationView, Option<String>)>, StateError> {
+    let key = shared.key(&["verification", id]);
+    let raw: Option<Vec<u8>> = shared
+        .run("read_verification", |mut c| async move {
+            redis::cmd("GET").arg(&key).query_async(&mut c).await
+        })
+        .await?;
+    let Some(raw) = raw else { return Ok(None) };
+    let value = opened(shared, "verification", &raw).ok_or(StateError::Corrupt)?;
+    let view = value
+        .get("verification")
+        .and_then(wire::verification_from_json)
+        .ok_or(StateError::Corrupt)?;
+    let agent = value
+        .get("agent")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Ok(Some((view, agent)))
+}
