@@ -406,6 +406,216 @@ fn cpu_of(stat: &str) -> anyhow::Result<f64> {
     Ok((tick(11)? + tick(12)?) / 100.0)
 }
 
+/// `callgate bench --instances 2`: two callgate instances (in this process, each with its own fake
+/// Asterisk and BankID simulator) sharing a `redis-server` started on a loopback port. Prints the
+/// agent API's latency for a start and a cancel on the owning instance and through the other one
+/// (forwarded over Redis), how long a call's event takes to reach the other instance's live view,
+/// and verified checks per second per instance with the limits on Redis, beside one instance with
+/// its limits in memory.
+#[allow(clippy::disallowed_methods)] // the benchmark is the driver: it reads the clock
+pub async fn instances(calls: usize, samples: usize) -> anyhow::Result<String> {
+    use crate::demo::{Lab, LabToken};
+    use crate::state::local::LocalRedis;
+
+    const TOKEN: &str = "bench-supervisor-token-0001";
+    let redis = LocalRedis::start()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: the two-instance bench needs redis-server"))?;
+    let options = |site: Option<&str>| {
+        let mut o = LabOptions::fast();
+        o.step = Duration::from_millis(100);
+        o.poll = Duration::from_millis(50);
+        o.verify_timeout = Duration::from_secs(60);
+        o.gate_deadline = Duration::from_secs(300);
+        o.inter_digit_timeout = Duration::from_secs(5);
+        o.max_concurrent_orders = calls.max(1) * 2;
+        o.limits = vec![
+            (
+                "max_concurrent_orders_per_idp".into(),
+                (calls.max(1) * 2).to_string(),
+            ),
+            ("max_starts_per_queue_per_minute".into(), "100000".into()),
+            ("max_checks_per_agent_per_hour".into(), "10000".into()),
+        ];
+        o.api_tokens = vec![LabToken {
+            name: "bench".into(),
+            token: TOKEN.into(),
+            role: crate::config::Role::Supervisor,
+            agent: None,
+        }];
+        if let Some(site) = site {
+            o.system_name = site.to_owned();
+            o.state = Some(format!(
+                "kind = \"redis\"\nurl = \"{}\"\ninstance_id = \"{site}\"\nkey_prefix = \"bench\"\nheartbeat_interval = \"500ms\"\n",
+                redis.url()
+            ));
+        }
+        o
+    };
+    let mut out = String::new();
+    let a = Lab::start(options(Some("site-a"))).await?;
+    let b = Lab::start(options(Some("site-b"))).await?;
+
+    // A call on A, bridged with its agent; checks are started and cancelled on it.
+    let id = a.asterisk.call(Caller::new("46709999999").queue("desk"));
+    tokio::time::timeout(Duration::from_secs(30), a.asterisk.wait_for_agent(&id))
+        .await
+        .map_err(|_| anyhow::anyhow!("no agent answered the bench call"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.app.live.call(&id).is_none() || !a.app.live.call(&id).is_some_and(|c| c.can_verify) {
+        anyhow::ensure!(Instant::now() < deadline, "the call never reached site B");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let start_path = format!("/v1/calls/{id}/verifications");
+    let cancel_path = format!("/v1/calls/{id}/verification");
+    for (label, addr) in [
+        ("on the owning instance", a.app.api_addr),
+        ("through the other instance (over Redis)", b.app.api_addr),
+    ] {
+        let (mut starts, mut cancels) = (Vec::new(), Vec::new());
+        for _ in 0..samples {
+            let t = Instant::now();
+            let status = api(addr, "POST", &start_path, TOKEN, r#"{"collect":"keypad"}"#).await?;
+            starts.push(t.elapsed());
+            anyhow::ensure!(status == 202, "start answered {status}");
+            let t = Instant::now();
+            let status = api(addr, "DELETE", &cancel_path, TOKEN, "").await?;
+            cancels.push(t.elapsed());
+            anyhow::ensure!(status == 202, "cancel answered {status}");
+        }
+        let _ = writeln!(
+            out,
+            "api {label}: start p50 {} p99 {}, cancel p50 {} p99 {} ({samples} each)",
+            ms(percentile(&mut starts, 50)),
+            ms(percentile(&mut starts, 99)),
+            ms(percentile(&mut cancels, 50)),
+            ms(percentile(&mut cancels, 99)),
+        );
+    }
+    // Event propagation: each start above changed the call on A; time A's publish to B's view.
+    let mut delays = Vec::new();
+    let mut rx = b.app.live.subscribe();
+    for _ in 0..samples.min(50) {
+        let t = Instant::now();
+        let status = api(
+            a.app.api_addr,
+            "POST",
+            &start_path,
+            TOKEN,
+            r#"{"collect":"keypad"}"#,
+        )
+        .await?;
+        anyhow::ensure!(status == 202, "start answered {status}");
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("site B saw no event"))??;
+            if e.call.call_id == id && e.kind == crate::calls::live::LiveKind::Progress {
+                break;
+            }
+        }
+        delays.push(t.elapsed());
+        let _ = api(a.app.api_addr, "DELETE", &cancel_path, TOKEN, "").await?;
+    }
+    let _ = writeln!(
+        out,
+        "events: a start on site A reaches site B's live view in p50 {} p99 {} (API call included)",
+        ms(percentile(&mut delays, 50)),
+        ms(percentile(&mut delays, 99)),
+    );
+    a.asterisk.hang_up(&id);
+
+    // Checks per second: `calls` verifying callers on each site at once, limits on Redis.
+    let t = Instant::now();
+    let (ra, rb) = tokio::join!(verify_many(&a, calls, 0), verify_many(&b, calls, 1));
+    let took = t.elapsed().as_secs_f64();
+    let _ = writeln!(
+        out,
+        "checks: {calls} verifying callers on each of two sites at once (limits on Redis): site A {} verified, site B {} verified, in {took:.2} s = {:.1} checks/s per instance",
+        ra?,
+        rb?,
+        calls as f64 / took,
+    );
+    a.shutdown().await?;
+    b.shutdown().await?;
+    let single = Lab::start(options(None)).await?;
+    let t = Instant::now();
+    let n = verify_many(&single, calls, 2).await?;
+    let took = t.elapsed().as_secs_f64();
+    let _ = writeln!(
+        out,
+        "checks: {calls} verifying callers on one instance with its limits in memory: {n} verified in {took:.2} s = {:.1} checks/s",
+        calls as f64 / took,
+    );
+    single.shutdown().await?;
+    Ok(out)
+}
+
+/// Places `calls` gated callers, each typing a distinct number, and counts the verified ones.
+async fn verify_many(lab: &crate::demo::Lab, calls: usize, site: usize) -> anyhow::Result<usize> {
+    let ids: Vec<String> = (0..calls)
+        .map(|i| {
+            let serial = 100 + u16::try_from((site * calls + i) % 800).unwrap_or(0);
+            let year = 50 + (site * calls + i) / 800;
+            let number = number_with_serial(&format!("19{year:02}0101"), serial);
+            lab.asterisk.call(
+                Caller::new(&format!("46{site}{i:07}"))
+                    .await_prompt()
+                    .press(&format!("{number}#"), Duration::from_millis(5)),
+            )
+        })
+        .collect();
+    let mut verified = 0;
+    for id in &ids {
+        let end = tokio::time::timeout(
+            Duration::from_secs(600),
+            lab.asterisk.wait_for_channel_end(id),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("a call never left the gate"))?;
+        if end.variables.get("CALLGATE_STATUS").map(String::as_str) == Some("verified") {
+            verified += 1;
+        }
+    }
+    Ok(verified)
+}
+
+fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort();
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((samples.len() - 1) * p).div_ceil(100);
+    samples[i.min(samples.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// One agent API request; its status code.
+async fn api(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> anyhow::Result<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tcp.write_all(req.as_bytes()).await?;
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await?;
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no HTTP status"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,6 +624,32 @@ mod tests {
     fn cpu_time_is_read_after_the_process_name() {
         let stat = "4242 (call gate) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0";
         assert_eq!(cpu_of(stat).unwrap(), 3.0);
+    }
+
+    #[test]
+    fn percentiles_pick_the_sample_at_or_above() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_millis).collect();
+        assert_eq!(percentile(&mut v, 50), Duration::from_millis(51));
+        assert_eq!(percentile(&mut v, 99), Duration::from_millis(100));
+        assert_eq!(percentile(&mut [], 99), Duration::ZERO);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_two_instance_bench_prints_its_figures() {
+        if crate::state::local::LocalRedis::binary().is_none() {
+            eprintln!("skipped: no redis-server installed (the two-instance bench needs one)");
+            return;
+        }
+        let figures = instances(4, 5).await.unwrap();
+        for line in [
+            "api on the owning instance: start p50",
+            "api through the other instance (over Redis): start p50",
+            "events: a start on site A reaches site B",
+            "site A 4 verified, site B 4 verified",
+            "limits in memory: 4 verified",
+        ] {
+            assert!(figures.contains(line), "{line:?} not in:\n{figures}");
+        }
     }
 
     #[test]

@@ -66,6 +66,9 @@ pub struct LabOptions {
     pub disclose: String,
     /// The body of a `[state]` section (shared state on Redis), as TOML; none = in memory.
     pub state: Option<String>,
+    /// The fake Asterisk's system name, the prefix of its channel ids (several sites need distinct
+    /// ones).
+    pub system_name: String,
 }
 
 /// The secret of the lab's webhook target.
@@ -107,6 +110,7 @@ impl LabOptions {
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
             state: None,
+            system_name: "sim".to_owned(),
         }
     }
 
@@ -133,6 +137,7 @@ impl LabOptions {
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
             state: None,
+            system_name: "sim".to_owned(),
         }
     }
 }
@@ -287,6 +292,7 @@ pub async fn start_fakes(
     let asterisk = pbx_sim::start(
         TcpListener::bind("127.0.0.1:0").await?,
         pbx_sim::SimOptions {
+            system_name: options.system_name.clone(),
             prompt_duration: options.prompt,
             missing_media: options.missing_media.clone(),
             dialplan: ROUTES

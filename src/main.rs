@@ -42,6 +42,13 @@ enum Command {
         /// Counts of silent callers held in the gate at once for the memory figure (0: skip).
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         hold: Vec<usize>,
+        /// 2: two instances sharing a redis-server started on loopback (needs redis-server): API
+        /// latency on the owning instance and through the other, and checks per second per instance.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        instances: u8,
+        /// With --instances 2: requests per latency figure.
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
     },
     /// Check a config file: print every problem (exit 64) or a summary per queue (exit 0).
     CheckConfig { file: PathBuf },
@@ -190,9 +197,22 @@ fn main() -> ExitCode {
             anyhow::ensure!(ok, "some demo calls did not end as expected");
             Ok(())
         }),
-        Command::Bench { calls, hold } => {
+        Command::Bench {
+            calls,
+            hold,
+            instances,
+            samples,
+        } => {
             telemetry::init_logging_with(cli.log_format, "warn");
-            runtime(|| async move { callgate::bench::run(calls, &hold).await })
+            if instances == 2 {
+                runtime(|| async move {
+                    println!("callgate bench, two instances sharing Redis (debug builds are several times slower; use --release for real figures)\n");
+                    print!("{}", callgate::bench::instances(calls, samples).await?);
+                    Ok(())
+                })
+            } else {
+                runtime(|| async move { callgate::bench::run(calls, &hold).await })
+            }
         }
         Command::SimIdp {
             listen,

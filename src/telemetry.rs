@@ -152,7 +152,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 19] = [
+pub const METRICS: [(&str, &str, &str); 20] = [
     (
         "callgate_build_info",
         "gauge",
@@ -223,6 +223,11 @@ pub const METRICS: [(&str, &str, &str); 19] = [
         "callgate_state_up",
         "gauge",
         "With shared state (Redis): 1 while the last operation reached Redis.",
+    ),
+    (
+        "callgate_state_subscribed",
+        "gauge",
+        "With shared state: 1 while this instance listens for the others' events and forwarded requests.",
     ),
     (
         "callgate_state_errors_total",

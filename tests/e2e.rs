@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "e2e/instances.rs"]
+mod instances;
 mod support;
 #[path = "support/webdriver.rs"]
 mod webdriver;

@@ -1422,3 +1422,119 @@ fn a_fixed_call_initiator_is_a_warning_and_the_placeholder_is_not() {
     let placeholder = with(r#"[{"type":"phoneAuth","callInitiator":"{call_initiator}"}]"#);
     assert!(warnings(&placeholder).is_empty());
 }
+
+// --- [state] ---------------------------------------------------------------------------------------------
+
+#[test]
+fn state_is_in_memory_unless_redis_is_configured_with_a_shared_key() {
+    let c = ok(MINIMAL);
+    assert_eq!(c.state.kind, StateKind::Memory);
+    assert_eq!(
+        c.state.instance_or("pbx1.example", "callgate"),
+        "pbx1.example-callgate"
+    );
+    assert_eq!(
+        c.state.instance_or("weird host/", "app"),
+        "weird-host--app",
+        "characters outside the id rule become '-'"
+    );
+
+    let c = ok(&minimal_with(
+        r#"
+[server]
+pseudonym_key = "a-key-of-sixteen-bytes-or-more"
+[state]
+kind = "redis"
+url = "rediss://:secret@redis.example:6380/2"
+instance_id = "site-a"
+key_prefix = "cc.prod"
+pool_size = 4
+command_timeout = "2s"
+heartbeat_interval = "1s"
+snapshot_ttl = "30s"
+on_unavailable = "refuse"
+"#,
+    ));
+    let StateKind::Redis(r) = &c.state.kind else {
+        panic!("not redis")
+    };
+    assert_eq!(c.state.instance_id, "site-a");
+    assert_eq!(r.url.expose(), "rediss://:secret@redis.example:6380/2");
+    assert_eq!(r.key_prefix, "cc.prod");
+    assert_eq!(r.pool_size, 4);
+    assert_eq!(r.command_timeout, Duration::from_secs(2));
+    assert_eq!(r.heartbeat_interval, Duration::from_secs(1));
+    assert_eq!(r.snapshot_ttl, Duration::from_secs(30));
+    assert_eq!(r.on_unavailable, OnUnavailable::Refuse);
+    assert!(!format!("{c:?}").contains("secret@"), "the URL is a secret");
+    assert!(warnings(&c).is_empty(), "{:?}", warnings(&c));
+
+    let plain = ok(&minimal_with(
+        "[server]\npseudonym_key = \"a-key-of-sixteen-bytes-or-more\"\n[state]\nkind = \"redis\"\nurl = \"redis://10.0.0.5:6379\"\n",
+    ));
+    let StateKind::Redis(r) = &plain.state.kind else {
+        panic!("not redis")
+    };
+    assert_eq!(r.on_unavailable, OnUnavailable::LocalLimits);
+    assert_eq!(r.key_prefix, "callgate");
+    assert!(warnings(&plain)
+        .iter()
+        .any(|w| w.starts_with("state.url:") && w.contains("rediss://")));
+    let local = ok(&minimal_with(
+        "[server]\npseudonym_key = \"a-key-of-sixteen-bytes-or-more\"\n[state]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n",
+    ));
+    assert!(warnings(&local).is_empty());
+}
+
+#[test]
+fn state_problems_are_each_reported_at_their_key() {
+    only_issue(
+        &minimal_with("[state]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\n"),
+        "server.pseudonym_key",
+        "state.kind = \"redis\"",
+    );
+    let keyed = "[server]\npseudonym_key = \"a-key-of-sixteen-bytes-or-more\"\n";
+    only_issue(
+        &minimal_with(&format!("{keyed}[state]\nkind = \"redis\"\n")),
+        "state.url",
+        "required",
+    );
+    only_issue(
+        &minimal_with(&format!(
+            "{keyed}[state]\nkind = \"redis\"\nurl = \"http://127.0.0.1\"\n"
+        )),
+        "state.url",
+        "redis://",
+    );
+    only_issue(
+        &minimal_with("[state]\nkind = \"etcd\"\n"),
+        "state.kind",
+        "\"memory\", \"redis\"",
+    );
+    only_issue(
+        &minimal_with("[state]\nurl = \"redis://127.0.0.1\"\n"),
+        "state.url",
+        "only with kind = \"redis\"",
+    );
+    only_issue(
+        &minimal_with("[state]\ninstance_id = \"site a\"\n"),
+        "state.instance_id",
+        "letters, digits",
+    );
+    let got = issues(&minimal_with(&format!(
+        "{keyed}[state]\nkind = \"redis\"\nurl = \"redis://127.0.0.1\"\npool_size = 0\n\
+         command_timeout = \"10s\"\nheartbeat_interval = \"30s\"\non_unavailable = \"panic\"\nkey_prefx = \"x\"\n"
+    )));
+    let paths: BTreeSet<&str> = got.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        BTreeSet::from([
+            "state.pool_size",
+            "state.command_timeout",
+            "state.snapshot_ttl",
+            "state.on_unavailable",
+            "state.key_prefx",
+        ]),
+        "{got:#?}"
+    );
+}

@@ -29,7 +29,7 @@ pub mod wire;
 mod tests;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,7 +75,8 @@ pub struct Shared {
     seal: Seal,
     names: hmac::Key,
     fingerprint: String,
-    up: AtomicBool,
+    /// `UNKNOWN` until the first operation, then `UP` or `DOWN` after each.
+    up: AtomicU8,
     metrics: Arc<Metrics>,
     /// Forwarded commands waiting for their reply, by request id.
     pending: DashMap<String, oneshot::Sender<Result<String, Refusal>>>,
@@ -83,6 +84,8 @@ pub struct Shared {
     keep: Duration,
     /// Whether this instance's subscription (events, commands, replies) is up.
     subscribed: watch::Sender<bool>,
+    /// Wakes the subscription's reconnect wait.
+    wake: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Shared {
@@ -126,6 +129,7 @@ impl Shared {
         );
         let fingerprint = hex(&key.derive("callgate shared state fingerprint v1")[..16]);
         metrics.set_gauge("callgate_state_up", 0.0);
+        metrics.set_gauge("callgate_state_subscribed", 0.0);
         Ok(Arc::new(Shared {
             settings: settings.clone(),
             instance: instance.to_owned(),
@@ -135,11 +139,12 @@ impl Shared {
             seal,
             names,
             fingerprint,
-            up: AtomicBool::new(false),
+            up: AtomicU8::new(UNKNOWN),
             metrics,
             pending: DashMap::new(),
             keep,
             subscribed: watch::Sender::new(false),
+            wake: tokio::sync::Notify::new(),
         }))
     }
 
@@ -157,7 +162,13 @@ impl Shared {
 
     /// Whether the last operation reached Redis.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
+        self.up.load(Ordering::SeqCst) == UP
+    }
+
+    /// Whether the last operation failed: a caller about to wait on Redis decides without it until
+    /// the heartbeat (every `heartbeat_interval`) reaches it again.
+    pub fn is_known_down(&self) -> bool {
+        self.up.load(Ordering::SeqCst) == DOWN
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -210,7 +221,7 @@ impl Shared {
             Ok(_) => self.set_up(true),
             Err(e) => {
                 self.metrics.state_error(op);
-                if self.up.load(Ordering::SeqCst) {
+                if self.up.load(Ordering::SeqCst) != DOWN {
                     tracing::warn!(op, error = %e, "shared state unreachable");
                 }
                 self.set_up(false);
@@ -220,8 +231,9 @@ impl Shared {
     }
 
     pub(crate) fn set_up(&self, up: bool) {
-        let was = self.up.swap(up, Ordering::SeqCst);
-        if was != up {
+        let now = if up { UP } else { DOWN };
+        let was = self.up.swap(now, Ordering::SeqCst);
+        if was != now {
             self.metrics
                 .set_gauge("callgate_state_up", if up { 1.0 } else { 0.0 });
             if up {
@@ -324,6 +336,17 @@ impl Shared {
 
     pub(crate) fn set_subscribed(&self, on: bool) {
         self.subscribed.send_replace(on);
+        self.metrics
+            .set_gauge("callgate_state_subscribed", if on { 1.0 } else { 0.0 });
+    }
+
+    /// Wakes a subscription waiting to reconnect (a beat just reached Redis).
+    pub(crate) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await;
     }
 
     /// Whether this instance listens for the others' events and forwarded requests now.
@@ -337,6 +360,10 @@ impl Shared {
         let _ = rx.wait_for(|on| *on).await;
     }
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()

@@ -15,7 +15,7 @@
 //!   `beat:<me>`, so a subscription silent for three beats is taken for dead and renewed. Reconnects
 //!   back off with jitter.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{wire, Shared, StateError};
+use crate::calls::live::CallState;
 use crate::calls::live::{CallView, CancelRequest, CheckRequest, LiveKind, Refusal, TypedNumber};
 use crate::calls::{CallEvent, Live, Registry};
 
@@ -47,7 +48,7 @@ pub fn spawn(
     let dirty = Arc::new(AtomicBool::new(true));
     // Snapshot writes of the two writers are serialised, so a beat cannot write back a call whose
     // end the outbound task just deleted.
-    let writing = Arc::new(Mutex::new(()));
+    let writing = Arc::new(Mutex::new(Written::new()));
     vec![
         tokio::spawn(outbound(
             Arc::clone(&shared),
@@ -67,6 +68,32 @@ pub fn spawn(
     ]
 }
 
+/// The last view of each of our calls whose snapshot is in Redis.
+struct Written(HashMap<String, CallView>);
+
+impl Written {
+    fn new() -> Written {
+        Written(HashMap::new())
+    }
+
+    fn note(&mut self, kind: LiveKind, call: &CallView) {
+        if kind == LiveKind::CallEnded {
+            self.0.remove(&call.call_id);
+        } else {
+            self.0.insert(call.call_id.clone(), call.clone());
+        }
+    }
+
+    /// Calls written once that are no longer among `live`.
+    fn gone(&self, live: &[CallView]) -> Vec<CallView> {
+        self.0
+            .values()
+            .filter(|w| !live.iter().any(|c| c.call_id == w.call_id))
+            .cloned()
+            .collect()
+    }
+}
+
 fn sealed(shared: &Shared, purpose: &str, value: &Value) -> Option<Vec<u8>> {
     let plain = serde_json::to_vec(value).ok()?;
     shared.seal().seal(purpose, &plain)
@@ -77,8 +104,10 @@ fn opened(shared: &Shared, purpose: &str, data: &[u8]) -> Option<Value> {
     serde_json::from_slice(&plain).ok()
 }
 
-/// Writes one of our calls' snapshot (or deletes it when the call ended) and publishes the event.
-async fn write(
+/// Adds the writes of one of our calls' event to `pipe`: its snapshot (deleted when the call ended),
+/// its verification's, and (with `publish`) the event itself.
+fn add_write(
+    pipe: &mut redis::Pipeline,
     shared: &Shared,
     kind: LiveKind,
     call: &CallView,
@@ -87,90 +116,146 @@ async fn write(
     let call_key = shared.key(&["call", &call.call_id]);
     let ttl = u64::try_from(shared.settings().snapshot_ttl.as_millis()).unwrap_or(u64::MAX);
     let keep = u64::try_from(shared.keep().as_millis()).unwrap_or(u64::MAX);
-    let snapshot = sealed(shared, "call", &wire::call_to_json(call)).ok_or(StateError::Corrupt)?;
-    let event =
-        sealed(shared, "event", &wire::event_to_json(kind, call)).ok_or(StateError::Corrupt)?;
-    let verification = match &call.verification {
-        Some(v) => Some((
-            shared.key(&["verification", &v.id]),
-            sealed(
-                shared,
-                "verification",
-                &json!({"verification": wire::verification_to_json(v), "agent": call.agent}),
-            )
-            .ok_or(StateError::Corrupt)?,
-        )),
-        None => None,
-    };
-    let events = shared.key(&["events"]);
-    let ended = kind == LiveKind::CallEnded;
+    if kind == LiveKind::CallEnded {
+        pipe.cmd("DEL").arg(&call_key).ignore();
+    } else {
+        let snapshot =
+            sealed(shared, "call", &wire::call_to_json(call)).ok_or(StateError::Corrupt)?;
+        pipe.cmd("SET")
+            .arg(&call_key)
+            .arg(snapshot)
+            .arg("PX")
+            .arg(ttl)
+            .ignore();
+    }
+    if let Some(v) = &call.verification {
+        let value = sealed(
+            shared,
+            "verification",
+            &json!({"verification": wire::verification_to_json(v), "agent": call.agent}),
+        )
+        .ok_or(StateError::Corrupt)?;
+        pipe.cmd("SET")
+            .arg(shared.key(&["verification", &v.id]))
+            .arg(value)
+            .arg("PX")
+            .arg(keep)
+            .ignore();
+    }
+    if publish {
+        let event =
+            sealed(shared, "event", &wire::event_to_json(kind, call)).ok_or(StateError::Corrupt)?;
+        pipe.cmd("PUBLISH")
+            .arg(shared.key(&["events"]))
+            .arg(event)
+            .ignore();
+    }
+    Ok(())
+}
+
+/// Writes a batch of our calls' events in one round trip; on success they are noted as written.
+async fn write_batch(
+    shared: &Shared,
+    written: &mut Written,
+    batch: &[(LiveKind, CallView)],
+    publish: bool,
+) -> Result<(), StateError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for (kind, call) in batch {
+        add_write(&mut pipe, shared, *kind, call, publish)?;
+    }
     shared
         .run("publish", |mut c| async move {
-            let mut pipe = redis::pipe();
-            if ended {
-                pipe.cmd("DEL").arg(&call_key).ignore();
-            } else {
-                pipe.cmd("SET")
-                    .arg(&call_key)
-                    .arg(snapshot)
-                    .arg("PX")
-                    .arg(ttl)
-                    .ignore();
-            }
-            if let Some((key, value)) = verification {
-                pipe.cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .arg("PX")
-                    .arg(keep)
-                    .ignore();
-            }
-            if publish {
-                pipe.cmd("PUBLISH").arg(&events).arg(event).ignore();
-            }
             pipe.query_async::<()>(&mut c).await
         })
-        .await
+        .await?;
+    for (kind, call) in batch {
+        written.note(*kind, call);
+    }
+    Ok(())
 }
+
+/// Whether an event of the view is ours to write.
+fn ours(live: &Live, kind: LiveKind, call: &CallView) -> bool {
+    // `fraud_warning` is derived from `verification_completed` by each instance's view.
+    live.is_local(call) && !matches!(kind, LiveKind::Fraud | LiveKind::InstanceLost)
+}
+
+/// Most events written in one round trip.
+const BATCH: usize = 256;
 
 async fn outbound(
     shared: Arc<Shared>,
     live: Arc<Live>,
     dirty: Arc<AtomicBool>,
-    writing: Arc<Mutex<()>>,
+    writing: Arc<Mutex<Written>>,
     stop: CancellationToken,
 ) {
     let mut rx = live.subscribe();
     loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
+        let first = tokio::select! {
+            biased;
             e = rx.recv() => e,
+            _ = stop.cancelled() => {
+                // Leaving: what our last calls did is still written (bounded), and the snapshots
+                // of calls that ended unwritten are deleted, so the others see them end.
+                let flush = async {
+                    let mut batch = Vec::new();
+                    while let Ok(e) = rx.try_recv() {
+                        if ours(&live, e.kind, &e.call) {
+                            batch.push((e.kind, e.call));
+                        }
+                    }
+                    let mut written = writing.lock().await;
+                    let _ = write_batch(&shared, &mut written, &batch, true).await;
+                    let _ = settle(&shared, &live, &mut written, false).await;
+                };
+                let _ = tokio::time::timeout(shared.settings().response_timeout * 4, flush).await;
+                return;
+            }
         };
-        match event {
-            Ok(e) => {
-                // `fraud_warning` is derived from `verification_completed` by each instance's view.
-                if !live.is_local(&e.call)
-                    || matches!(e.kind, LiveKind::Fraud | LiveKind::InstanceLost)
-                {
-                    continue;
+        let mut batch = Vec::new();
+        let mut lagged = false;
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            match event {
+                Ok(e) if ours(&live, e.kind, &e.call) => batch.push((e.kind, e.call)),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::warn!(
+                        missed,
+                        "shared state fell behind the live view; republishing every call"
+                    );
+                    lagged = true;
                 }
-                if dirty.load(Ordering::SeqCst) {
-                    // The next beat that reaches Redis rewrites everything.
-                    continue;
-                }
-                let _guard = writing.lock().await;
-                if write(&shared, e.kind, &e.call, true).await.is_err() {
-                    dirty.store(true, Ordering::SeqCst);
-                }
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::warn!(
-                    missed,
-                    "shared state fell behind the live view; republishing every call"
-                );
-                dirty.store(true, Ordering::SeqCst);
+            if batch.len() < BATCH {
+                next = match rx.try_recv() {
+                    Ok(e) => Some(Ok(e)),
+                    Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                        Some(Err(broadcast::error::RecvError::Lagged(n)))
+                    }
+                    Err(_) => None,
+                };
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        if lagged {
+            dirty.store(true, Ordering::SeqCst);
+        }
+        // While dirty, the next beat that reaches Redis rewrites everything.
+        if batch.is_empty() || dirty.load(Ordering::SeqCst) {
+            continue;
+        }
+        let mut written = writing.lock().await;
+        if write_batch(&shared, &mut written, &batch, true)
+            .await
+            .is_err()
+        {
+            dirty.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -179,7 +264,7 @@ async fn heartbeat(
     shared: Arc<Shared>,
     live: Arc<Live>,
     dirty: Arc<AtomicBool>,
-    writing: Arc<Mutex<()>>,
+    writing: Arc<Mutex<Written>>,
     stop: CancellationToken,
 ) {
     let every = shared.settings().heartbeat_interval;
@@ -203,13 +288,51 @@ async fn heartbeat(
         .await;
 }
 
+/// Rewrites the snapshots of all our calls (announcing them again with `republish`), and deletes and
+/// announces the end of those written once that are no longer live.
+async fn settle(
+    shared: &Shared,
+    live: &Live,
+    written: &mut Written,
+    republish: bool,
+) -> Result<(), StateError> {
+    let kind = if republish {
+        LiveKind::Progress
+    } else {
+        LiveKind::CallStarted
+    };
+    let current: Vec<CallView> = live
+        .calls()
+        .into_iter()
+        .filter(|c| live.is_local(c))
+        .collect();
+    let mut batch: Vec<(LiveKind, CallView)> = Vec::new();
+    for call in &current {
+        batch.push((kind, call.clone()));
+        if batch.len() == BATCH {
+            write_batch(shared, written, &batch, republish).await?;
+            batch.clear();
+        }
+    }
+    write_batch(shared, written, &batch, republish).await?;
+    let gone: Vec<(LiveKind, CallView)> = written
+        .gone(&current)
+        .into_iter()
+        .map(|mut c| {
+            c.state = CallState::Ended;
+            (LiveKind::CallEnded, c)
+        })
+        .collect();
+    write_batch(shared, written, &gone, true).await
+}
+
 /// One beat: say we are alive, refresh our snapshots (republishing them after an outage), and look
 /// after the other instances' calls.
 async fn beat(
     shared: &Shared,
     live: &Live,
     dirty: &AtomicBool,
-    writing: &Mutex<()>,
+    writing: &Mutex<Written>,
 ) -> Result<(), StateError> {
     let every = shared.settings().heartbeat_interval;
     let key = shared.key(&["instance", shared.instance()]);
@@ -233,23 +356,19 @@ async fn beat(
                 .await
         })
         .await?;
-    let guard = writing.lock().await;
+    if !shared.is_subscribed() {
+        shared.wake();
+    }
+    let mut written = writing.lock().await;
     let republish = dirty.swap(false, Ordering::SeqCst);
     if republish {
         tracing::info!("rewriting this instance's calls in the shared state");
     }
-    for call in live.calls().into_iter().filter(|c| live.is_local(c)) {
-        let kind = if republish {
-            LiveKind::Progress
-        } else {
-            LiveKind::CallStarted
-        };
-        if let Err(e) = write(shared, kind, &call, republish).await {
-            dirty.store(true, Ordering::SeqCst);
-            return Err(e);
-        }
+    if let Err(e) = settle(shared, live, &mut written, republish).await {
+        dirty.store(true, Ordering::SeqCst);
+        return Err(e);
     }
-    drop(guard);
+    drop(written);
     // Other instances: lost when their key expired; their calls forgotten once the snapshots are gone.
     let mut owners = HashSet::new();
     for call in live.remote_calls() {
@@ -335,6 +454,8 @@ async fn inbound(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(jittered) => {}
+            // A beat reached Redis: no need to wait out the backoff.
+            _ = shared.woken() => {}
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }

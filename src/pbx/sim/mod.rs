@@ -47,6 +47,9 @@ use model::{Owner, Shared};
 pub struct SimOptions {
     /// The one application name served.
     pub app: String,
+    /// Asterisk's `systemname`: the prefix of channel ids (`<name>-1.<n>`), so that several fakes
+    /// (several sites) hand out distinct ids, as real servers with distinct system names do.
+    pub system_name: String,
     /// Credentials required on REST and websocket; empty `username` = no authentication.
     pub username: String,
     pub password: String,
@@ -167,6 +170,7 @@ impl Default for SimOptions {
     fn default() -> Self {
         SimOptions {
             app: "callgate".into(),
+            system_name: "sim".into(),
             username: "callgate".into(),
             password: "sim-secret".into(),
             prompt_duration: Duration::from_millis(50),

@@ -388,7 +388,7 @@ impl Ctx<'_> {
     pub fn inbound(&mut self, caller: &super::Caller) -> (String, bool) {
         self.st.next_call += 1;
         let n = self.st.next_call;
-        let id = format!("sim-1.{n}");
+        let id = format!("{}-1.{n}", self.opts().system_name);
         let app_data = std::iter::once(self.opts().app.clone())
             .chain(caller.args.iter().cloned())
             .collect::<Vec<_>>()
