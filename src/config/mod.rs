@@ -62,6 +62,15 @@
 //! | `api.cors_origins` | `[]` (none) | list of exact origins (same rule, no `*`) whose pages may call `/v1` from the browser (CORS) |
 //! | `switchboards.<name>.token_sha256` | — | **required**: 64 hex digits, the SHA-256 of the switchboard's bearer token for `/switchboard/v1`; distinct from every other token |
 //! | `switchboards.<name>.queues` | — | **required**: the queues (`[queues.<name>]`) its verifications may name |
+//! | `switchboards.<name>.feed.url` | — | **required with a feed**: `wss://…` (`ws://` only on 127.0.0.1, [::1] or localhost), no credentials or query |
+//! | `switchboards.<name>.feed.token` | — | **required with a feed**: bearer token for the feed (a secret; `${VAR}` allowed) |
+//! | `switchboards.<name>.feed.keepalive` | `20s` | 50ms..=5m: ping interval; no frame for two intervals after a ping is a dead link |
+//! | `switchboards.<name>.feed.reconnect_min` / `reconnect_max` | `1s` / `60s` | 10ms..=60s / 10ms..=1h, min ≤ max; jittered exponential backoff |
+//! | `switchboards.<name>.feed.max_message` | `65536` | 1024..=16777216 bytes; larger messages drop the link |
+//! | `switchboards.<name>.feed.max_call_age` | `4h` | 1s..=7d: a call the feed never reports as ended is forgotten after this |
+//! | `switchboards.<name>.feed.mapping` | — | **required with a feed**: `generic_json` |
+//! | `switchboards.<name>.feed.fields.<event\|call_id\|agent\|queue\|caller>` | the key's own name | where each value is in an event: a field name or a dotted path |
+//! | `switchboards.<name>.feed.events.<feed value>` | — | **required, maps some value to `ended`**: `started`, `queued`, `answered`, `transferred` or `ended` |
 //! | `webhooks.max_attempts` | `10` | 1..=100 |
 //! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
 //! | `webhooks.timeout` | `10s` | 100ms..=120s |
@@ -123,6 +132,7 @@ use crate::policy::{QueueName, QueuePolicy};
 use crate::secret::Secret;
 
 pub mod duration;
+pub mod feed;
 mod queue;
 mod sections;
 mod source;
@@ -196,12 +206,15 @@ pub struct Switchboard {
     pub token_sha256: [u8; 32],
     /// The queues (`[queues.<name>]`) its verifications may name.
     pub queues: Vec<String>,
+    /// `[switchboards.<name>.feed]`: its call-event websocket, if it has one.
+    pub feed: Option<feed::Feed>,
 }
 
 impl fmt::Debug for Switchboard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Switchboard")
             .field("queues", &self.queues)
+            .field("feed", &self.feed)
             .finish_non_exhaustive()
     }
 }
