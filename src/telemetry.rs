@@ -152,7 +152,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 14] = [
+pub const METRICS: [(&str, &str, &str); 16] = [
     (
         "callgate_build_info",
         "gauge",
@@ -218,6 +218,16 @@ pub const METRICS: [(&str, &str, &str); 14] = [
         "callgate_webhook_request_seconds",
         "histogram",
         "Latency of each webhook request (one attempt) by target.",
+    ),
+    (
+        "callgate_switchboard_feed_connected",
+        "gauge",
+        "1 while the call-event feed of each switchboard (by name) is connected.",
+    ),
+    (
+        "callgate_switchboard_feed_skipped_total",
+        "counter",
+        "Call-event feed messages skipped, by switchboard and reason (malformed, unknown, no_call_id).",
     ),
 ];
 
@@ -376,6 +386,26 @@ impl Metrics {
         self.with(|i| {
             i.gauges.insert((name, labels), value);
         });
+    }
+
+    /// Whether a switchboard's call-event feed is connected.
+    pub fn set_feed_connected(&self, board: &str, up: bool) {
+        self.set_gauge_with(
+            "callgate_switchboard_feed_connected",
+            vec![("switchboard", board.to_owned())],
+            if up { 1.0 } else { 0.0 },
+        );
+    }
+
+    /// A feed message was skipped; `reason` is a `switchboard::feed::Skip` code.
+    pub fn feed_event_skipped(&self, board: &str, reason: &'static str) {
+        self.inc(
+            "callgate_switchboard_feed_skipped_total",
+            vec![
+                ("switchboard", board.to_owned()),
+                ("reason", reason.to_owned()),
+            ],
+        );
     }
 
     pub fn set_pbx_connected(&self, up: bool) {

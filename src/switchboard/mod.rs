@@ -8,6 +8,7 @@
 //! and reference only); each verification ends with exactly one record (audit trail, live view,
 //! webhook) and is bounded by the queue's `verify_timeout` plus the provider's request timeouts.
 
+pub mod feed;
 pub mod sim;
 
 use std::collections::HashMap;
