@@ -67,6 +67,8 @@ pub struct Running {
     pub reports: broadcast::Sender<Report>,
     /// The audit trail's directory (`<data_dir>/audit`).
     pub audit_dir: PathBuf,
+    /// The switchboards' verifications and the calls their feeds reported.
+    pub switchboards: Arc<Switchboards>,
     pub done: JoinHandle<()>,
 }
 
@@ -322,6 +324,7 @@ pub async fn start(
         tracker.clone(),
         calls_token.clone(),
     );
+    switchboards.start_feeds();
     let api_router = api_router.merge(switchboard_api::router(SwitchboardState {
         engine: Arc::clone(&switchboards),
         tokens: Arc::new(BoardTokens::from_config(&cfg)),
@@ -455,6 +458,7 @@ pub async fn start(
         metrics,
         reports,
         audit_dir,
+        switchboards,
         done,
     })
 }

@@ -64,6 +64,9 @@ pub struct LabOptions {
     pub limits: Vec<(String, String)>,
     /// The `support` queue's `disclose` list, as TOML.
     pub disclose: String,
+    /// The lab switchboard's call-event feed (`[switchboards.lab.feed]`), set by [`Lab::start`] to
+    /// its feed simulator.
+    pub switchboard_feed: Option<String>,
 }
 
 /// The secret of the lab's webhook target.
@@ -104,6 +107,7 @@ impl LabOptions {
             desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
+            switchboard_feed: None,
         }
     }
 
@@ -129,6 +133,7 @@ impl LabOptions {
             desk_ciba: false,
             limits: Vec::new(),
             disclose: r#"["name", "masked_number"]"#.to_owned(),
+            switchboard_feed: None,
         }
     }
 }
@@ -158,6 +163,8 @@ pub struct Lab {
     pub data_dir: PathBuf,
     /// The config file callgate was started with (rewrite it and reload to test reloads).
     pub config_path: PathBuf,
+    /// The lab switchboard's call-event feed (a simulator callgate connects to).
+    pub feed: crate::switchboard::sim::FeedSim,
     reports: broadcast::Receiver<Report>,
     seen: HashMap<String, Report>,
     stop: Option<oneshot::Sender<()>>,
@@ -176,6 +183,13 @@ impl Lab {
         prepare: impl AsyncFnOnce(&FakeAsterisk, &Simulator, &std::path::Path),
     ) -> anyhow::Result<Lab> {
         let (asterisk, bankid, idp_token, data_dir) = start_fakes(&options, "lab").await?;
+        let feed = crate::switchboard::sim::FeedSim::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            crate::switchboard::sim::FEED_TOKEN,
+            idp_token.clone(),
+        )?;
+        let mut options = options;
+        options.switchboard_feed = Some(feed.url());
         let ari = asterisk.settings();
         let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;
@@ -192,6 +206,7 @@ impl Lab {
             options,
             data_dir,
             config_path,
+            feed,
             reports,
             seen: HashMap::new(),
             stop: Some(stop),
@@ -507,7 +522,24 @@ no_agent = "queues,care-noagent,1"
 [switchboards.lab]
 token_sha256 = "{switchboard_hash}"
 queues = ["support"]
-"#,
+{feed}"#,
+        feed = options
+            .switchboard_feed
+            .as_ref()
+            .map(|url| {
+                let (min, max) = if options.step < Duration::from_millis(200) {
+                    ("20ms", "200ms")
+                } else {
+                    ("200ms", "2s")
+                };
+                format!(
+                    "\n[switchboards.lab.feed]\nurl = \"{url}\"\ntoken = \"{token}\"\nkeepalive = \"5s\"\n\
+                     reconnect_min = \"{min}\"\nreconnect_max = \"{max}\"\n{mapping}",
+                    token = crate::switchboard::sim::FEED_TOKEN,
+                    mapping = crate::switchboard::sim::FEED_MAPPING,
+                )
+            })
+            .unwrap_or_default(),
         switchboard_hash =
             crate::api::agent::auth::token_hash(LAB_SWITCHBOARD_TOKEN).unwrap_or_default(),
         data_dir = data_dir.display(),

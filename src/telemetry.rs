@@ -40,7 +40,22 @@ pub fn use_colour(is_terminal: bool, env: &dyn Fn(&str) -> Option<String>) -> bo
     is_terminal && env("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// The log subscriber: `format` lines written to `writer`, filtered by `filter`; `ansi` colours text.
+/// Targets that log request headers (bearer tokens, basic credentials) at trace level: never
+/// logged, whatever the filter says.
+pub const SECRET_BEARING_TARGETS: [&str; 1] = ["tungstenite::handshake"];
+
+/// `filter` with the [`SECRET_BEARING_TARGETS`] turned off (a more specific directive wins).
+pub fn safe_filter(mut filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    for target in SECRET_BEARING_TARGETS {
+        if let Ok(d) = format!("{target}=off").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
+/// The log subscriber: `format` lines written to `writer`, filtered by `filter` (never below
+/// [`safe_filter`]); `ansi` colours text.
 pub fn subscriber<W>(
     format: LogFormat,
     filter: tracing_subscriber::EnvFilter,
@@ -51,7 +66,7 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(safe_filter(filter))
         .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),

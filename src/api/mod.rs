@@ -66,6 +66,7 @@ impl ApiError {
                 Refusal::InvalidNumber => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_number"),
                 Refusal::NothingToCancel => (StatusCode::CONFLICT, "nothing_to_cancel"),
                 Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "call_unavailable"),
+                Refusal::NoMedia => (StatusCode::CONFLICT, "keypad_unavailable"),
             },
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -73,6 +73,10 @@ pub enum Refusal {
     /// The call did not answer in time (overloaded or stuck): 503.
     #[error("the call did not answer in time")]
     Unavailable,
+    /// The keypad was asked for on a call whose media callgate does not own (a hosted
+    /// switchboard's call): 409.
+    #[error("callgate cannot collect digits on this call (the switchboard owns its audio): type the number the caller tells you")]
+    NoMedia,
 }
 
 /// Which side of the bridge a prompt is for.

@@ -8,6 +8,7 @@
 //! and reference only); each verification ends with exactly one record (audit trail, live view,
 //! webhook) and is bounded by the queue's `verify_timeout` plus the provider's request timeouts.
 
+pub mod calls;
 pub mod feed;
 pub mod sim;
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -144,9 +145,27 @@ impl Answer {
 #[derive(Clone)]
 struct Run {
     board: String,
+    call_id: String,
     state: watch::Receiver<State>,
-    /// Fired when the caller hung up.
-    hangup: CancellationToken,
+    /// Why the verification is to end early (the caller hung up).
+    cancel: Arc<watch::Sender<Option<Reason>>>,
+}
+
+/// The tasks of the calls a switchboard's feed reported, by (switchboard, call id): where a
+/// verification of such a call sends its view, so the call has one publisher.
+pub(crate) type FeedCalls = DashMap<(String, String), mpsc::Sender<calls::Update>>;
+
+/// Who a verification is for and who started it.
+#[derive(Debug, Clone)]
+pub(crate) struct Check {
+    pub board: String,
+    pub call_id: String,
+    /// The caller's line (limits only).
+    pub caller: String,
+    pub started_by: StartedBy,
+    pub method: CheckMethod,
+    /// The agent of the call, for a mid-call check (per-agent limit).
+    pub agent: Option<String>,
 }
 
 /// Every switchboard verification of the process.
@@ -161,6 +180,10 @@ pub struct Switchboards {
     /// (switchboard, call id, attempt) → verification id.
     keys: DashMap<(String, String, u32), String>,
     runs: DashMap<String, Run>,
+    /// Calls known from the switchboards' feeds.
+    feed_calls: Arc<FeedCalls>,
+    /// Whether each switchboard's feed is connected now.
+    feeds: DashMap<String, watch::Receiver<bool>>,
 }
 
 impl Switchboards {
@@ -179,6 +202,8 @@ impl Switchboards {
             keep,
             keys: DashMap::new(),
             runs: DashMap::new(),
+            feed_calls: Arc::new(DashMap::new()),
+            feeds: DashMap::new(),
         })
     }
 
@@ -256,18 +281,33 @@ impl Switchboards {
             MapEntry::Vacant(v) => {
                 let id = uuid::Uuid::new_v4().to_string();
                 let (tx, rx) = watch::channel(State::default());
-                let hangup = CancellationToken::new();
+                let (cancel, cancelled) = watch::channel(None);
                 self.runs.insert(
                     id.clone(),
                     Run {
                         board: board.to_owned(),
+                        call_id: req.call_id.clone(),
                         state: rx,
-                        hangup: hangup.clone(),
+                        cancel: Arc::new(cancel),
                     },
                 );
                 v.insert(id.clone());
-                let verification =
-                    Verification::new(Arc::clone(&self.deps), policy, board, &req, id.clone(), tx);
+                let check = Check {
+                    board: board.to_owned(),
+                    call_id: req.call_id.clone(),
+                    caller: req.caller.clone(),
+                    started_by: StartedBy::Switchboard(board.to_owned()),
+                    method: CheckMethod::Ivr,
+                    agent: None,
+                };
+                let verification = Verification::new(
+                    Arc::clone(&self.deps),
+                    policy,
+                    check,
+                    id.clone(),
+                    tx,
+                    Arc::clone(&self.feed_calls),
+                );
                 let span = tracing::info_span!("verify", r#ref = %id, switchboard = board, call.id = %req.call_id);
                 let me = Arc::clone(self);
                 let stop = self.stop.clone();
@@ -275,7 +315,7 @@ impl Switchboards {
                 let board_key = (board.to_owned(), req.call_id.clone(), req.attempt);
                 self.tracker.spawn(
                     async move {
-                        verification.run(number, hangup, stop).await;
+                        verification.run(number, cancelled, stop).await;
                         // Readable for `keep`, then forgotten (the audit trail keeps the record).
                         tokio::time::sleep(me.keep).await;
                         me.runs.remove(&id2);
@@ -334,20 +374,63 @@ impl Switchboards {
     pub fn cancel(&self, board: &str, id: &str) -> bool {
         match self.run(board, id) {
             Some(run) => {
-                run.hangup.cancel();
+                run.cancel.send_if_modified(|r| {
+                    r.get_or_insert(Reason::CallerHungUp);
+                    true
+                });
                 true
             }
             None => false,
         }
     }
+
+    /// The caller of a switchboard call hung up: every verification its IVR started is cancelled.
+    /// Answers how many were still running.
+    pub fn hang_up_call(&self, board: &str, call_id: &str) -> usize {
+        let ids: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|r| r.board == board && r.call_id == call_id && !r.state.borrow().is_final())
+            .map(|r| r.key().clone())
+            .collect();
+        for id in &ids {
+            self.cancel(board, id);
+        }
+        ids.len()
+    }
+
+    /// Whether a switchboard's feed is connected now (`None`: it has no feed).
+    pub fn feed_connected(&self, board: &str) -> Option<bool> {
+        self.feeds.get(board).map(|r| *r.borrow())
+    }
+
+    /// Waits until a switchboard's feed is connected (or not), as tests and the demo need.
+    pub async fn wait_for_feed(&self, board: &str, connected: bool) {
+        let Some(mut rx) = self.feeds.get(board).map(|r| r.clone()) else {
+            return;
+        };
+        let _ = rx.wait_for(|up| *up == connected).await;
+    }
+
+    /// Whether the feed reported this call and it has not ended (or been forgotten).
+    pub fn feed_knows(&self, board: &str, call_id: &str) -> bool {
+        self.feed_calls
+            .contains_key(&(board.to_owned(), call_id.to_owned()))
+    }
 }
 
 /// One verification's task state.
-struct Verification {
+pub(crate) struct Verification {
     deps: Arc<Deps>,
     policy: Arc<QueuePolicy>,
     call_id: String,
     caller: String,
+    agent: Option<String>,
+    /// (switchboard, call id): the feed call this verification's view goes to, if the feed knows it.
+    route: (String, String),
+    feed_calls: Arc<FeedCalls>,
+    /// Set once a view went to the feed call's task: the call's view is its, never ours again.
+    routed: bool,
     state: watch::Sender<State>,
     view: VerificationView,
     stages: Vec<Stage>,
@@ -359,21 +442,21 @@ struct Verification {
 }
 
 impl Verification {
-    fn new(
+    pub(crate) fn new(
         deps: Arc<Deps>,
         policy: Arc<QueuePolicy>,
-        board: &str,
-        req: &StartRequest,
+        check: Check,
         id: String,
         state: watch::Sender<State>,
+        feed_calls: Arc<FeedCalls>,
     ) -> Verification {
         let view = VerificationView {
             id,
-            call_id: req.call_id.clone(),
+            call_id: check.call_id.clone(),
             queue: policy.name.0.clone(),
             idp: policy.idp.clone(),
-            method: CheckMethod::Ivr,
-            started_by: StartedBy::Switchboard(board.to_owned()),
+            method: check.method,
+            started_by: check.started_by,
             started_at: task::wall_clock(),
             ended_at: None,
             stages: Vec::new(),
@@ -385,8 +468,12 @@ impl Verification {
         Verification {
             deps,
             policy,
-            call_id: req.call_id.clone(),
-            caller: req.caller.clone(),
+            route: (check.board, check.call_id.clone()),
+            call_id: check.call_id,
+            caller: check.caller,
+            agent: check.agent,
+            feed_calls,
+            routed: false,
             state,
             view,
             stages: Vec::new(),
@@ -396,13 +483,15 @@ impl Verification {
         }
     }
 
-    async fn run(
+    /// Runs the verification to its end. `cancel` says why it is to end early (caller hung up,
+    /// agent cancelled, superseded); `stop` is the shutdown (`interrupted`/`restart`).
+    pub(crate) async fn run(
         mut self,
         number: PersonalNumber,
-        hangup: CancellationToken,
+        mut cancel: watch::Receiver<Option<Reason>>,
         stop: CancellationToken,
     ) {
-        self.publish(LiveKind::CallStarted);
+        self.publish(LiveKind::CallStarted).await;
         tracing::info!("switchboard verification started");
         let order = Order {
             number,
@@ -417,6 +506,7 @@ impl Verification {
         let mut idp: JoinSet<verify::Input> = JoinSet::new();
         let mut timers: HashMap<verify::Timer, Instant> = HashMap::new();
         let mut stopping = false;
+        let mut cancel_open = true;
         loop {
             let mut at_once = Vec::new();
             while let Some(cmd) = session.poll_command() {
@@ -449,10 +539,17 @@ impl Verification {
                         session.handle(verify::Input::Timer(t), now.into_std());
                     }
                 }
-                _ = hangup.cancelled(), if !stopping => {
-                    stopping = true;
-                    tracing::info!("caller hung up");
-                    session.handle(verify::Input::Cancel(Reason::CallerHungUp), task::now().into_std());
+                changed = cancel.changed(), if !stopping && cancel_open => {
+                    if changed.is_err() {
+                        cancel_open = false;
+                        continue;
+                    }
+                    let reason = *cancel.borrow_and_update();
+                    if let Some(reason) = reason {
+                        stopping = true;
+                        tracing::info!(reason = reason.code(), "verification cancelled");
+                        session.handle(verify::Input::Cancel(reason), task::now().into_std());
+                    }
                 }
                 _ = stop.cancelled(), if !stopping => {
                     stopping = true;
@@ -468,7 +565,7 @@ impl Verification {
             }
         }
         self.release();
-        self.publish(LiveKind::CallEnded);
+        self.publish(LiveKind::CallEnded).await;
     }
 
     /// Runs one command; an answer known at once (refused by the limits) is returned.
@@ -494,7 +591,7 @@ impl Verification {
                         call: &self.call_id,
                         queue: &self.policy.name.0,
                         idp: &self.policy.idp,
-                        agent: None,
+                        agent: self.agent.as_deref(),
                     };
                     match self.deps.limits.acquire(start, task::now().into_std()) {
                         Err(limit) => {
@@ -558,7 +655,7 @@ impl Verification {
                     self.release();
                 } else {
                     self.state.send_modify(|s| s.stage = Some(stage));
-                    self.publish(LiveKind::Progress);
+                    self.publish(LiveKind::Progress).await;
                 }
             }
             C::Finished(conclusion) => self.finish(conclusion.outcome, conclusion.identity).await,
@@ -607,7 +704,7 @@ impl Verification {
             s.outcome = Some(outcome);
             s.fields = fields;
         });
-        self.publish(LiveKind::Completed);
+        self.publish(LiveKind::Completed).await;
         if let Some(webhooks) = &self.deps.webhooks {
             webhooks.call_event(LiveKind::Completed, &self.call_view(), task::wall_clock());
         }
@@ -650,7 +747,7 @@ impl Verification {
             } else {
                 CallState::Gate
             },
-            agent: None,
+            agent: self.agent.clone(),
             aliases: Vec::new(),
             started_at: self.view.started_at,
             can_verify: false,
@@ -658,9 +755,22 @@ impl Verification {
         }
     }
 
-    fn publish(&self, kind: LiveKind) {
+    /// Publishes the verification: through the feed call's task when the feed knows the call (one
+    /// publisher per call), else as a call of its own. Once routed, a view the call's task can no
+    /// longer take (it ended) is published as ended, so it never brings the call back.
+    async fn publish(&mut self, kind: LiveKind) {
+        let route = self.feed_calls.get(&self.route).map(|tx| tx.clone());
+        if let Some(tx) = route {
+            self.routed = true;
+            let update = calls::Update::Check(Box::new(self.view.clone()), kind);
+            if tx.send(update).await.is_ok() {
+                return;
+            }
+        }
         let mut view = self.call_view();
-        if kind != LiveKind::CallEnded {
+        if self.routed {
+            view.state = CallState::Ended;
+        } else if kind != LiveKind::CallEnded {
             view.state = CallState::Gate;
         }
         self.deps.live.publish(kind, view);
