@@ -281,7 +281,12 @@ impl Call {
                     }
                     Update::Check(view, kind) => self.take_check(*view, kind),
                 },
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => {
+                    // Drain: the checks end `interrupted`/`restart` on their own; the view ends now.
+                    self.state = CallState::Ended;
+                    self.publish(LiveKind::CallEnded);
+                    return;
+                }
                 _ = tokio::time::sleep_until(expiry) => {
                     tracing::warn!("switchboard call reached max_call_age without an end event; forgotten");
                     break;

@@ -283,17 +283,10 @@ async fn hanging_up_during_an_agents_check_ends_it_caller_hung_up() {
         lab.app.live.call("fm-1").is_none()
     })
     .await;
-    let done = lab
-        .app
-        .live
-        .verification(
-            &serde_json::from_str::<serde_json::Value>(text.split_once("\r\n\r\n").unwrap().1)
-                .unwrap()["verification_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        )
-        .expect("kept");
+    let accepted: serde_json::Value =
+        serde_json::from_str(text.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let id = accepted["verification_id"].as_str().unwrap();
+    let done = lab.app.live.verification(id).expect("kept");
     assert_eq!(
         done.outcome,
         Some(Outcome::NotVerified(Reason::CallerHungUp))
