@@ -294,3 +294,18 @@ async fn hanging_up_during_an_agents_check_ends_it_caller_hung_up() {
     no_open_orders(&lab).await;
     lab.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn demo_switchboard_calls_through_the_feed_end_as_expected() {
+    let options = LabOptions {
+        api_tokens: vec![demo::demo_agent()],
+        ..LabOptions::fast()
+    };
+    let lab = lab(options).await;
+    let (lines, ok) = demo::switchboard_feed_calls(&lab).await.unwrap();
+    assert!(ok, "{lines}");
+    assert!(lines.contains("keypad_unavailable"), "{lines}");
+    assert!(lines.contains("caller_hung_up"), "{lines}");
+    no_open_orders(&lab).await;
+    lab.shutdown().await.unwrap();
+}
