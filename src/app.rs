@@ -92,9 +92,13 @@ pub async fn start(
             cfg.server.data_dir.display()
         )
     })?;
-    if !left_open.is_empty() {
+    // Switchboard orders are settled by `Switchboards::recover`, the rest by the PBX adapter.
+    let (switchboard_left, left_open): (Vec<_>, Vec<_>) = left_open
+        .into_iter()
+        .partition(crate::switchboard::is_journalled);
+    if !left_open.is_empty() || !switchboard_left.is_empty() {
         tracing::warn!(
-            orders = left_open.len(),
+            orders = left_open.len() + switchboard_left.len(),
             "orders left open by the previous run: resuming those whose callers still wait, cancelling the rest"
         );
     }
@@ -324,6 +328,7 @@ pub async fn start(
         tracker.clone(),
         calls_token.clone(),
     );
+    switchboards.recover(switchboard_left);
     switchboards.start_feeds();
     let api_router = api_router.merge(switchboard_api::router(SwitchboardState {
         engine: Arc::clone(&switchboards),

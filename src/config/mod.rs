@@ -631,6 +631,22 @@ pub fn summary(cfg: &Config) -> String {
             cfg.webhooks.outbox_max,
         ));
     }
+    for (name, sb) in &cfg.switchboards {
+        let feed = match &sb.feed {
+            // The URL only: the token never appears.
+            Some(f) => format!(
+                "{} keepalive={} max_call_age={}",
+                f.url,
+                duration::format(f.keepalive),
+                duration::format(f.max_call_age)
+            ),
+            None => "-".to_owned(),
+        };
+        out.push_str(&format!(
+            "switchboard {name}: queues={} feed={feed}\n",
+            list_or_none(&sb.queues),
+        ));
+    }
     out
 }
 

@@ -1467,6 +1467,12 @@ CALL_HANGUP = "ended"
         !format!("{cfg:?}").contains("s3cret-feed"),
         "the token in Debug"
     );
+    let summary = crate::config::summary(&cfg);
+    assert!(
+        summary.contains("switchboard telavox: queues=support feed=wss://events.example.com/v1/calls keepalive=10s max_call_age=2h"),
+        "{summary}"
+    );
+    assert!(!summary.contains("s3cret-feed"));
     assert!(ok(&board("")).switchboards["telavox"].feed.is_none());
 
     let base = "[switchboards.telavox.feed]\nurl = \"wss://e.example.com\"\ntoken = \"t\"\nmapping = \"generic_json\"\n";

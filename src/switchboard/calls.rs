@@ -282,7 +282,13 @@ impl Call {
                     Update::Check(view, kind) => self.take_check(*view, kind),
                 },
                 _ = cancel.cancelled() => {
-                    // Drain: the checks end `interrupted`/`restart` on their own; the view ends now.
+                    self.state = CallState::Ended;
+                    self.publish(LiveKind::CallEnded);
+                    return;
+                }
+                _ = self.sb.deps.drain.cancelled() => {
+                    // Drain: the call is the switchboard's, not ours; its view ends now (the drain
+                    // does not wait for it) and its checks end `interrupted`/`restart` on their own.
                     self.state = CallState::Ended;
                     self.publish(LiveKind::CallEnded);
                     return;

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::audit::{self, Event};
+use crate::calls::journal;
 use crate::calls::live::{
     CallState, CallView, CheckMethod, LiveKind, StartedBy, TypedNumber, VerificationView,
 };
@@ -44,6 +45,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(25);
 const GRACE: Duration = Duration::from_secs(30);
 /// Longest accepted call id, caller line and language.
 const MAX_FIELD: usize = 128;
+/// How long a verification waits for its order to be on disk before going on unjournalled.
+const JOURNAL_WAIT: Duration = Duration::from_secs(2);
 /// Highest accepted `attempt`.
 pub const MAX_ATTEMPT: u32 = 99;
 
@@ -316,8 +319,12 @@ impl Switchboards {
                 self.tracker.spawn(
                     async move {
                         verification.run(number, cancelled, stop).await;
-                        // Readable for `keep`, then forgotten (the audit trail keeps the record).
-                        tokio::time::sleep(me.keep).await;
+                        // Readable for `keep` (or until shutdown), then forgotten (the audit trail
+                        // keeps the record).
+                        tokio::select! {
+                            _ = tokio::time::sleep(me.keep) => {}
+                            _ = me.stop.cancelled() => {}
+                        }
                         me.runs.remove(&id2);
                         me.keys.remove(&board_key);
                     }
@@ -438,6 +445,10 @@ pub(crate) struct Verification {
     person: Option<String>,
     /// The person of the last granted order (kept for the cool-down after a declined call).
     last_person: Option<String>,
+    /// The journal's pseudonym of the person (only for the journal).
+    journal_person: String,
+    /// The order of this verification that is open in the journal.
+    journalled: Option<String>,
     started: Instant,
 }
 
@@ -479,6 +490,8 @@ impl Verification {
             stages: Vec::new(),
             person: None,
             last_person: None,
+            journal_person: String::new(),
+            journalled: None,
             started: task::now(),
         }
     }
@@ -493,6 +506,9 @@ impl Verification {
     ) {
         self.publish(LiveKind::CallStarted).await;
         tracing::info!("switchboard verification started");
+        if let Some(j) = &self.deps.journal {
+            self.journal_person = j.person(&number);
+        }
         let order = Order {
             number,
             initiator: Initiator::Caller,
@@ -506,6 +522,7 @@ impl Verification {
         let mut idp: JoinSet<verify::Input> = JoinSet::new();
         let mut timers: HashMap<verify::Timer, Instant> = HashMap::new();
         let mut stopping = false;
+        let mut restarting = false;
         let mut cancel_open = true;
         loop {
             let mut at_once = Vec::new();
@@ -527,6 +544,10 @@ impl Verification {
             tokio::select! {
                 Some(done) = idp.join_next(), if !idp.is_empty() => {
                     if let Ok(input) = done {
+                        if let verify::Input::Started(Ok(started)) = &input {
+                            // Durable before the caller is told to open the app.
+                            self.journal_open(&started.order.0).await;
+                        }
                         session.handle(input, task::now().into_std());
                     }
                 }
@@ -553,6 +574,7 @@ impl Verification {
                 }
                 _ = stop.cancelled(), if !stopping => {
                     stopping = true;
+                    restarting = true;
                     session.handle(verify::Input::Cancel(Reason::Restart), task::now().into_std());
                 }
                 _ = tokio::time::sleep_until(hard_deadline) => {
@@ -565,7 +587,37 @@ impl Verification {
             }
         }
         self.release();
+        if restarting {
+            // Left open: the next start cancels it again (harmless) and answers the switchboard's
+            // status node `interrupted`/`restart` instead of 404.
+            tracing::info!("switchboard order left open in the journal for the next start");
+        } else if let (Some(journal), Some(order)) = (&self.deps.journal, self.journalled.take()) {
+            journal.closed(&order);
+        }
         self.publish(LiveKind::CallEnded).await;
+    }
+
+    async fn journal_open(&mut self, order: &str) {
+        let Some(journal) = self.deps.journal.clone() else {
+            return;
+        };
+        if let Some(old) = self.journalled.take() {
+            journal.closed(&old);
+        }
+        let entry = journal::Entry {
+            order: order.to_owned(),
+            call: format!("{JOURNAL_PREFIX}{}:{}", self.route.0, self.call_id),
+            queue: self.policy.name.0.clone(),
+            idp: self.policy.idp.clone(),
+            reference: self.view.id.clone(),
+            person: self.journal_person.clone(),
+            started_ms: task::unix_ms(task::wall_clock()),
+        };
+        let written = tokio::time::timeout(JOURNAL_WAIT, journal.opened(entry)).await;
+        if written != Ok(true) {
+            tracing::error!("switchboard order could not be journalled in time");
+        }
+        self.journalled = Some(order.to_owned());
     }
 
     /// Runs one command; an answer known at once (refused by the limits) is returned.
@@ -774,6 +826,91 @@ impl Verification {
             view.state = CallState::Gate;
         }
         self.deps.live.publish(kind, view);
+    }
+}
+
+/// How a switchboard order's call is written in the order journal: `switchboard:<name>:<call id>`
+/// (no Asterisk channel id looks like this).
+const JOURNAL_PREFIX: &str = "switchboard:";
+
+/// Whether a journal entry is a switchboard verification's order.
+pub fn is_journalled(entry: &journal::Entry) -> bool {
+    entry.call.starts_with(JOURNAL_PREFIX)
+}
+
+impl Switchboards {
+    /// Settles the switchboard orders a previous process left open in the journal (it crashed, or
+    /// stopped while they ran): each is cancelled at its provider and closed, and its verification
+    /// answers `interrupted`/`restart` for `api.keep_verifications` instead of 404.
+    pub fn recover(self: &Arc<Self>, entries: Vec<journal::Entry>) {
+        for entry in entries {
+            let Some((board, call_id)) = entry
+                .call
+                .strip_prefix(JOURNAL_PREFIX)
+                .and_then(|rest| rest.split_once(':'))
+            else {
+                continue;
+            };
+            let (board, call_id) = (board.to_owned(), call_id.to_owned());
+            let deps = Arc::clone(&self.deps);
+            let order = verify::OrderRef(entry.order.clone());
+            let idp = entry.idp.clone();
+            self.tracker.spawn(async move {
+                match deps.providers.get(&idp) {
+                    Some(p) => match p.cancel(&order).await {
+                        Ok(()) => tracing::info!(order = %order.0, "switchboard order left open by the previous run cancelled"),
+                        Err(e) => tracing::warn!(order = %order.0, error = ?e, "could not cancel a switchboard order left open by the previous run"),
+                    },
+                    None => tracing::warn!(order = %order.0, idp = %idp, "switchboard order left open for an identity provider no longer configured"),
+                }
+                if let Some(j) = &deps.journal {
+                    j.closed(&order.0);
+                }
+            });
+            let outcome = Outcome::NotVerified(Reason::Restart);
+            let policy = self.config.borrow().queues.get(&entry.queue).cloned();
+            let fields = policy
+                .map(|p| {
+                    let record = Record {
+                        reference: entry.reference.clone(),
+                        method: self
+                            .deps
+                            .providers
+                            .get(&entry.idp)
+                            .map(|p| p.method().to_owned())
+                            .unwrap_or_default(),
+                        outcome,
+                        at: task::wall_clock(),
+                        identity: None,
+                    };
+                    task::live_fields(&outcome::render(&record, &p.disclose, &self.deps.key))
+                })
+                .unwrap_or_default();
+            let (_, state) = watch::channel(State {
+                stage: None,
+                outcome: Some(outcome),
+                fields,
+            });
+            let (cancel, _) = watch::channel(None);
+            self.runs.insert(
+                entry.reference.clone(),
+                Run {
+                    board,
+                    call_id,
+                    state,
+                    cancel: Arc::new(cancel),
+                },
+            );
+            let me = Arc::clone(self);
+            let id = entry.reference;
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(me.keep) => {}
+                    _ = me.stop.cancelled() => {}
+                }
+                me.runs.remove(&id);
+            });
+        }
     }
 }
 

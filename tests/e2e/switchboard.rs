@@ -309,3 +309,37 @@ async fn demo_switchboard_calls_through_the_feed_end_as_expected() {
     no_open_orders(&lab).await;
     lab.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_pending_switchboard_order_is_cancelled_after_a_restart_and_its_status_says_so() {
+    let mut options = LabOptions::fast();
+    options.step = Duration::from_secs(30);
+    options.verify_timeout = Duration::from_secs(60);
+    options.gate_deadline = Duration::from_secs(90);
+    let mut lab = lab(options).await;
+    let number = Scenario::Approve.number();
+    let a = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN)
+        .start(&typed("fr-1", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(a.var("callgate_status"), "pending", "{a:?}");
+    let id = a.var("callgate_ref").to_owned();
+    bounded("the order", lab.bankid.wait_for_open_orders(1)).await;
+    until("the order journalled", || {
+        std::fs::read_to_string(lab.data_dir.join("orders.journal"))
+            .is_ok_and(|j| j.contains("switchboard:lab:fr-1"))
+    })
+    .await;
+    lab.restart().await.unwrap();
+    // The new process cancels the order and answers for the verification.
+    no_open_orders(&lab).await;
+    let nodes = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN);
+    let s = nodes.status(&id, 0, false).await.unwrap();
+    assert_eq!(s.status, 200, "{s:?}");
+    assert_eq!(s.var("callgate_status"), "interrupted", "{s:?}");
+    assert_eq!(s.var("callgate_reason"), "restart", "{s:?}");
+    assert_eq!(s.var("callgate_stage"), "done", "{s:?}");
+    let journal = std::fs::read_to_string(lab.data_dir.join("orders.journal")).unwrap();
+    assert!(!journal.contains(&number), "a number in the journal");
+    lab.shutdown().await.unwrap();
+}
