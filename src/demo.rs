@@ -527,13 +527,13 @@ queues = ["support"]
             .switchboard_feed
             .as_ref()
             .map(|url| {
-                let (min, max) = if options.step < Duration::from_millis(200) {
-                    ("20ms", "200ms")
+                let (min, max, keepalive) = if options.step < Duration::from_millis(200) {
+                    ("20ms", "200ms", "200ms")
                 } else {
-                    ("200ms", "2s")
+                    ("200ms", "2s", "5s")
                 };
                 format!(
-                    "\n[switchboards.lab.feed]\nurl = \"{url}\"\ntoken = \"{token}\"\nkeepalive = \"5s\"\n\
+                    "\n[switchboards.lab.feed]\nurl = \"{url}\"\ntoken = \"{token}\"\nkeepalive = \"{keepalive}\"\n\
                      reconnect_min = \"{min}\"\nreconnect_max = \"{max}\"\n{mapping}",
                     token = crate::switchboard::sim::FEED_TOKEN,
                     mapping = crate::switchboard::sim::FEED_MAPPING,

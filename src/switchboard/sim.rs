@@ -214,6 +214,8 @@ struct FeedShared {
     unauthorized: tokio::sync::watch::Sender<u64>,
     /// Connections accepted so far.
     accepted: tokio::sync::watch::Sender<u64>,
+    /// While set, connections neither read (so pings get no pong) nor send.
+    stalled: tokio::sync::watch::Sender<bool>,
 }
 
 impl FeedSim {
@@ -232,6 +234,7 @@ impl FeedSim {
             open: tokio::sync::watch::channel(0).0,
             unauthorized: tokio::sync::watch::channel(0).0,
             accepted: tokio::sync::watch::channel(0).0,
+            stalled: tokio::sync::watch::channel(false).0,
         });
         let app = axum::Router::new()
             .route("/feed", axum::routing::get(feed_socket))
@@ -262,6 +265,11 @@ impl FeedSim {
     /// Drops every current connection.
     pub fn drop_connections(&self) {
         self.shared.drops.send_modify(|n| *n += 1);
+    }
+
+    /// While `on`, every connection goes silent: no events, no answer to pings.
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.send_replace(on);
     }
 
     /// Refuses (503) new connections while `on`.
@@ -351,13 +359,16 @@ async fn serve_feed(
     let mut events = shared.events.subscribe();
     let mut drops = shared.drops.subscribe();
     drops.borrow_and_update();
+    let mut stalled = shared.stalled.subscribe();
     shared.open.send_modify(|n| *n += 1);
     shared.accepted.send_modify(|n| *n += 1);
     loop {
+        let silent = *stalled.borrow_and_update();
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = drops.changed() => break,
-            e = events.recv() => match e {
+            _ = stalled.changed() => {}
+            e = events.recv(), if !silent => match e {
                 Ok(text) => {
                     if socket.send(Message::Text(text.into())).await.is_err() {
                         break;
@@ -366,7 +377,7 @@ async fn serve_feed(
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 Err(_) => break,
             },
-            incoming = socket.recv() => match incoming {
+            incoming = socket.recv(), if !silent => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
                 Some(Ok(_)) => {}
             },

@@ -343,3 +343,30 @@ async fn a_pending_switchboard_order_is_cancelled_after_a_restart_and_its_status
     assert!(!journal.contains(&number), "a number in the journal");
     lab.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_feed_that_stops_answering_pings_is_declared_dead_and_reconnected() {
+    let lab = lab(LabOptions::fast()).await;
+    feed_up(&lab, true).await;
+    let before = lab.feed.accepted();
+    // The link stays open but silent: no pong comes back, so callgate gives it up.
+    lab.feed.stall(true);
+    feed_up(&lab, false).await;
+    lab.feed.stall(false);
+    bounded("a reconnect", lab.feed.wait_for_accepted(before + 1)).await;
+    feed_up(&lab, true).await;
+    // The stalled connection is gone (callgate closed it); the new one is live.
+    bounded("one live connection", lab.feed.wait_for_connections(1)).await;
+    lab.feed
+        .push(&feed_event("CALL_ANSWERED", "fk-1", Some("agent-1")));
+    until("the event after the reconnect", || {
+        lab.app
+            .live
+            .call("fk-1")
+            .is_some_and(|c| c.agent.as_deref() == Some("agent-1"))
+    })
+    .await;
+    lab.feed.push(&feed_event("CALL_HANGUP", "fk-1", None));
+    until("the call ended", || lab.app.live.call("fk-1").is_none()).await;
+    lab.shutdown().await.unwrap();
+}
