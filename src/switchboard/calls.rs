@@ -266,6 +266,8 @@ impl Call {
                         let _ = req.reply.send(answer);
                     }
                     CallEvent::Superseded => {
+                        // A newer order of another call is for the same person.
+                        self.sb.cancel_call(&self.board, &self.call_id, Reason::Superseded);
                         if let Some(r) = &self.check {
                             r.cancel.send_replace(Some(Reason::Superseded));
                         }

@@ -379,10 +379,14 @@ impl Switchboards {
 
     /// The caller hung up: the order is cancelled and the verification ends `caller_hung_up`.
     pub fn cancel(&self, board: &str, id: &str) -> bool {
+        self.cancel_with(board, id, Reason::CallerHungUp)
+    }
+
+    fn cancel_with(&self, board: &str, id: &str, reason: Reason) -> bool {
         match self.run(board, id) {
             Some(run) => {
                 run.cancel.send_if_modified(|r| {
-                    r.get_or_insert(Reason::CallerHungUp);
+                    r.get_or_insert(reason);
                     true
                 });
                 true
@@ -394,6 +398,12 @@ impl Switchboards {
     /// The caller of a switchboard call hung up: every verification its IVR started is cancelled.
     /// Answers how many were still running.
     pub fn hang_up_call(&self, board: &str, call_id: &str) -> usize {
+        self.cancel_call(board, call_id, Reason::CallerHungUp)
+    }
+
+    /// Cancels every verification of a switchboard call its IVR started that still runs, for
+    /// `reason`; answers how many there were.
+    pub(crate) fn cancel_call(&self, board: &str, call_id: &str, reason: Reason) -> usize {
         let ids: Vec<String> = self
             .runs
             .iter()
@@ -401,7 +411,7 @@ impl Switchboards {
             .map(|r| r.key().clone())
             .collect();
         for id in &ids {
-            self.cancel(board, id);
+            self.cancel_with(board, id, reason);
         }
         ids.len()
     }
