@@ -9,7 +9,7 @@ use callgate::idp::sim::Scenario;
 use callgate::outcome::{Outcome, Reason};
 use callgate::switchboard::sim::{feed_event, FEED_TOKEN};
 
-use super::{api_request, captured, ivr, lab, no_open_orders, typed, until, RawStream};
+use super::{api_request, audit_text, captured, ivr, lab, no_open_orders, typed, until, RawStream};
 
 /// Waits (bounded) until the lab switchboard's feed is connected or not.
 async fn feed_up(lab: &Lab, up: bool) {
@@ -245,6 +245,15 @@ async fn an_agent_verifies_a_switchboard_caller_with_a_typed_number_and_the_keyp
         api_request(addr, "GET", &format!("/v1/verifications/{check}"), MINE, "").await;
     assert_eq!(status, 200, "{text}");
     assert!(!captured().contains(&number), "a number in the logs");
+    // The check is in the audit trail like any other, by the agent's token, without the number.
+    let audit = audit_text(&lab.app.audit_dir);
+    let line = audit
+        .lines()
+        .find(|l| l.contains(&check))
+        .expect("the check's audit record");
+    assert!(line.contains("api:eva"), "{line}");
+    assert!(!audit.contains(&number), "a number in the audit trail");
+    callgate::audit::chain::verify(&lab.app.audit_dir).unwrap();
     no_open_orders(&lab).await;
     lab.shutdown().await.unwrap();
 }
