@@ -385,6 +385,92 @@ mod tests {
         assert_eq!(map(&m, &long), Err(Skip::NoCallId));
     }
 
+    fn lab_mapping() -> Mapping {
+        let toml = format!(
+            "[switchboards.lab.feed]\n{}",
+            crate::switchboard::sim::FEED_MAPPING
+        );
+        let value: toml::Value = toml::from_str(&toml).unwrap();
+        let feed = &value["switchboards"]["lab"]["feed"];
+        let fields = &feed["fields"];
+        let field = |k: &str| fields[k].as_str().unwrap().to_owned();
+        Mapping::GenericJson {
+            fields: Fields {
+                event: field("event"),
+                call_id: field("call_id"),
+                agent: field("agent"),
+                queue: field("queue"),
+                caller: field("caller"),
+            },
+            events: feed["events"]
+                .as_table()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        FeedEventKind::from_code(v.as_str().unwrap()).unwrap(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Against the feed simulator on loopback: events arrive, an oversized message drops the link
+    /// (and callgate reconnects), the token goes in the header.
+    #[tokio::test]
+    async fn the_client_receives_events_and_an_oversized_message_drops_the_link() {
+        use crate::switchboard::sim::{feed_event, FeedSim};
+        let stop = CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sim = FeedSim::start(listener, "t0ken", stop.clone()).unwrap();
+        let mut feed = Feed::defaults(
+            sim.url(),
+            crate::secret::Secret::new("t0ken"),
+            lab_mapping(),
+        );
+        feed.max_message = 1024;
+        feed.reconnect_min = Duration::from_millis(10);
+        feed.reconnect_max = Duration::from_millis(50);
+        let (tx, mut rx) = mpsc::channel(16);
+        let (up, _up_rx) = watch::channel(false);
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let task = tokio::spawn(run(
+            "lab".into(),
+            feed,
+            tx,
+            up,
+            std::sync::Arc::clone(&metrics),
+            stop.clone(),
+        ));
+        assert_eq!(next(&mut rx).await, Incoming::Connected);
+        sim.wait_for_connections(1).await;
+        sim.push(&feed_event("CALL_ANSWERED", "c1", Some("a1")));
+        let Incoming::Event(e) = next(&mut rx).await else {
+            panic!("expected an event")
+        };
+        assert_eq!(
+            (e.kind, e.agent.as_deref()),
+            (FeedEventKind::Answered, Some("a1"))
+        );
+        // Larger than max_message: the link is dropped, then reconnected.
+        let mut big = feed_event("CALL_ANSWERED", "c2", Some("a1"));
+        big["padding"] = serde_json::Value::String("x".repeat(4096));
+        sim.push(&big);
+        assert_eq!(next(&mut rx).await, Incoming::Disconnected);
+        assert_eq!(next(&mut rx).await, Incoming::Connected);
+        assert_eq!(sim.unauthorized(), 0);
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Incoming>) -> Incoming {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     #[test]
     fn the_default_field_names_are_flat() {
         let m = Mapping::GenericJson {
