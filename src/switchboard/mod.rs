@@ -753,7 +753,11 @@ impl Verification {
         self.deps
             .metrics
             .verification_ended(&self.policy.idp, outcome);
-        self.deps.metrics.call_ended(&self.policy.name.0, outcome);
+        // A request node's verification is the switchboard's gate for the call; an agent's check
+        // during the call is a verification only.
+        if self.view.method == CheckMethod::Ivr {
+            self.deps.metrics.call_ended(&self.policy.name.0, outcome);
+        }
         if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
             if let Some(person) = &self.view_person() {
                 self.deps.limits.declined(person, task::now().into_std());
