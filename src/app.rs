@@ -68,6 +68,8 @@ pub struct Running {
     pub reports: broadcast::Sender<Report>,
     /// The audit trail's directory (`<data_dir>/audit`).
     pub audit_dir: PathBuf,
+    /// The switchboards' verifications and the calls their feeds reported.
+    pub switchboards: Arc<Switchboards>,
     pub done: JoinHandle<()>,
 }
 
@@ -91,9 +93,13 @@ pub async fn start(
             cfg.server.data_dir.display()
         )
     })?;
-    if !left_open.is_empty() {
+    // Switchboard orders are settled by `Switchboards::recover`, the rest by the PBX adapter.
+    let (switchboard_left, left_open): (Vec<_>, Vec<_>) = left_open
+        .into_iter()
+        .partition(crate::switchboard::is_journalled);
+    if !left_open.is_empty() || !switchboard_left.is_empty() {
         tracing::warn!(
-            orders = left_open.len(),
+            orders = left_open.len() + switchboard_left.len(),
             "orders left open by the previous run: resuming those whose callers still wait, cancelling the rest"
         );
     }
@@ -345,6 +351,8 @@ pub async fn start(
         tracker.clone(),
         calls_token.clone(),
     );
+    switchboards.recover(switchboard_left);
+    switchboards.start_feeds();
     let api_router = api_router.merge(switchboard_api::router(SwitchboardState {
         engine: Arc::clone(&switchboards),
         tokens: Arc::new(BoardTokens::from_config(&cfg)),
@@ -481,6 +489,7 @@ pub async fn start(
         metrics,
         reports,
         audit_dir,
+        switchboards,
         done,
     })
 }

@@ -69,6 +69,9 @@ pub struct LabOptions {
     /// The fake Asterisk's system name, the prefix of its channel ids (several sites need distinct
     /// ones).
     pub system_name: String,
+    /// The lab switchboard's call-event feed (`[switchboards.lab.feed]`), set by [`Lab::start`] to
+    /// its feed simulator.
+    pub switchboard_feed: Option<String>,
 }
 
 /// The secret of the lab's webhook target.
@@ -111,6 +114,7 @@ impl LabOptions {
             disclose: r#"["name", "masked_number"]"#.to_owned(),
             state: None,
             system_name: "sim".to_owned(),
+            switchboard_feed: None,
         }
     }
 
@@ -138,6 +142,7 @@ impl LabOptions {
             disclose: r#"["name", "masked_number"]"#.to_owned(),
             state: None,
             system_name: "sim".to_owned(),
+            switchboard_feed: None,
         }
     }
 }
@@ -167,6 +172,8 @@ pub struct Lab {
     pub data_dir: PathBuf,
     /// The config file callgate was started with (rewrite it and reload to test reloads).
     pub config_path: PathBuf,
+    /// The lab switchboard's call-event feed (a simulator callgate connects to).
+    pub feed: crate::switchboard::sim::FeedSim,
     reports: broadcast::Receiver<Report>,
     seen: HashMap<String, Report>,
     stop: Option<oneshot::Sender<()>>,
@@ -185,6 +192,13 @@ impl Lab {
         prepare: impl AsyncFnOnce(&FakeAsterisk, &Simulator, &std::path::Path),
     ) -> anyhow::Result<Lab> {
         let (asterisk, bankid, idp_token, data_dir) = start_fakes(&options, "lab").await?;
+        let feed = crate::switchboard::sim::FeedSim::start(
+            TcpListener::bind("127.0.0.1:0").await?,
+            crate::switchboard::sim::FEED_TOKEN,
+            idp_token.clone(),
+        )?;
+        let mut options = options;
+        options.switchboard_feed = Some(feed.url());
         let ari = asterisk.settings();
         let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;
@@ -201,6 +215,7 @@ impl Lab {
             options,
             data_dir,
             config_path,
+            feed,
             reports,
             seen: HashMap::new(),
             stop: Some(stop),
@@ -518,7 +533,24 @@ no_agent = "queues,care-noagent,1"
 [switchboards.lab]
 token_sha256 = "{switchboard_hash}"
 queues = ["support"]
-"#,
+{feed}"#,
+        feed = options
+            .switchboard_feed
+            .as_ref()
+            .map(|url| {
+                let (min, max, keepalive) = if options.step < Duration::from_millis(200) {
+                    ("20ms", "200ms", "200ms")
+                } else {
+                    ("200ms", "2s", "5s")
+                };
+                format!(
+                    "\n[switchboards.lab.feed]\nurl = \"{url}\"\ntoken = \"{token}\"\nkeepalive = \"{keepalive}\"\n\
+                     reconnect_min = \"{min}\"\nreconnect_max = \"{max}\"\n{mapping}",
+                    token = crate::switchboard::sim::FEED_TOKEN,
+                    mapping = crate::switchboard::sim::FEED_MAPPING,
+                )
+            })
+            .unwrap_or_default(),
         switchboard_hash =
             crate::api::agent::auth::token_hash(LAB_SWITCHBOARD_TOKEN).unwrap_or_default(),
         state = options
@@ -819,12 +851,7 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
     }
     println!("callgate demo: a simulated Asterisk and a simulated BankID on 127.0.0.1, scripted callers\n");
     let mut options = LabOptions::demo();
-    options.api_tokens.push(LabToken {
-        name: "demo-agent".into(),
-        token: DEMO_AGENT_TOKEN.into(),
-        role: crate::config::Role::Agent,
-        agent: Some(LAB_AGENT.into()),
-    });
+    options.api_tokens.push(demo_agent());
     let mut lab = Lab::start(options).await?;
     let rows = run_calls(&mut lab).await?;
     let orders_left = lab.bankid.open_orders();
@@ -847,11 +874,15 @@ pub async fn run(format: LogFormat) -> anyhow::Result<bool> {
     println!("(POST /switchboard/v1/verifications), loop on its status and route on the flat variables:\n");
     let (sb_table, sb_ok) = switchboard_calls(&lab).await?;
     print!("{sb_table}");
+    println!("\nThe switchboard's call-event feed tells callgate which agent has which call and when it ends:\n");
+    let (feed_lines, feed_ok) = switchboard_feed_calls(&lab).await?;
+    print!("{feed_lines}");
     let orders_left = lab.bankid.open_orders();
     lab.shutdown().await?;
     let ok = rows.iter().all(|r| r.outcome == r.expected)
         && mid_call
         && sb_ok
+        && feed_ok
         && orders_left == 0
         && audit.is_ok();
     Ok(ok)
@@ -947,7 +978,177 @@ fn demo_clock() -> tokio::time::Instant {
 }
 
 /// The demo agent's bearer token (the lab's config holds only its SHA-256).
-const DEMO_AGENT_TOKEN: &str = "demo-agent-token-not-for-production";
+pub const DEMO_AGENT_TOKEN: &str = "demo-agent-token-not-for-production";
+
+/// The demo agent's token entry: role agent, interface [`LAB_AGENT`].
+pub fn demo_agent() -> LabToken {
+    LabToken {
+        name: "demo-agent".into(),
+        token: DEMO_AGENT_TOKEN.into(),
+        role: crate::config::Role::Agent,
+        agent: Some(LAB_AGENT.into()),
+    }
+}
+
+/// Re-checks `cond` until it holds (at most 30 s).
+async fn settle(what: &str, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .with_context(|| format!("timed out waiting for {what}"))
+}
+
+/// The demo's switchboard calls through the call-event feed (the lab's feed simulator): one call is
+/// verified by the IVR, answered by agent [`LAB_AGENT`] (needs [`demo_agent`]'s token in the lab),
+/// refused a keypad check and verified again with the number the agent types; another caller hangs
+/// up while the IVR's check is pending. Returns the lines printed and whether all went as expected.
+pub async fn switchboard_feed_calls(lab: &Lab) -> anyhow::Result<(String, bool)> {
+    use crate::switchboard::sim::{feed_event, Ivr, Typed};
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        lab.app.switchboards.wait_for_feed("lab", true),
+    )
+    .await
+    .context("the switchboard's feed did not connect")?;
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured((*crate::pbx::ari::tls::client_config()?).clone())
+        .build()?;
+    let base = format!("http://{}", lab.app.api_addr);
+    let nodes = Ivr::new(&base, LAB_SWITCHBOARD_TOKEN)?;
+    let began = demo_clock();
+    let mut out = String::new();
+    let mut ok = true;
+    let say = |out: &mut String, what: String| {
+        let _ = writeln!(out, "  {:>6.2} s  {what}", began.elapsed().as_secs_f64());
+    };
+
+    // A caller verified by the IVR, then by the agent who answered.
+    let call = "sb-feed-1";
+    let first = idp_sim::number_with_serial("19750606", Scenario::Approve.serial());
+    lab.feed.push(&feed_event("CALL_RINGING", call, None));
+    settle("the feed's call", || {
+        lab.app.switchboards.feed_knows("lab", call)
+    })
+    .await?;
+    say(
+        &mut out,
+        format!("{call}: feed CALL_RINGING -> call_started (state gate)"),
+    );
+    let t = Typed {
+        call_id: call,
+        queue: "support",
+        number: &first,
+        caller: "+46701234567",
+        attempt: 0,
+    };
+    let ivr = nodes.verify(&t, 20).await?;
+    ok &= ivr.var("callgate_status") == "verified";
+    say(
+        &mut out,
+        format!(
+            "{call}: IVR request nodes -> callgate_status={}",
+            ivr.var("callgate_status")
+        ),
+    );
+    lab.feed.push(&feed_event("CALL_QUEUED", call, None));
+    lab.feed
+        .push(&feed_event("CALL_ANSWERED", call, Some(LAB_AGENT)));
+    settle("the agent on the call", || {
+        lab.app.live.call(call).is_some_and(|c| c.can_verify)
+    })
+    .await?;
+    let shown = lab
+        .app
+        .live
+        .call(call)
+        .and_then(|c| c.verification)
+        .and_then(|v| v.outcome)
+        .map_or("-", |o| o.status().code());
+    say(
+        &mut out,
+        format!("{call}: feed CALL_ANSWERED -> agent_connected ({LAB_AGENT} sees the IVR's result: {shown})"),
+    );
+    let path = format!("{base}/v1/calls/{call}/verifications");
+    let keypad = http
+        .post(&path)
+        .bearer_auth(DEMO_AGENT_TOKEN)
+        .json(&serde_json::json!({ "collect": "keypad" }))
+        .send()
+        .await?;
+    let status = keypad.status().as_u16();
+    let body: serde_json::Value = keypad.json().await.unwrap_or_default();
+    ok &= status == 409 && body["error"] == "keypad_unavailable";
+    say(
+        &mut out,
+        format!(
+            "{call}: agent asks for the keypad -> {status} {}",
+            body["error"].as_str().unwrap_or("")
+        ),
+    );
+    let typed = http
+        .post(&path)
+        .bearer_auth(DEMO_AGENT_TOKEN)
+        .json(&serde_json::json!({ "number": first }))
+        .send()
+        .await?;
+    let status = typed.status().as_u16();
+    let body: serde_json::Value = typed.json().await.unwrap_or_default();
+    let id = body["verification_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ok &= status == 202 && !id.is_empty();
+    settle("the agent's check", || {
+        id.is_empty() || lab.app.live.verification(&id).is_some_and(|v| v.is_over())
+    })
+    .await?;
+    let outcome = lab.app.live.verification(&id).and_then(|v| v.outcome);
+    ok &= outcome == Some(Outcome::Verified);
+    say(
+        &mut out,
+        format!(
+            "{call}: agent types the number the caller reads out -> {status}, then {}",
+            outcome.map_or("-", |o| o.status().code())
+        ),
+    );
+    lab.feed.push(&feed_event("CALL_HANGUP", call, None));
+    settle("the call's end", || lab.app.live.call(call).is_none()).await?;
+    say(&mut out, format!("{call}: feed CALL_HANGUP -> call_ended"));
+
+    // A caller who hangs up while the IVR's check is pending.
+    let call = "sb-feed-2";
+    let second = idp_sim::number_with_serial("19750707", Scenario::Approve.serial());
+    lab.feed.push(&feed_event("CALL_RINGING", call, None));
+    settle("the feed's call", || {
+        lab.app.switchboards.feed_knows("lab", call)
+    })
+    .await?;
+    let t = Typed {
+        call_id: call,
+        queue: "support",
+        number: &second,
+        caller: "+46701234568",
+        attempt: 0,
+    };
+    let started = nodes.start(&t).await?;
+    let id = started.var("callgate_ref").to_owned();
+    lab.feed.push(&feed_event("CALL_HANGUP", call, None));
+    let polled = nodes.status(&id, 20, true).await?;
+    ok &= polled.var("callgate_reason") == "caller_hung_up";
+    say(
+        &mut out,
+        format!(
+            "{call}: caller hangs up during the IVR's check -> status node sees {}/{}",
+            polled.var("callgate_status"),
+            polled.var("callgate_reason")
+        ),
+    );
+    Ok((out, ok))
+}
 
 /// The demo's mid-call check: an anchored call, the agent's CRM starts a keypad check through the
 /// agent API and prints the call's live stream until the check is over. `true` when verified.

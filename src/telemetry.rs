@@ -40,7 +40,22 @@ pub fn use_colour(is_terminal: bool, env: &dyn Fn(&str) -> Option<String>) -> bo
     is_terminal && env("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// The log subscriber: `format` lines written to `writer`, filtered by `filter`; `ansi` colours text.
+/// Targets that log request headers (bearer tokens, basic credentials) at trace level: never
+/// logged, whatever the filter says.
+pub const SECRET_BEARING_TARGETS: [&str; 1] = ["tungstenite::handshake"];
+
+/// `filter` with the [`SECRET_BEARING_TARGETS`] turned off (a more specific directive wins).
+pub fn safe_filter(mut filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
+    for target in SECRET_BEARING_TARGETS {
+        if let Ok(d) = format!("{target}=off").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
+/// The log subscriber: `format` lines written to `writer`, filtered by `filter` (never below
+/// [`safe_filter`]); `ansi` colours text.
 pub fn subscriber<W>(
     format: LogFormat,
     filter: tracing_subscriber::EnvFilter,
@@ -51,7 +66,7 @@ where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(safe_filter(filter))
         .with_writer(writer);
     match format {
         LogFormat::Text => Box::new(builder.with_ansi(ansi).finish()),
@@ -152,7 +167,7 @@ pub struct Metrics {
 
 /// Every metric callgate exports: name, type, help. The registry: `render` writes only these, and
 /// the shipped dashboard and alerts are checked against [`exported_names`].
-pub const METRICS: [(&str, &str, &str); 20] = [
+pub const METRICS: [(&str, &str, &str); 22] = [
     (
         "callgate_build_info",
         "gauge",
@@ -248,6 +263,16 @@ pub const METRICS: [(&str, &str, &str); 20] = [
         "callgate_state_instances",
         "gauge",
         "Instances with a live heartbeat in the shared state, as this instance last counted them.",
+    ),
+    (
+        "callgate_switchboard_feed_connected",
+        "gauge",
+        "1 while the call-event feed of each switchboard (by name) is connected.",
+    ),
+    (
+        "callgate_switchboard_feed_skipped_total",
+        "counter",
+        "Call-event feed messages skipped, by switchboard and reason (malformed, unknown, no_call_id).",
     ),
 ];
 
@@ -424,6 +449,26 @@ impl Metrics {
         self.with(|i| {
             i.gauges.insert((name, labels), value);
         });
+    }
+
+    /// Whether a switchboard's call-event feed is connected.
+    pub fn set_feed_connected(&self, board: &str, up: bool) {
+        self.set_gauge_with(
+            "callgate_switchboard_feed_connected",
+            vec![("switchboard", board.to_owned())],
+            if up { 1.0 } else { 0.0 },
+        );
+    }
+
+    /// A feed message was skipped; `reason` is a `switchboard::feed::Skip` code.
+    pub fn feed_event_skipped(&self, board: &str, reason: &'static str) {
+        self.inc(
+            "callgate_switchboard_feed_skipped_total",
+            vec![
+                ("switchboard", board.to_owned()),
+                ("reason", reason.to_owned()),
+            ],
+        );
     }
 
     pub fn set_pbx_connected(&self, up: bool) {

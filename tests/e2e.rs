@@ -9,6 +9,8 @@
 #[path = "e2e/instances.rs"]
 mod instances;
 mod support;
+#[path = "e2e/switchboard.rs"]
+mod switchboard;
 #[path = "support/webdriver.rs"]
 mod webdriver;
 #[path = "e2e/widget.rs"]
@@ -58,7 +60,9 @@ fn logs() -> &'static Capture {
     LOGS.get_or_init(|| {
         let capture = Capture::default();
         tracing_subscriber::fmt()
-            .with_env_filter("trace")
+            .with_env_filter(callgate::telemetry::safe_filter(
+                tracing_subscriber::EnvFilter::new("trace"),
+            ))
             .with_ansi(false)
             .with_writer(capture.clone())
             .init();

@@ -62,7 +62,9 @@ impl ApiError {
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::Refused(r) => (
                 match r {
-                    Refusal::NotAnchored | Refusal::NothingToCancel => StatusCode::CONFLICT,
+                    Refusal::NotAnchored | Refusal::NothingToCancel | Refusal::NoMedia => {
+                        StatusCode::CONFLICT
+                    }
                     Refusal::Ended => StatusCode::NOT_FOUND,
                     Refusal::InvalidNumber => StatusCode::UNPROCESSABLE_ENTITY,
                     Refusal::Unavailable | Refusal::OwnerUnreachable => {

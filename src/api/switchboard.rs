@@ -6,6 +6,8 @@
 //! compared with every configured hash in constant time); the personal number is read only from a POST
 //! body, never from a URL, and never logged; a malformed request is answered 400 before anything starts.
 
+pub mod openapi;
+
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,9 +16,9 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::header::{ACCEPT, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 
 use super::agent::auth::{bearer, equal, sha256};
@@ -71,15 +73,41 @@ impl BoardTokens {
     }
 }
 
-/// The routes (paths as the README documents them).
+/// Every route: method, path (as in the OpenAPI document and the README), handler. The router is
+/// built from this table and a test checks it against the document.
+pub fn routes() -> Vec<(Method, &'static str, MethodRouter<SwitchboardState>)> {
+    vec![
+        (Method::POST, "/switchboard/v1/verifications", post(start)),
+        (
+            Method::GET,
+            "/switchboard/v1/verifications/{id}",
+            get(status),
+        ),
+        (
+            Method::POST,
+            "/switchboard/v1/verifications/{id}/cancel",
+            post(cancel),
+        ),
+        (
+            Method::GET,
+            "/switchboard/v1/openapi.json",
+            get(openapi_document),
+        ),
+    ]
+}
+
+/// The routes of [`routes`] with the body limit.
 pub fn router(state: SwitchboardState) -> Router {
     let max_body = state.max_body;
-    Router::new()
-        .route("/switchboard/v1/verifications", post(start))
-        .route("/switchboard/v1/verifications/{id}", get(status))
-        .route("/switchboard/v1/verifications/{id}/cancel", post(cancel))
-        .layer(DefaultBodyLimit::max(max_body))
-        .with_state(state)
+    let mut r = Router::new();
+    for (_, path, method_router) in routes() {
+        r = r.route(path, method_router);
+    }
+    r.layer(DefaultBodyLimit::max(max_body)).with_state(state)
+}
+
+async fn openapi_document() -> axum::Json<serde_json::Value> {
+    axum::Json(openapi::document())
 }
 
 /// How an answer is written.
@@ -376,6 +404,63 @@ mod tests {
             .to_owned();
         let b = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
         (ct, String::from_utf8(b.to_vec()).unwrap())
+    }
+
+    #[test]
+    fn the_openapi_document_lists_exactly_the_routes_and_no_number_parameter() {
+        let doc = openapi::document();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            assert!(!path.contains("number"), "{path}");
+            for (method, op) in item.as_object().unwrap() {
+                documented.insert((method.to_uppercase(), path.clone()));
+                assert!(op["summary"].as_str().is_some(), "{method} {path}");
+                assert!(op["responses"]["200"].is_object(), "{method} {path}");
+                let params: Vec<&str> = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p["name"].as_str().unwrap())
+                    .collect();
+                assert!(!params.contains(&"number"), "{method} {path}");
+                if path.contains("{id}") {
+                    assert!(params.contains(&"id"), "{method} {path}");
+                }
+                let responses = op["responses"].as_object().unwrap();
+                if !path.ends_with("openapi.json") {
+                    assert!(responses.contains_key("401"), "{method} {path}");
+                }
+                for (code, r) in responses {
+                    if code.starts_with('4') || code.starts_with('5') {
+                        assert_eq!(
+                            r["content"]["application/json"]["schema"]["$ref"],
+                            "#/components/schemas/Error",
+                            "{method} {path} {code}"
+                        );
+                    }
+                }
+            }
+        }
+        let routed: std::collections::BTreeSet<(String, String)> = routes()
+            .into_iter()
+            .map(|(m, p, _)| (m.as_str().to_owned(), p.to_owned()))
+            .collect();
+        assert_eq!(documented, routed);
+        // The error codes the document lists are the ones the API's error type uses here.
+        let codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"]
+            .as_array()
+            .unwrap()
+            .clone();
+        for e in [
+            ApiError::BadRequest(String::new()),
+            ApiError::Unauthorized(String::new()),
+            ApiError::NotFound(String::new()),
+            ApiError::TooLarge(1),
+            ApiError::Unavailable(String::new()),
+        ] {
+            assert!(codes.contains(&serde_json::json!(e.code().1)), "{e:?}");
+        }
     }
 
     #[test]

@@ -72,6 +72,15 @@
 //! | `state.heartbeat_interval` | `2s` | 100ms..=60s; an instance is lost after three missed beats |
 //! | `state.snapshot_ttl` | `60s` | 1s..=1h, at least three heartbeats: a call's snapshot outlives its owner this long |
 //! | `state.on_unavailable` | `local_limits` | `local_limits` or `refuse`: new orders while Redis is unreachable |
+//! | `switchboards.<name>.feed.url` | — | **required with a feed**: `wss://…` (`ws://` only on 127.0.0.1, [::1] or localhost), no credentials or query |
+//! | `switchboards.<name>.feed.token` | — | **required with a feed**: bearer token for the feed (a secret; `${VAR}` allowed) |
+//! | `switchboards.<name>.feed.keepalive` | `20s` | 50ms..=5m: ping interval; no frame for two intervals after a ping is a dead link |
+//! | `switchboards.<name>.feed.reconnect_min` / `reconnect_max` | `1s` / `60s` | 10ms..=60s / 10ms..=1h, min ≤ max; jittered exponential backoff |
+//! | `switchboards.<name>.feed.max_message` | `65536` | 1024..=16777216 bytes; larger messages drop the link |
+//! | `switchboards.<name>.feed.max_call_age` | `4h` | 1s..=7d: a call the feed never reports as ended is forgotten after this |
+//! | `switchboards.<name>.feed.mapping` | — | **required with a feed**: `generic_json` |
+//! | `switchboards.<name>.feed.fields.<event\|call_id\|agent\|queue\|caller>` | the key's own name | where each value is in an event: a field name or a dotted path |
+//! | `switchboards.<name>.feed.events.<feed value>` | — | **required, maps some value to `ended`**: `started`, `queued`, `answered`, `transferred` or `ended` |
 //! | `webhooks.max_attempts` | `10` | 1..=100 |
 //! | `webhooks.initial_backoff` / `max_backoff` | `1s` / `5m` | 10ms..=1h / 10ms..=6h, initial ≤ max |
 //! | `webhooks.timeout` | `10s` | 100ms..=120s |
@@ -133,6 +142,7 @@ use crate::policy::{QueueName, QueuePolicy};
 use crate::secret::Secret;
 
 pub mod duration;
+pub mod feed;
 mod queue;
 mod sections;
 mod source;
@@ -211,12 +221,15 @@ pub struct Switchboard {
     pub token_sha256: [u8; 32],
     /// The queues (`[queues.<name>]`) its verifications may name.
     pub queues: Vec<String>,
+    /// `[switchboards.<name>.feed]`: its call-event websocket, if it has one.
+    pub feed: Option<feed::Feed>,
 }
 
 impl fmt::Debug for Switchboard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Switchboard")
             .field("queues", &self.queues)
+            .field("feed", &self.feed)
             .finish_non_exhaustive()
     }
 }
@@ -648,6 +661,22 @@ pub fn summary(cfg: &Config) -> String {
             targets.join(","),
             cfg.webhooks.max_attempts,
             cfg.webhooks.outbox_max,
+        ));
+    }
+    for (name, sb) in &cfg.switchboards {
+        let feed = match &sb.feed {
+            // The URL only: the token never appears.
+            Some(f) => format!(
+                "{} keepalive={} max_call_age={}",
+                f.url,
+                duration::format(f.keepalive),
+                duration::format(f.max_call_age)
+            ),
+            None => "-".to_owned(),
+        };
+        out.push_str(&format!(
+            "switchboard {name}: queues={} feed={feed}\n",
+            list_or_none(&sb.queues),
         ));
     }
     out

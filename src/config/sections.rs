@@ -827,7 +827,7 @@ fn sha256_hex(x: &str) -> Result<[u8; 32], String> {
 }
 
 /// Keys of `[switchboards.<name>]`.
-pub const SWITCHBOARD_KEYS: [&str; 2] = ["token_sha256", "queues"];
+pub const SWITCHBOARD_KEYS: [&str; 3] = ["token_sha256", "queues", "feed"];
 
 /// `[switchboards.<name>]`: a token hash (distinct from every other token) and the queues it may use.
 pub fn switchboards(
@@ -878,6 +878,9 @@ pub fn switchboards(
                 );
             }
         }
+        let feed = it
+            .get("feed")
+            .and_then(|v| super::feed::feed(ctx, &join(&path, "feed"), v));
         let Some(hash) = hash else { continue };
         let clash = api
             .tokens
@@ -901,6 +904,7 @@ pub fn switchboards(
             Switchboard {
                 token_sha256: hash,
                 queues: names,
+                feed,
             },
         );
     }

@@ -1538,3 +1538,135 @@ fn state_problems_are_each_reported_at_their_key() {
         "{got:#?}"
     );
 }
+
+#[test]
+fn a_switchboard_feed_takes_a_url_token_timings_and_a_mapping() {
+    let board = |feed: &str| {
+        minimal_with(&format!(
+            "[switchboards.telavox]\ntoken_sha256 = \"{HASH_A}\"\nqueues = [\"support\"]\n{feed}"
+        ))
+    };
+    let good = r#"
+[switchboards.telavox.feed]
+url = "wss://events.example.com/v1/calls"
+token = "${FEED_TOKEN}"
+keepalive = "10s"
+max_call_age = "2h"
+mapping = "generic_json"
+[switchboards.telavox.feed.fields]
+event = "type"
+call_id = "call.id"
+agent = "call.agent.extension"
+[switchboards.telavox.feed.events]
+CALL_RINGING = "started"
+CALL_ANSWERED = "answered"
+CALL_HANGUP = "ended"
+"#;
+    let cfg = try_load(&board(good), &[], &[("FEED_TOKEN", "s3cret-feed")]).unwrap();
+    let feed = cfg.switchboards["telavox"].feed.clone().unwrap();
+    assert_eq!(feed.url, "wss://events.example.com/v1/calls");
+    assert_eq!(feed.token.expose(), "s3cret-feed");
+    assert_eq!(feed.keepalive, Duration::from_secs(10));
+    assert_eq!(feed.reconnect_min, Duration::from_secs(1));
+    assert_eq!(feed.max_call_age, Duration::from_secs(7200));
+    let crate::config::feed::Mapping::GenericJson { fields, events } = &feed.mapping;
+    assert_eq!(fields.call_id, "call.id");
+    assert_eq!(
+        fields.queue, "queue",
+        "unset fields keep their default name"
+    );
+    assert_eq!(
+        events["CALL_HANGUP"],
+        crate::config::feed::FeedEventKind::Ended
+    );
+    assert!(
+        !format!("{cfg:?}").contains("s3cret-feed"),
+        "the token in Debug"
+    );
+    let summary = crate::config::summary(&cfg);
+    assert!(
+        summary.contains("switchboard telavox: queues=support feed=wss://events.example.com/v1/calls keepalive=10s max_call_age=2h"),
+        "{summary}"
+    );
+    assert!(!summary.contains("s3cret-feed"));
+    assert!(ok(&board("")).switchboards["telavox"].feed.is_none());
+
+    let base = "[switchboards.telavox.feed]\nurl = \"wss://e.example.com\"\ntoken = \"t\"\nmapping = \"generic_json\"\n";
+    let ended = "[switchboards.telavox.feed.events]\nhangup = \"ended\"\n";
+    // Plain ws only on loopback; no credentials in the URL.
+    only_issue(
+        &board(&(base.replace("wss://e.example.com", "ws://e.example.com") + ended)),
+        "switchboards.telavox.feed.url",
+        "ws only on 127.0.0.1",
+    );
+    assert!(ok(&board(
+        &(base.replace("wss://e.example.com", "ws://127.0.0.1:9") + ended)
+    ))
+    .switchboards["telavox"]
+        .feed
+        .is_some());
+    only_issue(
+        &board(&(base.replace("wss://e.example.com", "wss://u:p@e.example.com") + ended)),
+        "switchboards.telavox.feed.url",
+        "must not carry",
+    );
+    only_issue(
+        &board(&(base.replace("wss://e.example.com", "https://e.example.com") + ended)),
+        "switchboards.telavox.feed.url",
+        "wss URL",
+    );
+    only_issue(
+        &board(&(base.replace("token = \"t\"\n", "") + ended)),
+        "switchboards.telavox.feed.token",
+        "required",
+    );
+    only_issue(
+        &board(&(base.replace("generic_json", "telavox_v9") + ended)),
+        "switchboards.telavox.feed.mapping",
+        "unknown mapping",
+    );
+    only_issue(
+        &board(&(base.to_owned() + "keepalive = \"10m\"\n" + ended)),
+        "switchboards.telavox.feed.keepalive",
+        "must be from",
+    );
+    only_issue(
+        &board(&(base.to_owned() + "reconnect_min = \"30s\"\nreconnect_max = \"2s\"\n" + ended)),
+        "switchboards.telavox.feed.reconnect_max",
+        "reconnect_min",
+    );
+    only_issue(
+        &board(&(base.to_owned() + "pings = \"1s\"\n" + ended)),
+        "switchboards.telavox.feed.pings",
+        "unknown key",
+    );
+    only_issue(
+        &board(
+            &(base.to_owned()
+                + "[switchboards.telavox.feed.events]\nhangup = \"over\"\nbye = \"ended\"\n"),
+        ),
+        "switchboards.telavox.feed.events.hangup",
+        "unknown event",
+    );
+    only_issue(
+        &board(&(base.to_owned() + "[switchboards.telavox.feed.events]\nring = \"started\"\n")),
+        "switchboards.telavox.feed.events",
+        "\"ended\"",
+    );
+    only_issue(
+        &board(
+            &(base.to_owned()
+                + "[switchboards.telavox.feed.fields]\ncall_id = \"call..id\"\n"
+                + ended),
+        ),
+        "switchboards.telavox.feed.fields.call_id",
+        "dotted path",
+    );
+    only_issue(
+        &board(
+            &(base.to_owned() + "[switchboards.telavox.feed.fields]\ncallid = \"id\"\n" + ended),
+        ),
+        "switchboards.telavox.feed.fields.callid",
+        "unknown key",
+    );
+}

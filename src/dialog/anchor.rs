@@ -73,18 +73,23 @@ pub enum Refusal {
     /// The call did not answer in time (overloaded or stuck): 503.
     #[error("the call did not answer in time")]
     Unavailable,
+    /// The keypad was asked for on a call whose media callgate does not own (a hosted
+    /// switchboard's call): 409.
+    #[error("callgate cannot collect digits on this call (the switchboard owns its audio): type the number the caller tells you")]
+    NoMedia,
     /// Several instances: the one owning the call did not answer a forwarded request: 503.
     #[error("the callgate instance owning the call did not answer")]
     OwnerUnreachable,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::NotAnchored,
         Refusal::Ended,
         Refusal::InvalidNumber,
         Refusal::NothingToCancel,
         Refusal::Unavailable,
+        Refusal::NoMedia,
         Refusal::OwnerUnreachable,
     ];
 
@@ -96,6 +101,7 @@ impl Refusal {
             Refusal::InvalidNumber => "invalid_number",
             Refusal::NothingToCancel => "nothing_to_cancel",
             Refusal::Unavailable => "call_unavailable",
+            Refusal::NoMedia => "keypad_unavailable",
             Refusal::OwnerUnreachable => "instance_unavailable",
         }
     }

@@ -8,6 +8,8 @@
 //! and reference only); each verification ends with exactly one record (audit trail, live view,
 //! webhook) and is bounded by the queue's `verify_timeout` plus the provider's request timeouts.
 
+pub mod calls;
+pub mod feed;
 pub mod sim;
 
 use std::collections::HashMap;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::audit::{self, Event};
+use crate::calls::journal;
 use crate::calls::live::{
     CallState, CallView, CheckMethod, LiveKind, StartedBy, TypedNumber, VerificationView,
 };
@@ -42,6 +45,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(25);
 const GRACE: Duration = Duration::from_secs(30);
 /// Longest accepted call id, caller line and language.
 const MAX_FIELD: usize = 128;
+/// How long a verification waits for its order to be on disk before going on unjournalled.
+const JOURNAL_WAIT: Duration = Duration::from_secs(2);
 /// Highest accepted `attempt`.
 pub const MAX_ATTEMPT: u32 = 99;
 
@@ -143,9 +148,27 @@ impl Answer {
 #[derive(Clone)]
 struct Run {
     board: String,
+    call_id: String,
     state: watch::Receiver<State>,
-    /// Fired when the caller hung up.
-    hangup: CancellationToken,
+    /// Why the verification is to end early (the caller hung up).
+    cancel: Arc<watch::Sender<Option<Reason>>>,
+}
+
+/// The tasks of the calls a switchboard's feed reported, by (switchboard, call id): where a
+/// verification of such a call sends its view, so the call has one publisher.
+pub(crate) type FeedCalls = DashMap<(String, String), mpsc::Sender<calls::Update>>;
+
+/// Who a verification is for and who started it.
+#[derive(Debug, Clone)]
+pub(crate) struct Check {
+    pub board: String,
+    pub call_id: String,
+    /// The caller's line (limits only).
+    pub caller: String,
+    pub started_by: StartedBy,
+    pub method: CheckMethod,
+    /// The agent of the call, for a mid-call check (per-agent limit).
+    pub agent: Option<String>,
 }
 
 /// Every switchboard verification of the process.
@@ -160,6 +183,10 @@ pub struct Switchboards {
     /// (switchboard, call id, attempt) → verification id.
     keys: DashMap<(String, String, u32), String>,
     runs: DashMap<String, Run>,
+    /// Calls known from the switchboards' feeds.
+    feed_calls: Arc<FeedCalls>,
+    /// Whether each switchboard's feed is connected now.
+    feeds: DashMap<String, watch::Receiver<bool>>,
 }
 
 impl Switchboards {
@@ -178,6 +205,8 @@ impl Switchboards {
             keep,
             keys: DashMap::new(),
             runs: DashMap::new(),
+            feed_calls: Arc::new(DashMap::new()),
+            feeds: DashMap::new(),
         })
     }
 
@@ -255,18 +284,33 @@ impl Switchboards {
             MapEntry::Vacant(v) => {
                 let id = uuid::Uuid::new_v4().to_string();
                 let (tx, rx) = watch::channel(State::default());
-                let hangup = CancellationToken::new();
+                let (cancel, cancelled) = watch::channel(None);
                 self.runs.insert(
                     id.clone(),
                     Run {
                         board: board.to_owned(),
+                        call_id: req.call_id.clone(),
                         state: rx,
-                        hangup: hangup.clone(),
+                        cancel: Arc::new(cancel),
                     },
                 );
                 v.insert(id.clone());
-                let verification =
-                    Verification::new(Arc::clone(&self.deps), policy, board, &req, id.clone(), tx);
+                let check = Check {
+                    board: board.to_owned(),
+                    call_id: req.call_id.clone(),
+                    caller: req.caller.clone(),
+                    started_by: StartedBy::Switchboard(board.to_owned()),
+                    method: CheckMethod::Ivr,
+                    agent: None,
+                };
+                let verification = Verification::new(
+                    Arc::clone(&self.deps),
+                    policy,
+                    check,
+                    id.clone(),
+                    tx,
+                    Arc::clone(&self.feed_calls),
+                );
                 let span = tracing::info_span!("verify", r#ref = %id, switchboard = board, call.id = %req.call_id);
                 let me = Arc::clone(self);
                 let stop = self.stop.clone();
@@ -274,9 +318,13 @@ impl Switchboards {
                 let board_key = (board.to_owned(), req.call_id.clone(), req.attempt);
                 self.tracker.spawn(
                     async move {
-                        verification.run(number, hangup, stop).await;
-                        // Readable for `keep`, then forgotten (the audit trail keeps the record).
-                        tokio::time::sleep(me.keep).await;
+                        verification.run(number, cancelled, stop).await;
+                        // Readable for `keep` (or until shutdown), then forgotten (the audit trail
+                        // keeps the record).
+                        tokio::select! {
+                            _ = tokio::time::sleep(me.keep) => {}
+                            _ = me.stop.cancelled() => {}
+                        }
                         me.runs.remove(&id2);
                         me.keys.remove(&board_key);
                     }
@@ -331,22 +379,75 @@ impl Switchboards {
 
     /// The caller hung up: the order is cancelled and the verification ends `caller_hung_up`.
     pub fn cancel(&self, board: &str, id: &str) -> bool {
+        self.cancel_with(board, id, Reason::CallerHungUp)
+    }
+
+    fn cancel_with(&self, board: &str, id: &str, reason: Reason) -> bool {
         match self.run(board, id) {
             Some(run) => {
-                run.hangup.cancel();
+                run.cancel.send_if_modified(|r| {
+                    r.get_or_insert(reason);
+                    true
+                });
                 true
             }
             None => false,
         }
     }
+
+    /// The caller of a switchboard call hung up: every verification its IVR started is cancelled.
+    /// Answers how many were still running.
+    pub fn hang_up_call(&self, board: &str, call_id: &str) -> usize {
+        self.cancel_call(board, call_id, Reason::CallerHungUp)
+    }
+
+    /// Cancels every verification of a switchboard call its IVR started that still runs, for
+    /// `reason`; answers how many there were.
+    pub(crate) fn cancel_call(&self, board: &str, call_id: &str, reason: Reason) -> usize {
+        let ids: Vec<String> = self
+            .runs
+            .iter()
+            .filter(|r| r.board == board && r.call_id == call_id && !r.state.borrow().is_final())
+            .map(|r| r.key().clone())
+            .collect();
+        for id in &ids {
+            self.cancel_with(board, id, reason);
+        }
+        ids.len()
+    }
+
+    /// Whether a switchboard's feed is connected now (`None`: it has no feed).
+    pub fn feed_connected(&self, board: &str) -> Option<bool> {
+        self.feeds.get(board).map(|r| *r.borrow())
+    }
+
+    /// Waits until a switchboard's feed is connected (or not), as tests and the demo need.
+    pub async fn wait_for_feed(&self, board: &str, connected: bool) {
+        let Some(mut rx) = self.feeds.get(board).map(|r| r.clone()) else {
+            return;
+        };
+        let _ = rx.wait_for(|up| *up == connected).await;
+    }
+
+    /// Whether the feed reported this call and it has not ended (or been forgotten).
+    pub fn feed_knows(&self, board: &str, call_id: &str) -> bool {
+        self.feed_calls
+            .contains_key(&(board.to_owned(), call_id.to_owned()))
+    }
 }
 
 /// One verification's task state.
-struct Verification {
+pub(crate) struct Verification {
     deps: Arc<Deps>,
     policy: Arc<QueuePolicy>,
     call_id: String,
     caller: String,
+    agent: Option<String>,
+    /// (switchboard, call id): the feed call this verification's view goes to, if the feed knows it.
+    route: (String, String),
+    feed_calls: Arc<FeedCalls>,
+    /// Set once a view went to the feed call's task: the call's view is its, never ours again.
+    routed: bool,
     state: watch::Sender<State>,
     view: VerificationView,
     stages: Vec<Stage>,
@@ -354,25 +455,29 @@ struct Verification {
     person: Option<String>,
     /// The person of the last granted order (kept for the cool-down after a declined call).
     last_person: Option<String>,
+    /// The journal's pseudonym of the person (only for the journal).
+    journal_person: String,
+    /// The order of this verification that is open in the journal.
+    journalled: Option<String>,
     started: Instant,
 }
 
 impl Verification {
-    fn new(
+    pub(crate) fn new(
         deps: Arc<Deps>,
         policy: Arc<QueuePolicy>,
-        board: &str,
-        req: &StartRequest,
+        check: Check,
         id: String,
         state: watch::Sender<State>,
+        feed_calls: Arc<FeedCalls>,
     ) -> Verification {
         let view = VerificationView {
             id,
-            call_id: req.call_id.clone(),
+            call_id: check.call_id.clone(),
             queue: policy.name.0.clone(),
             idp: policy.idp.clone(),
-            method: CheckMethod::Ivr,
-            started_by: StartedBy::Switchboard(board.to_owned()),
+            method: check.method,
+            started_by: check.started_by,
             started_at: task::wall_clock(),
             ended_at: None,
             stages: Vec::new(),
@@ -384,25 +489,36 @@ impl Verification {
         Verification {
             deps,
             policy,
-            call_id: req.call_id.clone(),
-            caller: req.caller.clone(),
+            route: (check.board, check.call_id.clone()),
+            call_id: check.call_id,
+            caller: check.caller,
+            agent: check.agent,
+            feed_calls,
+            routed: false,
             state,
             view,
             stages: Vec::new(),
             person: None,
             last_person: None,
+            journal_person: String::new(),
+            journalled: None,
             started: task::now(),
         }
     }
 
-    async fn run(
+    /// Runs the verification to its end. `cancel` says why it is to end early (caller hung up,
+    /// agent cancelled, superseded); `stop` is the shutdown (`interrupted`/`restart`).
+    pub(crate) async fn run(
         mut self,
         number: PersonalNumber,
-        hangup: CancellationToken,
+        mut cancel: watch::Receiver<Option<Reason>>,
         stop: CancellationToken,
     ) {
-        self.publish(LiveKind::CallStarted);
+        self.publish(LiveKind::CallStarted).await;
         tracing::info!("switchboard verification started");
+        if let Some(j) = &self.deps.journal {
+            self.journal_person = j.person(&number);
+        }
         let order = Order {
             number,
             initiator: Initiator::Caller,
@@ -416,6 +532,8 @@ impl Verification {
         let mut idp: JoinSet<verify::Input> = JoinSet::new();
         let mut timers: HashMap<verify::Timer, Instant> = HashMap::new();
         let mut stopping = false;
+        let mut restarting = false;
+        let mut cancel_open = true;
         loop {
             let mut at_once = Vec::new();
             while let Some(cmd) = session.poll_command() {
@@ -436,6 +554,10 @@ impl Verification {
             tokio::select! {
                 Some(done) = idp.join_next(), if !idp.is_empty() => {
                     if let Ok(input) = done {
+                        if let verify::Input::Started(Ok(started)) = &input {
+                            // Durable before the caller is told to open the app.
+                            self.journal_open(&started.order.0).await;
+                        }
                         session.handle(input, task::now().into_std());
                     }
                 }
@@ -448,13 +570,21 @@ impl Verification {
                         session.handle(verify::Input::Timer(t), now.into_std());
                     }
                 }
-                _ = hangup.cancelled(), if !stopping => {
-                    stopping = true;
-                    tracing::info!("caller hung up");
-                    session.handle(verify::Input::Cancel(Reason::CallerHungUp), task::now().into_std());
+                changed = cancel.changed(), if !stopping && cancel_open => {
+                    if changed.is_err() {
+                        cancel_open = false;
+                        continue;
+                    }
+                    let reason = *cancel.borrow_and_update();
+                    if let Some(reason) = reason {
+                        stopping = true;
+                        tracing::info!(reason = reason.code(), "verification cancelled");
+                        session.handle(verify::Input::Cancel(reason), task::now().into_std());
+                    }
                 }
                 _ = stop.cancelled(), if !stopping => {
                     stopping = true;
+                    restarting = true;
                     session.handle(verify::Input::Cancel(Reason::Restart), task::now().into_std());
                 }
                 _ = tokio::time::sleep_until(hard_deadline) => {
@@ -467,7 +597,37 @@ impl Verification {
             }
         }
         self.release();
-        self.publish(LiveKind::CallEnded);
+        if restarting {
+            // Left open: the next start cancels it again (harmless) and answers the switchboard's
+            // status node `interrupted`/`restart` instead of 404.
+            tracing::info!("switchboard order left open in the journal for the next start");
+        } else if let (Some(journal), Some(order)) = (&self.deps.journal, self.journalled.take()) {
+            journal.closed(&order);
+        }
+        self.publish(LiveKind::CallEnded).await;
+    }
+
+    async fn journal_open(&mut self, order: &str) {
+        let Some(journal) = self.deps.journal.clone() else {
+            return;
+        };
+        if let Some(old) = self.journalled.take() {
+            journal.closed(&old);
+        }
+        let entry = journal::Entry {
+            order: order.to_owned(),
+            call: format!("{JOURNAL_PREFIX}{}:{}", self.route.0, self.call_id),
+            queue: self.policy.name.0.clone(),
+            idp: self.policy.idp.clone(),
+            reference: self.view.id.clone(),
+            person: self.journal_person.clone(),
+            started_ms: task::unix_ms(task::wall_clock()),
+        };
+        let written = tokio::time::timeout(JOURNAL_WAIT, journal.opened(entry)).await;
+        if written != Ok(true) {
+            tracing::error!("switchboard order could not be journalled in time");
+        }
+        self.journalled = Some(order.to_owned());
     }
 
     /// Runs one command; an answer known at once (refused by the limits) is returned.
@@ -493,7 +653,7 @@ impl Verification {
                         call: &self.call_id,
                         queue: &self.policy.name.0,
                         idp: &self.policy.idp,
-                        agent: None,
+                        agent: self.agent.as_deref(),
                     };
                     match self
                         .deps
@@ -562,7 +722,7 @@ impl Verification {
                     self.release();
                 } else {
                     self.state.send_modify(|s| s.stage = Some(stage));
-                    self.publish(LiveKind::Progress);
+                    self.publish(LiveKind::Progress).await;
                 }
             }
             C::Finished(conclusion) => self.finish(conclusion.outcome, conclusion.identity).await,
@@ -598,7 +758,11 @@ impl Verification {
         self.deps
             .metrics
             .verification_ended(&self.policy.idp, outcome);
-        self.deps.metrics.call_ended(&self.policy.name.0, outcome);
+        // A request node's verification is the switchboard's gate for the call; an agent's check
+        // during the call is a verification only.
+        if self.view.method == CheckMethod::Ivr {
+            self.deps.metrics.call_ended(&self.policy.name.0, outcome);
+        }
         if outcome == Outcome::NotVerified(Reason::DeclinedCall) {
             if let Some(person) = &self.view_person() {
                 self.deps.limits.declined(person, task::now().into_std());
@@ -611,7 +775,7 @@ impl Verification {
             s.outcome = Some(outcome);
             s.fields = fields;
         });
-        self.publish(LiveKind::Completed);
+        self.publish(LiveKind::Completed).await;
         if let Some(webhooks) = &self.deps.webhooks {
             webhooks.call_event(LiveKind::Completed, &self.call_view(), task::wall_clock());
         }
@@ -654,7 +818,7 @@ impl Verification {
             } else {
                 CallState::Gate
             },
-            agent: None,
+            agent: self.agent.clone(),
             aliases: Vec::new(),
             started_at: self.view.started_at,
             can_verify: false,
@@ -663,12 +827,110 @@ impl Verification {
         }
     }
 
-    fn publish(&self, kind: LiveKind) {
+    /// Publishes the verification: through the feed call's task when the feed knows the call (one
+    /// publisher per call), else as a call of its own. Once routed, a view the call's task can no
+    /// longer take (it ended) is published as ended, so it never brings the call back.
+    async fn publish(&mut self, kind: LiveKind) {
+        let route = self.feed_calls.get(&self.route).map(|tx| tx.clone());
+        if let Some(tx) = route {
+            self.routed = true;
+            let update = calls::Update::Check(Box::new(self.view.clone()), kind);
+            if tx.send(update).await.is_ok() {
+                return;
+            }
+        }
         let mut view = self.call_view();
-        if kind != LiveKind::CallEnded {
+        if self.routed {
+            view.state = CallState::Ended;
+        } else if kind != LiveKind::CallEnded {
             view.state = CallState::Gate;
         }
         self.deps.live.publish(kind, view);
+    }
+}
+
+/// How a switchboard order's call is written in the order journal: `switchboard:<name>:<call id>`
+/// (no Asterisk channel id looks like this).
+const JOURNAL_PREFIX: &str = "switchboard:";
+
+/// Whether a journal entry is a switchboard verification's order.
+pub fn is_journalled(entry: &journal::Entry) -> bool {
+    entry.call.starts_with(JOURNAL_PREFIX)
+}
+
+impl Switchboards {
+    /// Settles the switchboard orders a previous process left open in the journal (it crashed, or
+    /// stopped while they ran): each is cancelled at its provider and closed, and its verification
+    /// answers `interrupted`/`restart` for `api.keep_verifications` instead of 404.
+    pub fn recover(self: &Arc<Self>, entries: Vec<journal::Entry>) {
+        for entry in entries {
+            let Some((board, call_id)) = entry
+                .call
+                .strip_prefix(JOURNAL_PREFIX)
+                .and_then(|rest| rest.split_once(':'))
+            else {
+                continue;
+            };
+            let (board, call_id) = (board.to_owned(), call_id.to_owned());
+            let deps = Arc::clone(&self.deps);
+            let order = verify::OrderRef(entry.order.clone());
+            let idp = entry.idp.clone();
+            self.tracker.spawn(async move {
+                match deps.providers.get(&idp) {
+                    Some(p) => match p.cancel(&order).await {
+                        Ok(()) => tracing::info!(order = %order.0, "switchboard order left open by the previous run cancelled"),
+                        Err(e) => tracing::warn!(order = %order.0, error = ?e, "could not cancel a switchboard order left open by the previous run"),
+                    },
+                    None => tracing::warn!(order = %order.0, idp = %idp, "switchboard order left open for an identity provider no longer configured"),
+                }
+                if let Some(j) = &deps.journal {
+                    j.closed(&order.0);
+                }
+            });
+            let outcome = Outcome::NotVerified(Reason::Restart);
+            let policy = self.config.borrow().queues.get(&entry.queue).cloned();
+            let fields = policy
+                .map(|p| {
+                    let record = Record {
+                        reference: entry.reference.clone(),
+                        method: self
+                            .deps
+                            .providers
+                            .get(&entry.idp)
+                            .map(|p| p.method().to_owned())
+                            .unwrap_or_default(),
+                        outcome,
+                        at: task::wall_clock(),
+                        identity: None,
+                    };
+                    task::live_fields(&outcome::render(&record, &p.disclose, &self.deps.key))
+                })
+                .unwrap_or_default();
+            let (_, state) = watch::channel(State {
+                stage: None,
+                outcome: Some(outcome),
+                fields,
+            });
+            let (cancel, _) = watch::channel(None);
+            self.runs.insert(
+                entry.reference.clone(),
+                Run {
+                    board,
+                    call_id,
+                    state,
+                    cancel: Arc::new(cancel),
+                },
+            );
+            let me = Arc::clone(self);
+            let id = entry.reference;
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(me.keep) => {}
+                    _ = me.stop.cancelled() => {}
+                }
+                me.runs.remove(&id);
+            });
+        }
     }
 }
 

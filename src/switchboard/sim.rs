@@ -157,3 +157,231 @@ async fn answer(r: reqwest::Response) -> Result<NodeAnswer, reqwest::Error> {
     };
     Ok(NodeAnswer { status, vars })
 }
+
+/// The bearer token of the lab's switchboard feed.
+pub const FEED_TOKEN: &str = "lab-feed-token-not-for-production";
+
+/// The mapping of the simulated feed's events, as `[switchboards.<name>.feed]` keys (a Telavox-style
+/// JSON shape: `{"type": "CALL_ANSWERED", "call": {"id", "queue", "from", "agent": {"extension"}}}`).
+pub const FEED_MAPPING: &str = r#"mapping = "generic_json"
+
+[switchboards.lab.feed.fields]
+event = "type"
+call_id = "call.id"
+agent = "call.agent.extension"
+queue = "call.queue"
+caller = "call.from"
+
+[switchboards.lab.feed.events]
+CALL_RINGING = "started"
+CALL_QUEUED = "queued"
+CALL_ANSWERED = "answered"
+CALL_TRANSFERRED = "transferred"
+CALL_HANGUP = "ended"
+"#;
+
+/// A call event of the simulated feed (see [`FEED_MAPPING`]); `kind` is one of `CALL_RINGING`,
+/// `CALL_QUEUED`, `CALL_ANSWERED`, `CALL_TRANSFERRED`, `CALL_HANGUP` (or anything, to test skipping).
+pub fn feed_event(kind: &str, call_id: &str, agent: Option<&str>) -> serde_json::Value {
+    let mut call = serde_json::json!({
+        "id": call_id,
+        "queue": "support",
+        "from": "+46701234567",
+    });
+    if let Some(a) = agent {
+        call["agent"] = serde_json::json!({ "extension": a, "name": "Lab Agent" });
+    }
+    serde_json::json!({ "type": kind, "call": call })
+}
+
+/// A switchboard's call-event feed on loopback: checks the bearer token, sends what tests push to
+/// every connected client, and can drop connections or refuse new ones.
+#[derive(Clone)]
+pub struct FeedSim {
+    addr: std::net::SocketAddr,
+    shared: std::sync::Arc<FeedShared>,
+}
+
+struct FeedShared {
+    token: std::sync::Mutex<String>,
+    refusing: std::sync::atomic::AtomicBool,
+    events: tokio::sync::broadcast::Sender<String>,
+    /// Bumped to drop every current connection.
+    drops: tokio::sync::watch::Sender<u64>,
+    /// Connections open now.
+    open: tokio::sync::watch::Sender<usize>,
+    /// Connects refused for a bad token.
+    unauthorized: tokio::sync::watch::Sender<u64>,
+    /// Connections accepted so far.
+    accepted: tokio::sync::watch::Sender<u64>,
+    /// While set, connections neither read (so pings get no pong) nor send.
+    stalled: tokio::sync::watch::Sender<bool>,
+}
+
+impl FeedSim {
+    /// Serves on `listener` (bind `127.0.0.1:0`) until `stop`.
+    pub fn start(
+        listener: tokio::net::TcpListener,
+        token: &str,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> std::io::Result<FeedSim> {
+        let addr = listener.local_addr()?;
+        let shared = std::sync::Arc::new(FeedShared {
+            token: std::sync::Mutex::new(token.to_owned()),
+            refusing: std::sync::atomic::AtomicBool::new(false),
+            events: tokio::sync::broadcast::channel(256).0,
+            drops: tokio::sync::watch::channel(0).0,
+            open: tokio::sync::watch::channel(0).0,
+            unauthorized: tokio::sync::watch::channel(0).0,
+            accepted: tokio::sync::watch::channel(0).0,
+            stalled: tokio::sync::watch::channel(false).0,
+        });
+        let app = axum::Router::new()
+            .route("/feed", axum::routing::get(feed_socket))
+            .with_state((std::sync::Arc::clone(&shared), stop.clone()));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Ok(FeedSim { addr, shared })
+    }
+
+    /// `ws://127.0.0.1:<port>/feed`.
+    pub fn url(&self) -> String {
+        format!("ws://{}/feed", self.addr)
+    }
+
+    /// Sends an event to every connected client (lost when none is connected, as on a live feed).
+    pub fn push(&self, event: &serde_json::Value) {
+        let _ = self.shared.events.send(event.to_string());
+    }
+
+    /// Sends a raw text message (to test skipping of malformed messages).
+    pub fn push_raw(&self, text: &str) {
+        let _ = self.shared.events.send(text.to_owned());
+    }
+
+    /// Drops every current connection.
+    pub fn drop_connections(&self) {
+        self.shared.drops.send_modify(|n| *n += 1);
+    }
+
+    /// While `on`, every connection goes silent: no events, no answer to pings.
+    pub fn stall(&self, on: bool) {
+        self.shared.stalled.send_replace(on);
+    }
+
+    /// Refuses (503) new connections while `on`.
+    pub fn refuse(&self, on: bool) {
+        self.shared
+            .refusing
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Changes the token the feed accepts.
+    pub fn set_token(&self, token: &str) {
+        if let Ok(mut t) = self.shared.token.lock() {
+            *t = token.to_owned();
+        }
+    }
+
+    /// Connects refused for a bad token so far.
+    pub fn unauthorized(&self) -> u64 {
+        *self.shared.unauthorized.borrow()
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        *self.shared.accepted.borrow()
+    }
+
+    /// Waits until at least `n` connections were accepted.
+    pub async fn wait_for_accepted(&self, n: u64) {
+        let mut rx = self.shared.accepted.subscribe();
+        let _ = rx.wait_for(|seen| *seen >= n).await;
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        *self.shared.open.borrow()
+    }
+
+    /// Waits until exactly `n` connections are open.
+    pub async fn wait_for_connections(&self, n: usize) {
+        let mut rx = self.shared.open.subscribe();
+        let _ = rx.wait_for(|open| *open == n).await;
+    }
+
+    /// Waits until at least `n` connects were refused for a bad token.
+    pub async fn wait_for_unauthorized(&self, n: u64) {
+        let mut rx = self.shared.unauthorized.subscribe();
+        let _ = rx.wait_for(|seen| *seen >= n).await;
+    }
+}
+
+type FeedState = (
+    std::sync::Arc<FeedShared>,
+    tokio_util::sync::CancellationToken,
+);
+
+async fn feed_socket(
+    axum::extract::State((shared, stop)): axum::extract::State<FeedState>,
+    headers: axum::http::HeaderMap,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let expected = shared
+        .token
+        .lock()
+        .map(|t| format!("Bearer {t}"))
+        .unwrap_or_default();
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if given != expected {
+        shared.unauthorized.send_modify(|n| *n += 1);
+        return axum::http::StatusCode::UNAUTHORIZED.into_response();
+    }
+    if shared.refusing.load(std::sync::atomic::Ordering::SeqCst) {
+        return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    ws.on_upgrade(move |socket| serve_feed(shared, stop, socket))
+}
+
+async fn serve_feed(
+    shared: std::sync::Arc<FeedShared>,
+    stop: tokio_util::sync::CancellationToken,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    let mut events = shared.events.subscribe();
+    let mut drops = shared.drops.subscribe();
+    drops.borrow_and_update();
+    let mut stalled = shared.stalled.subscribe();
+    shared.open.send_modify(|n| *n += 1);
+    shared.accepted.send_modify(|n| *n += 1);
+    loop {
+        let silent = *stalled.borrow_and_update();
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = drops.changed() => break,
+            _ = stalled.changed() => {}
+            e = events.recv(), if !silent => match e {
+                Ok(text) => {
+                    if socket.send(Message::Text(text.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => break,
+            },
+            incoming = socket.recv(), if !silent => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    shared.open.send_modify(|n| *n = n.saturating_sub(1));
+}

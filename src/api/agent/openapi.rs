@@ -91,7 +91,7 @@ pub fn document() -> Value {
                         "202": ok("Started; follow it on the call's stream or by its id (also in `Location`).", "Accepted"),
                         "401": e401, "403": e403,
                         "404": error("No such call, or it ended (`not_found`, `call_ended`)."),
-                        "409": error("The call is not with an agent (`not_with_agent`)."),
+                        "409": error("The call is not with an agent (`not_with_agent`), or `collect: keypad` was asked for on a hosted switchboard's call, whose audio callgate does not handle (`keypad_unavailable`: type the number instead)."),
                         "413": error("The body is larger than `api.max_body` (`body_too_large`)."),
                         "422": error("The body is not one of the two forms (`invalid_request`), or the number is not a valid personal number for the queue (`invalid_number`)."),
                         "503": error("The call did not answer in time (`call_unavailable`), the instance owning it did not answer (`instance_unavailable`, shared state only), or callgate is draining (`unavailable`).")
@@ -164,7 +164,7 @@ pub fn document() -> Value {
                             "unauthorized", "forbidden", "not_found", "no_route", "method_not_allowed",
                             "body_too_large", "invalid_request", "bad_request", "not_with_agent",
                             "call_ended", "invalid_number", "nothing_to_cancel", "call_unavailable",
-                            "instance_unavailable", "unavailable", "internal"
+                            "keypad_unavailable", "instance_unavailable", "unavailable", "internal"
                         ]},
                         "reason": {"type": "string"}
                     }
