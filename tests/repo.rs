@@ -145,6 +145,62 @@ fn shipped_configs_validate() {
     assert!(cfg.is_ok(), "{:#?}", cfg.err());
 }
 
+/// The two-site compose example: each callgate's `CALLGATE__…` environment, applied to the shipped
+/// config, gives a valid config on Redis with its own instance id.
+#[test]
+fn the_sites_compose_example_runs_two_instances_on_redis() {
+    let compose = fs::read_to_string(root().join("deploy/container/compose.sites.yaml")).unwrap();
+    let mut envs: std::collections::BTreeMap<String, HashMap<String, String>> = Default::default();
+    let mut service = String::new();
+    for line in compose.lines() {
+        if let Some(name) = line
+            .strip_prefix("  ")
+            .and_then(|l| l.strip_suffix(':'))
+            .filter(|l| !l.starts_with(' '))
+        {
+            service = name.to_owned();
+        } else if let Some((k, v)) = line
+            .trim_start()
+            .strip_prefix("- CALLGATE__")
+            .and_then(|kv| kv.split_once('='))
+        {
+            envs.entry(service.clone())
+                .or_default()
+                .insert(format!("CALLGATE__{k}"), v.to_owned());
+        }
+    }
+    assert_eq!(
+        envs.keys().collect::<Vec<_>>(),
+        ["callgate-a", "callgate-b"],
+        "{envs:?}"
+    );
+    let dir = std::env::temp_dir().join(format!("callgate-repo-sites-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let mut text = fs::read_to_string(root().join("deploy/asterisk/callgate.toml")).unwrap();
+    for file in ["bankid-test-rp.p12", "bankid-test-root.pem"] {
+        let path = dir.join(file);
+        fs::write(&path, b"placeholder").unwrap();
+        text = text.replace(&format!("/etc/callgate/{file}"), path.to_str().unwrap());
+    }
+    let lookup = |name: &str| match name {
+        "ARI_PASSWORD" | "BANKID_P12_PASSWORD" => Some("secret".to_owned()),
+        "CALLGATE_PSEUDONYM_KEY" => Some("0123456789abcdef0123456789abcdef".to_owned()),
+        _ => None,
+    };
+    let mut ids = Vec::new();
+    for env in envs.values() {
+        let cfg = callgate::config::load(&text, env, &lookup)
+            .unwrap_or_else(|issues| panic!("{issues:#?}"));
+        assert!(matches!(
+            cfg.state.kind,
+            callgate::config::StateKind::Redis(_)
+        ));
+        ids.push(cfg.state.instance_id.clone());
+    }
+    assert_eq!(ids, ["site-a", "site-b"]);
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// Every route the Asterisk example config names exists in the shipped dialplan.
 #[test]
 fn config_routes_exist_in_the_dialplan() {
