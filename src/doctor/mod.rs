@@ -192,7 +192,53 @@ pub async fn run(cfg: &Config, now: OffsetDateTime) -> Report {
     for (name, idp) in &cfg.idps {
         idp_checks(name, idp, now, &mut report).await;
     }
+    if let crate::config::StateKind::Redis(redis) = &cfg.state.kind {
+        report.push(state_check(cfg, redis).await);
+    }
     report
+}
+
+// ---- shared state ----
+
+/// `[state] kind = "redis"`: Redis answers, and the instances already there use the same pseudonym
+/// key (a fingerprint; nothing else is written).
+async fn state_check(cfg: &Config, redis: &crate::config::RedisSettings) -> Check {
+    use crate::state::{KeyCheck, Shared};
+    let key = crate::pnr::PseudonymKey::new(cfg.server.pseudonym_key.expose().as_bytes().to_vec());
+    let Pbx::Ari(ari) = &cfg.pbx;
+    let instance = cfg.state.instance_or("doctor", &ari.app);
+    let shared = match Shared::new(
+        redis,
+        &instance,
+        &key,
+        std::sync::Arc::new(crate::telemetry::Metrics::new()),
+        cfg.api.keep_verifications,
+    ) {
+        Ok(s) => s,
+        Err(e) => return Check::fail("state.redis", e.to_string(), "check state.url"),
+    };
+    match shared.check_key().await {
+        Ok(KeyCheck::Same) => Check::ok(
+            "state.redis",
+            format!(
+                "Redis answers; key prefix {:?}; the pseudonym key matches the other instances'",
+                redis.key_prefix
+            ),
+        ),
+        Ok(KeyCheck::Different) => Check::fail(
+            "state.redis",
+            format!(
+                "the instances already under key prefix {:?} use another server.pseudonym_key",
+                redis.key_prefix
+            ),
+            "give every instance the same server.pseudonym_key (CALLGATE_PSEUDONYM_KEY), or another state.key_prefix",
+        ),
+        Err(e) => Check::fail(
+            "state.redis",
+            format!("Redis does not answer: {e}"),
+            "check state.url (host, port, password, rediss:// for TLS) and that Redis runs",
+        ),
+    }
 }
 
 // ---- PBX ----

@@ -392,3 +392,49 @@ fn certificate_dates_are_read_from_utc_and_generalized_time() {
     }
     let _ = std::fs::remove_dir_all(&files_dir);
 }
+
+#[tokio::test]
+async fn shared_state_is_checked_for_reachability_and_the_same_key() {
+    let w = world(good_pbx()).await;
+    let Some(redis) = (match crate::state::local::LocalRedis::binary() {
+        Some(_) => Some(crate::state::local::LocalRedis::start().await.unwrap()),
+        None => {
+            eprintln!(
+                "skipped: no redis-server installed (the shared-state doctor check needs one)"
+            );
+            None
+        }
+    }) else {
+        return;
+    };
+    let url = redis.url();
+    let with = |key: &'static str| {
+        config(
+            &w,
+            &[
+                ("CALLGATE__STATE__KIND", "redis"),
+                ("CALLGATE__STATE__URL", url.as_str()),
+                ("CALLGATE__SERVER__PSEUDONYM_KEY", key),
+            ],
+        )
+    };
+    let report = run(&with("the-first-pseudonym-key-000"), now()).await;
+    assert_eq!(
+        report.get("state.redis").unwrap().level,
+        Level::Ok,
+        "{report:?}"
+    );
+    let report = run(&with("another-pseudonym-key-00000"), now()).await;
+    let check = report.get("state.redis").unwrap();
+    assert_eq!(check.level, Level::Fail);
+    assert!(
+        check.detail.contains("another server.pseudonym_key"),
+        "{check:?}"
+    );
+    let mut redis = redis;
+    redis.stop();
+    let report = run(&with("the-first-pseudonym-key-000"), now()).await;
+    let check = report.get("state.redis").unwrap();
+    assert_eq!(check.level, Level::Fail);
+    assert!(check.detail.contains("does not answer"), "{check:?}");
+}
