@@ -1163,6 +1163,26 @@ async fn mid_call(lab: &Lab) -> anyhow::Result<bool> {
     if lab.asterisk.wait_for_agent(&call).await.is_none() {
         anyhow::bail!("no agent answered the demo call");
     }
+    // The agent's token sees the call once callgate's view has the agent (the queue's answer reaches
+    // callgate a moment after the fake Asterisk's): wait for that, bounded.
+    let mut rx = lab.app.live.subscribe();
+    let has_agent = |lab: &Lab| {
+        lab.app
+            .live
+            .call(&call)
+            .is_some_and(|c| c.agent.as_deref() == Some(LAB_AGENT))
+    };
+    let wait = async {
+        while !has_agent(lab) {
+            let _ = tokio::time::timeout(Duration::from_millis(100), rx.recv()).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .is_err()
+    {
+        anyhow::bail!("callgate never saw the demo call's agent");
+    }
     let mut stream = http
         .get(format!("{base}/v1/calls/{call}/events"))
         .bearer_auth(DEMO_AGENT_TOKEN)
