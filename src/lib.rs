@@ -4,6 +4,7 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod backoff;
 pub mod bench;
 pub mod calls;
 pub mod config;

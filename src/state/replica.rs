@@ -450,7 +450,7 @@ async fn inbound(
                 shared.set_up(false);
             }
         }
-        let jittered = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
+        let jittered = crate::backoff::jittered(backoff);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(jittered) => {}

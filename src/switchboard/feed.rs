@@ -166,7 +166,7 @@ pub async fn run(
         if retry_now {
             continue;
         }
-        let delay = jittered(backoff);
+        let delay = crate::backoff::jittered(backoff);
         backoff = backoff.saturating_mul(2).min(feed.reconnect_max);
         tokio::select! {
             biased;
@@ -182,13 +182,6 @@ pub async fn run(
 #[allow(clippy::disallowed_methods)] // how long a connection lived decides the reconnect delay
 fn clock() -> tokio::time::Instant {
     tokio::time::Instant::now()
-}
-
-/// Half the delay fixed, half random, so reconnecting instances spread out.
-fn jittered(base: Duration) -> Duration {
-    let half = base / 2;
-    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-    half + Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<Box<dyn crate::pbx::ari::events::Io>>;

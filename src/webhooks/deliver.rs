@@ -240,8 +240,7 @@ pub fn backoff(settings: &Settings, attempts: u32) -> Duration {
         .initial_backoff
         .saturating_mul(exp)
         .min(settings.max_backoff);
-    let half = full / 2;
-    half + full.saturating_sub(half).mul_f64(fastrand::f64())
+    crate::backoff::jittered(full)
 }
 
 /// One signed POST.

@@ -178,7 +178,7 @@ async fn run(
             tracing::debug!("ari events reconnecting at once");
             continue;
         }
-        let delay = jittered(backoff);
+        let delay = crate::backoff::jittered(backoff);
         backoff = backoff.saturating_mul(2).min(settings.reconnect_max);
         tracing::debug!(
             delay_ms = delay.as_millis() as u64,
@@ -197,13 +197,6 @@ async fn run(
 #[allow(clippy::disallowed_methods)] // how long a connection lived decides the reconnect delay
 fn clock() -> tokio::time::Instant {
     tokio::time::Instant::now()
-}
-
-/// Half the delay fixed, half random ("equal jitter"), so reconnecting instances spread out.
-fn jittered(base: Duration) -> Duration {
-    let half = base / 2;
-    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
-    half + Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
 async fn deliver(
