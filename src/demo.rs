@@ -70,7 +70,7 @@ pub struct LabOptions {
     /// ones).
     pub system_name: String,
     /// The lab switchboard's call-event feed (`[switchboards.lab.feed]`), set by [`Lab::start`] to
-    /// its feed simulator.
+    /// its feed simulator unless given.
     pub switchboard_feed: Option<String>,
 }
 
@@ -198,7 +198,10 @@ impl Lab {
             idp_token.clone(),
         )?;
         let mut options = options;
-        options.switchboard_feed = Some(feed.url());
+        // Its own feed simulator unless the test points it at another one (several sites).
+        if options.switchboard_feed.is_none() {
+            options.switchboard_feed = Some(feed.url());
+        }
         let ari = asterisk.settings();
         let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;

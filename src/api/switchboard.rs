@@ -26,7 +26,7 @@ use super::ops::Readiness;
 use super::ApiError;
 use crate::calls::live::TypedNumber;
 use crate::config::Config;
-use crate::switchboard::{self, Answer, StartRequest, Switchboards};
+use crate::switchboard::{self, Answer, CancelError, StartRequest, Switchboards};
 
 /// What the router needs.
 #[derive(Clone)]
@@ -305,6 +305,7 @@ async fn start(
     let answer = s
         .engine
         .start(&board, request)
+        .await
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(write(&answer, format))
 }
@@ -346,8 +347,16 @@ async fn cancel(
     let board = s.tokens.authenticate(&headers)?;
     let format = Format::choose(&query, &headers)?;
     let Path(id) = path.map_err(|_| ApiError::BadRequest("bad verification id".into()))?;
-    if !s.engine.cancel(&board, &id) {
-        return Err(ApiError::NotFound("no such verification".into()));
+    match s.engine.cancel_anywhere(&board, &id).await {
+        Ok(()) => {}
+        Err(CancelError::Unknown) => return Err(ApiError::NotFound("no such verification".into())),
+        Err(CancelError::OwnerUnreachable) => {
+            return Err(ApiError::Unavailable(
+                "the callgate instance running this verification did not answer the cancel; \
+                 retry, or it ends at the queue's verify_timeout"
+                    .into(),
+            ))
+        }
     }
     // The order's cancel is quick; answer the final state when it is there, bounded.
     let answer = s

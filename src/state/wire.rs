@@ -227,6 +227,12 @@ pub enum Op {
     Cancel,
     /// The person of this call's order started an order on another instance's call.
     Superseded,
+    /// A hosted switchboard's cancel node for a request-node verification this instance runs
+    /// (`call_id` is the switchboard's call id).
+    SwitchboardCancel {
+        board: String,
+        verification: String,
+    },
 }
 
 /// A request for the instance owning a call.
@@ -246,15 +252,28 @@ pub fn command_to_json(c: &Command) -> Value {
         Op::Start { number } => ("start", number.clone()),
         Op::Cancel => ("cancel", None),
         Op::Superseded => ("superseded", None),
+        Op::SwitchboardCancel { .. } => ("switchboard_cancel", None),
     };
-    json!({
+    let mut v = json!({
         "id": c.id,
         "from": c.from,
         "call_id": c.call_id,
         "by": started_by_to_json(&c.by),
         "op": op,
         "number": number,
-    })
+    });
+    if let (
+        Op::SwitchboardCancel {
+            board,
+            verification,
+        },
+        Some(map),
+    ) = (&c.op, v.as_object_mut())
+    {
+        map.insert("board".into(), json!(board));
+        map.insert("verification".into(), json!(verification));
+    }
+    v
 }
 
 pub fn command_from_json(v: &Value) -> Option<Command> {
@@ -264,6 +283,10 @@ pub fn command_from_json(v: &Value) -> Option<Command> {
         },
         "cancel" => Op::Cancel,
         "superseded" => Op::Superseded,
+        "switchboard_cancel" => Op::SwitchboardCancel {
+            board: text(v, "board")?,
+            verification: text(v, "verification")?,
+        },
         _ => return None,
     };
     Some(Command {
@@ -392,6 +415,10 @@ mod tests {
             Op::Start { number: None },
             Op::Cancel,
             Op::Superseded,
+            Op::SwitchboardCancel {
+                board: "tvx".into(),
+                verification: "v-1".into(),
+            },
         ] {
             let c = Command {
                 id: "r1".into(),
