@@ -72,6 +72,8 @@ pub struct LabOptions {
     /// The lab switchboard's call-event feed (`[switchboards.lab.feed]`), set by [`Lab::start`] to
     /// its feed simulator unless given.
     pub switchboard_feed: Option<String>,
+    /// The lab switchboard has no call-event feed.
+    pub without_feed: bool,
 }
 
 /// The secret of the lab's webhook target.
@@ -115,6 +117,7 @@ impl LabOptions {
             state: None,
             system_name: "sim".to_owned(),
             switchboard_feed: None,
+            without_feed: false,
         }
     }
 
@@ -143,6 +146,7 @@ impl LabOptions {
             state: None,
             system_name: "sim".to_owned(),
             switchboard_feed: None,
+            without_feed: false,
         }
     }
 }
@@ -199,7 +203,9 @@ impl Lab {
         )?;
         let mut options = options;
         // Its own feed simulator unless the test points it at another one (several sites).
-        if options.switchboard_feed.is_none() {
+        if options.without_feed {
+            options.switchboard_feed = None;
+        } else if options.switchboard_feed.is_none() {
             options.switchboard_feed = Some(feed.url());
         }
         let ari = asterisk.settings();

@@ -486,6 +486,53 @@ mod tests {
         );
     }
 
+    /// What an instance that does not run a verification answers, from its replicated view, is what
+    /// the instance running it answers.
+    #[test]
+    fn a_replicated_view_renders_the_same_variables_as_the_running_verification() {
+        use crate::calls::live::{CheckMethod, StartedBy, VerificationView};
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut view = VerificationView {
+            id: "v-1".into(),
+            call_id: "c-1".into(),
+            queue: "support".into(),
+            idp: "bankid".into(),
+            method: CheckMethod::Ivr,
+            started_by: StartedBy::Switchboard("tvx".into()),
+            started_at: at,
+            ended_at: None,
+            stages: vec![(Stage::OrderCreated, at), (Stage::AwaitingApp, at)],
+            outcome: None,
+            fields: Vec::new(),
+            limit: None,
+            word_pair: None,
+        };
+        assert_eq!(Answer::of_view(&view), pending());
+        assert_eq!(Answer::of_view(&view).variables(), pending().variables());
+        view.stages.push((Stage::Done, at));
+        view.outcome = Some(Outcome::Verified);
+        view.ended_at = Some(at);
+        view.fields = verified().state.fields;
+        assert_eq!(Answer::of_view(&view).variables(), verified().variables());
+        // Before the first stage: pending at `starting`, as a claimed start answers.
+        let fresh = VerificationView {
+            stages: Vec::new(),
+            outcome: None,
+            fields: Vec::new(),
+            ..view
+        };
+        let vars = Answer::of_view(&fresh).variables();
+        assert!(vars.contains(&("callgate_stage".into(), "starting".into())));
+        assert_eq!(
+            vars,
+            Answer {
+                id: "v-1".into(),
+                state: VState::default()
+            }
+            .variables()
+        );
+    }
+
     #[tokio::test]
     async fn formats() {
         let (ct, json) = body(write(&verified(), Format::Json)).await;

@@ -586,7 +586,7 @@ async fn listen(
             let registry = registry.clone();
             let switchboards = switchboards.clone();
             tokio::spawn(async move {
-                run_command(&shared, &registry, switchboards.as_deref(), command).await
+                run_command(&shared, &registry, switchboards.as_ref(), command).await
             });
         } else if channel == replies {
             if let Some((id, answer)) =
@@ -602,11 +602,35 @@ async fn listen(
 async fn run_command(
     shared: &Shared,
     registry: &Registry,
-    switchboards: Option<&Switchboards>,
+    switchboards: Option<&Arc<Switchboards>>,
     command: wire::Command,
 ) {
     let call_id = command.call_id.clone();
     let answer = match command.op {
+        wire::Op::SwitchboardStart {
+            board,
+            queue,
+            number,
+            caller,
+            language,
+            attempt,
+        } => match switchboards {
+            Some(sb) => {
+                let request = crate::switchboard::StartRequest {
+                    call_id: call_id.clone(),
+                    queue,
+                    number,
+                    caller,
+                    language,
+                    attempt,
+                };
+                match sb.start_forwarded(&board, request).await {
+                    Ok(answer) if !answer.id.is_empty() => Ok(answer.id),
+                    _ => Err(Refusal::InvalidNumber),
+                }
+            }
+            None => Err(Refusal::Unavailable),
+        },
         wire::Op::SwitchboardCancel {
             board,
             verification,

@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::calls::live::{
-    CallState, CallView, CheckMethod, Limit, LiveKind, Owner, Refusal, StartedBy, VerificationView,
+    CallState, CallView, CheckMethod, Limit, LiveKind, Owner, Refusal, StartedBy, TypedNumber,
+    VerificationView,
 };
 use crate::outcome::{Outcome, Reason};
 use crate::verify::Stage;
@@ -233,6 +234,16 @@ pub enum Op {
         board: String,
         verification: String,
     },
+    /// A hosted switchboard's start node, for the instance consuming the switchboard's feed (so the
+    /// verification runs beside the feed's call); `call_id` is the switchboard's call id.
+    SwitchboardStart {
+        board: String,
+        queue: String,
+        number: TypedNumber,
+        caller: String,
+        language: Option<String>,
+        attempt: u32,
+    },
 }
 
 /// A request for the instance owning a call.
@@ -253,6 +264,7 @@ pub fn command_to_json(c: &Command) -> Value {
         Op::Cancel => ("cancel", None),
         Op::Superseded => ("superseded", None),
         Op::SwitchboardCancel { .. } => ("switchboard_cancel", None),
+        Op::SwitchboardStart { number, .. } => ("switchboard_start", Some(number.0.clone())),
     };
     let mut v = json!({
         "id": c.id,
@@ -262,16 +274,31 @@ pub fn command_to_json(c: &Command) -> Value {
         "op": op,
         "number": number,
     });
-    if let (
-        Op::SwitchboardCancel {
-            board,
-            verification,
-        },
-        Some(map),
-    ) = (&c.op, v.as_object_mut())
-    {
-        map.insert("board".into(), json!(board));
-        map.insert("verification".into(), json!(verification));
+    if let Some(map) = v.as_object_mut() {
+        match &c.op {
+            Op::SwitchboardCancel {
+                board,
+                verification,
+            } => {
+                map.insert("board".into(), json!(board));
+                map.insert("verification".into(), json!(verification));
+            }
+            Op::SwitchboardStart {
+                board,
+                queue,
+                caller,
+                language,
+                attempt,
+                ..
+            } => {
+                map.insert("board".into(), json!(board));
+                map.insert("queue".into(), json!(queue));
+                map.insert("caller".into(), json!(caller));
+                map.insert("language".into(), json!(language));
+                map.insert("attempt".into(), json!(attempt));
+            }
+            _ => {}
+        }
     }
     v
 }
@@ -286,6 +313,14 @@ pub fn command_from_json(v: &Value) -> Option<Command> {
         "switchboard_cancel" => Op::SwitchboardCancel {
             board: text(v, "board")?,
             verification: text(v, "verification")?,
+        },
+        "switchboard_start" => Op::SwitchboardStart {
+            board: text(v, "board")?,
+            queue: text(v, "queue")?,
+            number: TypedNumber(text(v, "number")?),
+            caller: text(v, "caller")?,
+            language: opt_text(v, "language")?,
+            attempt: u32::try_from(v.get("attempt")?.as_u64()?).ok()?,
         },
         _ => return None,
     };
@@ -418,6 +453,22 @@ mod tests {
             Op::SwitchboardCancel {
                 board: "tvx".into(),
                 verification: "v-1".into(),
+            },
+            Op::SwitchboardStart {
+                board: "tvx".into(),
+                queue: "support".into(),
+                number: TypedNumber("198112189876#".into()),
+                caller: "+46701234567".into(),
+                language: Some("sv".into()),
+                attempt: 3,
+            },
+            Op::SwitchboardStart {
+                board: "tvx".into(),
+                queue: "support".into(),
+                number: TypedNumber("198112189876".into()),
+                caller: String::new(),
+                language: None,
+                attempt: 0,
             },
         ] {
             let c = Command {

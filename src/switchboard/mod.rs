@@ -265,6 +265,28 @@ impl Switchboards {
         board: &str,
         req: StartRequest,
     ) -> Result<Answer, BadStart> {
+        self.start_here_or_at_feed(board, req, true).await
+    }
+
+    /// A start another instance forwarded here because this one consumes the switchboard's feed:
+    /// run here (never forwarded again).
+    pub(crate) async fn start_forwarded(
+        self: &Arc<Self>,
+        board: &str,
+        req: StartRequest,
+    ) -> Result<Answer, BadStart> {
+        self.start_here_or_at_feed(board, req, false).await
+    }
+
+    /// With shared state and a feed another instance consumes, a start (`forward`) goes to that
+    /// instance, so the verification runs beside the feed's call (one publisher per call, hang-ups
+    /// from the feed reach it); if it does not answer, the start runs here.
+    async fn start_here_or_at_feed(
+        self: &Arc<Self>,
+        board: &str,
+        req: StartRequest,
+        forward: bool,
+    ) -> Result<Answer, BadStart> {
         if req.call_id.is_empty()
             || req.call_id.len() > MAX_FIELD
             || req.call_id.chars().any(char::is_control)
@@ -331,6 +353,13 @@ impl Switchboards {
                 },
             });
         };
+        if let (true, Some(shared), Some(false)) =
+            (forward, &self.shared, self.feed_lease_held(board))
+        {
+            if let Some(answer) = self.forward_start(shared, board, &req).await {
+                return Ok(answer);
+            }
+        }
         let mut fresh = uuid::Uuid::new_v4().to_string();
         if let Some(shared) = &self.shared {
             let ttl = self.keep + policy.verify_timeout + GRACE;
@@ -453,6 +482,40 @@ impl Switchboards {
             }
         }
         self.answer(board, id)
+    }
+
+    /// Forwards a start to the instance holding the switchboard's feed lease; `None` when there is
+    /// none or it did not take the start (the caller starts here instead).
+    async fn forward_start(
+        &self,
+        shared: &Arc<Shared>,
+        board: &str,
+        req: &StartRequest,
+    ) -> Option<Answer> {
+        let holder = match shared::lease_holder(shared, board).await {
+            Ok(Some(h)) if h != shared.instance() => h,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(switchboard = board, error = %e, "switchboard feed holder unknown; starting here");
+                return None;
+            }
+        };
+        let op = state::wire::Op::SwitchboardStart {
+            board: board.to_owned(),
+            queue: req.queue.clone(),
+            number: req.number.clone(),
+            caller: req.caller.clone(),
+            language: req.language.clone(),
+            attempt: req.attempt,
+        };
+        let by = StartedBy::Switchboard(board.to_owned());
+        match shared.forward(&holder, &req.call_id, by, op).await {
+            Ok(id) => Some(self.claimed(board, &holder, &id).await),
+            Err(refusal) => {
+                tracing::warn!(switchboard = board, instance = %holder, refusal = refusal.code(), "the instance consuming the switchboard's feed did not take the start; starting here");
+                None
+            }
+        }
     }
 
     /// The answer for a start that lost its claim to `instance`'s `verification`: its view once it

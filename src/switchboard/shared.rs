@@ -136,6 +136,19 @@ pub(crate) async fn lease(shared: &Shared, board: &str, ttl: Duration) -> Result
     Ok(held == 1)
 }
 
+/// The instance holding the switchboard's feed lease, if any.
+pub(crate) async fn lease_holder(
+    shared: &Shared,
+    board: &str,
+) -> Result<Option<String>, StateError> {
+    let key = lease_key(shared, board);
+    shared
+        .run("switchboard_feed_holder", |mut c| async move {
+            redis::cmd("GET").arg(&key).query_async(&mut c).await
+        })
+        .await
+}
+
 /// Gives up the switchboard's feed lease if it is ours (leaving: another instance takes it at its
 /// next heartbeat instead of after the TTL).
 pub(crate) async fn release(shared: &Shared, board: &str) -> Result<(), StateError> {

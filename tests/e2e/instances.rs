@@ -404,8 +404,13 @@ fn node_typed<'a>(
 async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
     let Some(redis) = redis().await else { return };
     let prefix = prefix();
-    let site_a = site(&redis, &prefix, "site-a", LabOptions::fast()).await;
-    let site_b = site(&redis, &prefix, "site-b", LabOptions::fast()).await;
+    // Without a feed, the start's claim alone decides where a verification runs.
+    let options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
+    let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
+    let site_b = site(&redis, &prefix, "site-b", options).await;
     let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
     let number = Scenario::Approve.number();
 
@@ -483,7 +488,10 @@ async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
 async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
     let Some(redis) = redis().await else { return };
     let prefix = prefix();
-    let mut options = LabOptions::fast();
+    let mut options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
     // The order stays outstanding until the caller hangs up.
     options.step = Duration::from_secs(30);
     options.verify_timeout = Duration::from_secs(60);
@@ -532,7 +540,8 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
 }
 
 #[tokio::test]
-async fn one_site_consumes_a_switchboard_feed_and_the_other_takes_over_when_it_stops() {
+async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_takes_over_when_it_stops(
+) {
     let Some(redis) = redis().await else { return };
     let prefix = prefix();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -542,10 +551,14 @@ async fn one_site_consumes_a_switchboard_feed_and_the_other_takes_over_when_it_s
         stop.clone(),
     )
     .unwrap();
-    let options = LabOptions {
+    let mut options = LabOptions {
         switchboard_feed: Some(feed.url()),
         ..LabOptions::fast()
     };
+    // An order stays outstanding until the caller hangs up.
+    options.step = Duration::from_secs(30);
+    options.verify_timeout = Duration::from_secs(60);
+    options.gate_deadline = Duration::from_secs(90);
     let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
     let site_b = site(&redis, &prefix, "site-b", options).await;
     let held = |lab: &Lab| lab.app.switchboards.feed_lease_held("lab") == Some(true);
@@ -575,6 +588,54 @@ async fn one_site_consumes_a_switchboard_feed_and_the_other_takes_over_when_it_s
         .metrics
         .render()
         .contains("callgate_switchboard_feed_connected{"));
+
+    // A start node reaching the other site runs beside the feed's call, on the holder: the feed's
+    // hang-up ends it, and a loop node on the other site hears it.
+    feed.push(&callgate::switchboard::sim::feed_event(
+        "CALL_RINGING",
+        "sb-lease-0",
+        None,
+    ));
+    until("the feed's call on the holder", || {
+        holder.app.switchboards.feed_knows("lab", "sb-lease-0")
+    })
+    .await;
+    let number = Scenario::Approve.number();
+    let started = site_ivr(&other)
+        .start(&node_typed("sb-lease-0", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(started.var("callgate_status"), "pending", "{started:?}");
+    let id = started.var("callgate_ref").to_owned();
+    holder.bankid.wait_for_open_orders(1).await;
+    assert_eq!(other.bankid.starts(), 0);
+    until("the verification in the feed call's view", || {
+        holder
+            .app
+            .live
+            .call("sb-lease-0")
+            .and_then(|c| c.verification)
+            .is_some_and(|v| v.id == id)
+    })
+    .await;
+    let poll = {
+        let nodes = site_ivr(&other);
+        let id = id.clone();
+        tokio::spawn(async move { nodes.status(&id, 25, true).await.unwrap() })
+    };
+    feed.push(&callgate::switchboard::sim::feed_event(
+        "CALL_HANGUP",
+        "sb-lease-0",
+        None,
+    ));
+    let polled = poll.await.unwrap();
+    assert_eq!(polled.var("callgate_status"), "failed", "{polled:?}");
+    assert_eq!(
+        polled.var("callgate_reason"),
+        "caller_hung_up",
+        "{polled:?}"
+    );
+    no_open_orders(&holder).await;
 
     // The holder stops: the other takes the lease and connects; events reach its calls.
     holder.shutdown().await.unwrap();
