@@ -351,10 +351,8 @@ async fn cancel(
         Ok(()) => {}
         Err(CancelError::Unknown) => return Err(ApiError::NotFound("no such verification".into())),
         Err(CancelError::OwnerUnreachable) => {
-            return Err(ApiError::Unavailable(
-                "the callgate instance running this verification did not answer the cancel; \
-                 retry, or it ends at the queue's verify_timeout"
-                    .into(),
+            return Err(ApiError::Refused(
+                crate::calls::live::Refusal::OwnerUnreachable,
             ))
         }
     }
@@ -467,6 +465,7 @@ mod tests {
             ApiError::NotFound(String::new()),
             ApiError::TooLarge(1),
             ApiError::Unavailable(String::new()),
+            ApiError::Refused(crate::calls::live::Refusal::OwnerUnreachable),
         ] {
             assert!(codes.contains(&serde_json::json!(e.code().1)), "{e:?}");
         }

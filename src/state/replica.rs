@@ -615,6 +615,8 @@ async fn run_command(
             language,
             attempt,
         } => match switchboards {
+            // Draining: the asker starts it itself.
+            Some(sb) if sb.draining() => Err(Refusal::Unavailable),
             Some(sb) => {
                 let request = crate::switchboard::StartRequest {
                     call_id: call_id.clone(),

@@ -709,6 +709,11 @@ impl Switchboards {
         let _ = rx.wait_for(|up| *up == connected).await;
     }
 
+    /// Whether this instance is draining (it takes no forwarded starts then).
+    pub(crate) fn draining(&self) -> bool {
+        self.deps.drain.is_cancelled()
+    }
+
     /// With shared state: whether this instance holds the switchboard's feed lease (consumes its
     /// feed) now; `None` without shared state or without a feed.
     pub fn feed_lease_held(&self, board: &str) -> Option<bool> {

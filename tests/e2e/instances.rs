@@ -540,6 +540,61 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
 }
 
 #[tokio::test]
+async fn a_switchboard_cancel_for_an_instance_that_does_not_answer_is_a_clear_503() {
+    use callgate::calls::live::{CallView, Owner, VerificationView};
+    let Some(redis) = redis().await else { return };
+    let prefix = prefix();
+    let options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
+    let site_b = site(&redis, &prefix, "site-b", options).await;
+    // A running verification that another instance, no longer listening, published.
+    let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let view = VerificationView {
+        id: "v-ghost".into(),
+        call_id: "sb-ghost".into(),
+        queue: "support".into(),
+        idp: "bankid".into(),
+        method: CheckMethod::Ivr,
+        started_by: StartedBy::Switchboard("lab".into()),
+        started_at: at,
+        ended_at: None,
+        stages: vec![(callgate::verify::Stage::AwaitingApp, at)],
+        outcome: None,
+        fields: Vec::new(),
+        limit: None,
+        word_pair: None,
+    };
+    site_b.app.live.publish(
+        LiveKind::CallStarted,
+        CallView {
+            call_id: "sb-ghost".into(),
+            queue: "support".into(),
+            state: CallState::Gate,
+            agent: None,
+            aliases: Vec::new(),
+            started_at: at,
+            can_verify: false,
+            verification: Some(view),
+            owner: Some(Owner {
+                instance: "site-ghost".into(),
+                lost: false,
+            }),
+        },
+    );
+    let nodes = site_ivr(&site_b);
+    let status = nodes.status("v-ghost", 0, false).await.unwrap();
+    assert_eq!(status.var("callgate_status"), "pending", "{status:?}");
+    assert_eq!(status.var("callgate_stage"), "awaiting_app", "{status:?}");
+    let c = nodes.cancel("v-ghost").await.unwrap();
+    assert_eq!(c.status, 503, "{c:?}");
+    assert_eq!(c.var("error"), "instance_unavailable", "{c:?}");
+    assert!(c.var("reason").contains("did not answer"), "{c:?}");
+    site_b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_takes_over_when_it_stops(
 ) {
     let Some(redis) = redis().await else { return };

@@ -98,7 +98,7 @@ pub fn document() -> Value {
                     "responses": {
                         "200": answer("The verification's variables."),
                         "400": e400, "401": e401, "404": e404,
-                        "503": error("Several instances: the instance running the verification did not answer the forwarded cancel (`unavailable`).")
+                        "503": error("Several instances: the instance running the verification did not answer the forwarded cancel (`instance_unavailable`).")
                     }
                 }
             },
@@ -146,7 +146,7 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["error", "reason"],
                     "properties": {
-                        "error": {"type": "string", "enum": ["bad_request", "unauthorized", "not_found", "body_too_large", "unavailable", "internal"]},
+                        "error": {"type": "string", "enum": ["bad_request", "unauthorized", "not_found", "body_too_large", "unavailable", "instance_unavailable", "internal"]},
                         "reason": {"type": "string"}
                     }
                 }
