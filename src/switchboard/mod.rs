@@ -535,7 +535,10 @@ impl Switchboards {
             };
             first = false;
             if let Some(view) = view {
-                return Answer::of_view(&view);
+                return Answer {
+                    id: view.id.clone(),
+                    state: self.remote_state(&view).await,
+                };
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
@@ -593,19 +596,19 @@ impl Switchboards {
         // Subscribed before reading, so no change falls between the two.
         let mut rx = self.deps.live.subscribe();
         let view = self.remote_view(board, id).await?;
-        let seen = State::of_view(&view);
+        let seen = self.remote_state(&view).await;
         let mut now = seen.clone();
         if !seen.is_final() && !wait.is_zero() {
             let deadline = task::now() + wait.min(MAX_WAIT);
             loop {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Ok(event)) => match event.call.verification {
-                        Some(v) if v.id == id => now = State::of_view(&v),
+                        Some(v) if v.id == id => now = self.remote_state(&v).await,
                         _ => continue,
                     },
                     Ok(Err(RecvError::Lagged(_))) => {
                         if let Some(v) = self.deps.live.verification(id) {
-                            now = State::of_view(&v);
+                            now = self.remote_state(&v).await;
                         }
                     }
                     Ok(Err(RecvError::Closed)) | Err(_) => break,
@@ -621,6 +624,61 @@ impl Switchboards {
         })
     }
 
+    /// What a verification another instance runs shows: its view, or, once that instance is lost
+    /// (its heartbeat stopped) with the verification still running, `interrupted`/`restart` (as its
+    /// own restart would answer), so a loop node routes on instead of waiting for a dead instance.
+    ///
+    /// A running verification whose call left the view (its instance was lost and then forgotten,
+    /// or its end was missed while this instance was not listening) answers its snapshot's end if
+    /// Redis has one, else the same `interrupted`/`restart`.
+    async fn remote_state(&self, view: &VerificationView) -> State {
+        let state = State::of_view(view);
+        if state.is_final() || self.deps.live.verification(&view.id).is_none() {
+            // Over, or read from its snapshot (its call's view may not have arrived yet).
+            return state;
+        }
+        let (lost, gone) = match self.deps.live.call(&view.call_id) {
+            Some(call) => (call.owner.is_some_and(|o| o.lost), false),
+            None => (false, true),
+        };
+        if !lost && !gone {
+            return state;
+        }
+        if let (true, Some(shared)) = (gone, &self.shared) {
+            if let Ok(Some((v, _))) = state::replica::read_verification(shared, &view.id).await {
+                if v.is_over() {
+                    return State::of_view(&v);
+                }
+            }
+            // Read while its first view was half published (the verification before the call).
+            if self.deps.live.call(&view.call_id).is_some() {
+                return state;
+            }
+        }
+        let Some(policy) = self.config.borrow().queues.get(&view.queue).cloned() else {
+            return state;
+        };
+        let outcome = Outcome::NotVerified(Reason::Restart);
+        let record = Record {
+            reference: view.id.clone(),
+            method: self
+                .deps
+                .providers
+                .get(&view.idp)
+                .map(|p| p.method().to_owned())
+                .unwrap_or_default(),
+            outcome,
+            // The last moment the instance was known to run it.
+            at: view.stages.last().map_or(view.started_at, |(_, at)| *at),
+            identity: None,
+        };
+        State {
+            stage: state.stage,
+            outcome: Some(outcome),
+            fields: task::live_fields(&outcome::render(&record, &policy.disclose, &self.deps.key)),
+        }
+    }
+
     /// The caller hung up: the verification is cancelled where it runs, here or (with shared state)
     /// on the instance that runs it, through a forwarded request. A verification already over is
     /// left as it is.
@@ -634,13 +692,16 @@ impl Switchboards {
         if view.is_over() {
             return Ok(());
         }
-        let owner = self
-            .deps
-            .live
-            .call(&view.call_id)
-            .and_then(|c| c.owner)
-            .filter(|o| !o.lost && o.instance != shared.instance())
-            .ok_or(CancelError::OwnerUnreachable)?;
+        let Some(call) = self.deps.live.call(&view.call_id) else {
+            // Its call left the view: nothing to reach; the state answers what is known.
+            return Ok(());
+        };
+        let owner = call.owner.ok_or(CancelError::OwnerUnreachable)?;
+        if owner.lost || owner.instance == shared.instance() {
+            // Lost: its verification answers `interrupted`/`restart`, and the instance's next start
+            // cancels the journalled order. Ours: it is no longer running here.
+            return Ok(());
+        }
         let op = state::wire::Op::SwitchboardCancel {
             board: board.to_owned(),
             verification: id.to_owned(),

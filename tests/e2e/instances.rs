@@ -540,7 +540,8 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
 }
 
 #[tokio::test]
-async fn a_switchboard_cancel_for_an_instance_that_does_not_answer_is_a_clear_503() {
+async fn a_switchboard_verification_of_an_instance_that_does_not_answer_is_a_503_to_cancel_then_interrupted_once_it_is_lost(
+) {
     use callgate::calls::live::{CallView, Owner, VerificationView};
     let Some(redis) = redis().await else { return };
     let prefix = prefix();
@@ -549,7 +550,18 @@ async fn a_switchboard_cancel_for_an_instance_that_does_not_answer_is_a_clear_50
         ..LabOptions::fast()
     };
     let site_b = site(&redis, &prefix, "site-b", options).await;
-    // A running verification that another instance, no longer listening, published.
+    // Another instance that beats but no longer listens ...
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SET")
+        .arg(format!("{prefix}:instance:site-ghost"))
+        .arg("1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    // ... published a running verification.
     let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let view = VerificationView {
         id: "v-ghost".into(),
@@ -591,6 +603,22 @@ async fn a_switchboard_cancel_for_an_instance_that_does_not_answer_is_a_clear_50
     assert_eq!(c.status, 503, "{c:?}");
     assert_eq!(c.var("error"), "instance_unavailable", "{c:?}");
     assert!(c.var("reason").contains("did not answer"), "{c:?}");
+
+    // Its heartbeat stops: the loop node hears `interrupted`/`restart` and routes on; a cancel
+    // answers the same.
+    redis::cmd("DEL")
+        .arg(format!("{prefix}:instance:site-ghost"))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let status = nodes.status("v-ghost", 20, true).await.unwrap();
+    assert_eq!(status.var("callgate_status"), "interrupted", "{status:?}");
+    assert_eq!(status.var("callgate_reason"), "restart", "{status:?}");
+    assert_eq!(status.var("callgate_ref"), "v-ghost", "{status:?}");
+    assert_eq!(status.var("callgate_stage"), "done", "{status:?}");
+    let c = nodes.cancel("v-ghost").await.unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.vars, status.vars);
     site_b.shutdown().await.unwrap();
 }
 
