@@ -353,15 +353,23 @@ impl Switchboards {
                 },
             });
         };
-        if let (true, Some(shared), Some(false)) =
-            (forward, &self.shared, self.feed_lease_held(board))
+        // While Redis is known to be down, nothing waits on it (the heartbeat finds it back).
+        let reachable = self.shared.as_ref().filter(|sh| !sh.is_known_down());
+        if let (true, Some(shared), Some(false)) = (forward, reachable, self.feed_lease_held(board))
         {
             if let Some(answer) = self.forward_start(shared, board, &req).await {
                 return Ok(answer);
             }
         }
         let mut fresh = uuid::Uuid::new_v4().to_string();
-        if let Some(shared) = &self.shared {
+        if let (Some(shared), None) = (&self.shared, reachable) {
+            shared.metrics().state_error("switchboard_claim");
+            tracing::warn!(
+                switchboard = board,
+                "shared state unreachable; switchboard start not claimed, starting here"
+            );
+        }
+        if let Some(shared) = reachable {
             let ttl = self.keep + policy.verify_timeout + GRACE;
             match shared::claim(shared, board, &req.call_id, req.attempt, &fresh, ttl).await {
                 Ok(shared::Claim::Won) => {}

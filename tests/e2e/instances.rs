@@ -540,6 +540,39 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
 }
 
 #[tokio::test]
+async fn with_redis_unreachable_a_switchboard_start_runs_where_it_arrived() {
+    let Some(mut redis) = redis().await else {
+        return;
+    };
+    let prefix = prefix();
+    let site_a = site(&redis, &prefix, "site-a", LabOptions::fast()).await;
+    redis.stop();
+    let nodes = site_ivr(&site_a);
+    let number = Scenario::Approve.number();
+    let a = nodes
+        .verify(&node_typed("sb-no-redis", &number, 0), 20)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.var("callgate_status"), "verified", "{a:?}");
+    // Counted, and a retried node on the same site still gets the same verification.
+    let metrics = site_a.app.metrics.render();
+    assert!(
+        metrics.contains("callgate_state_errors_total{op=\"switchboard_claim\"}"),
+        "{metrics}"
+    );
+    let again = nodes
+        .start(&node_typed("sb-no-redis", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(again.var("callgate_ref"), a.var("callgate_ref"));
+    assert_eq!(again.vars, a.vars);
+    assert_eq!(site_a.bankid.starts(), 1);
+    no_open_orders(&site_a).await;
+    site_a.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_switchboard_verification_of_an_instance_that_does_not_answer_is_a_503_to_cancel_then_interrupted_once_it_is_lost(
 ) {
     use callgate::calls::live::{CallView, Owner, VerificationView};
