@@ -277,12 +277,22 @@ pub async fn start(
     let router_token = CancellationToken::new();
     let router = tokio::spawn(Arc::clone(&adapter).run(events_rx, router_token.clone()));
 
+    // Hosted switchboards' verifications (their request-node API joins the agent API below).
+    let switchboards = Switchboards::new(
+        Arc::clone(&deps),
+        config_rx_api.clone(),
+        tracker.clone(),
+        calls_token.clone(),
+        shared.clone(),
+    );
+
     // The view shared with the other instances.
     let replica = match &shared {
         Some(sh) => crate::state::replica::spawn(
             Arc::clone(sh),
             Arc::clone(&live),
             registry.clone(),
+            Some(Arc::clone(&switchboards)),
             root.child_token(),
         ),
         None => Vec::new(),
@@ -345,12 +355,6 @@ pub async fn start(
         tracing::info!("no [api.tokens]: the agent API answers 401 to every request");
     }
     // The switchboards' request-node API, on the same listener.
-    let switchboards = Switchboards::new(
-        Arc::clone(&deps),
-        config_rx_api.clone(),
-        tracker.clone(),
-        calls_token.clone(),
-    );
     switchboards.recover(switchboard_left);
     switchboards.start_feeds();
     let api_router = api_router.merge(switchboard_api::router(SwitchboardState {

@@ -70,8 +70,10 @@ pub struct LabOptions {
     /// ones).
     pub system_name: String,
     /// The lab switchboard's call-event feed (`[switchboards.lab.feed]`), set by [`Lab::start`] to
-    /// its feed simulator.
+    /// its feed simulator unless given.
     pub switchboard_feed: Option<String>,
+    /// The lab switchboard has no call-event feed.
+    pub without_feed: bool,
 }
 
 /// The secret of the lab's webhook target.
@@ -115,6 +117,7 @@ impl LabOptions {
             state: None,
             system_name: "sim".to_owned(),
             switchboard_feed: None,
+            without_feed: false,
         }
     }
 
@@ -143,6 +146,7 @@ impl LabOptions {
             state: None,
             system_name: "sim".to_owned(),
             switchboard_feed: None,
+            without_feed: false,
         }
     }
 }
@@ -198,7 +202,12 @@ impl Lab {
             idp_token.clone(),
         )?;
         let mut options = options;
-        options.switchboard_feed = Some(feed.url());
+        // Its own feed simulator unless the test points it at another one (several sites).
+        if options.without_feed {
+            options.switchboard_feed = None;
+        } else if options.switchboard_feed.is_none() {
+            options.switchboard_feed = Some(feed.url());
+        }
         let ari = asterisk.settings();
         let toml = lab_toml(&options, &ari, &bankid.url(), &data_dir, None);
         std::fs::create_dir_all(&data_dir)?;

@@ -460,6 +460,16 @@ impl Metrics {
         );
     }
 
+    /// Another instance consumes a switchboard's feed: this one no longer exports its link state.
+    pub fn forget_feed_connected(&self, board: &str) {
+        self.with(|i| {
+            i.gauges.remove(&(
+                "callgate_switchboard_feed_connected",
+                vec![("switchboard", board.to_owned())],
+            ));
+        });
+    }
+
     /// A feed message was skipped; `reason` is a `switchboard::feed::Skip` code.
     pub fn feed_event_skipped(&self, board: &str, reason: &'static str) {
         self.inc(

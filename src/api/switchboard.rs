@@ -26,7 +26,7 @@ use super::ops::Readiness;
 use super::ApiError;
 use crate::calls::live::TypedNumber;
 use crate::config::Config;
-use crate::switchboard::{self, Answer, StartRequest, Switchboards};
+use crate::switchboard::{self, Answer, CancelError, StartRequest, Switchboards};
 
 /// What the router needs.
 #[derive(Clone)]
@@ -305,6 +305,7 @@ async fn start(
     let answer = s
         .engine
         .start(&board, request)
+        .await
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(write(&answer, format))
 }
@@ -346,8 +347,14 @@ async fn cancel(
     let board = s.tokens.authenticate(&headers)?;
     let format = Format::choose(&query, &headers)?;
     let Path(id) = path.map_err(|_| ApiError::BadRequest("bad verification id".into()))?;
-    if !s.engine.cancel(&board, &id) {
-        return Err(ApiError::NotFound("no such verification".into()));
+    match s.engine.cancel_anywhere(&board, &id).await {
+        Ok(()) => {}
+        Err(CancelError::Unknown) => return Err(ApiError::NotFound("no such verification".into())),
+        Err(CancelError::OwnerUnreachable) => {
+            return Err(ApiError::Refused(
+                crate::calls::live::Refusal::OwnerUnreachable,
+            ))
+        }
     }
     // The order's cancel is quick; answer the final state when it is there, bounded.
     let answer = s
@@ -458,6 +465,7 @@ mod tests {
             ApiError::NotFound(String::new()),
             ApiError::TooLarge(1),
             ApiError::Unavailable(String::new()),
+            ApiError::Refused(crate::calls::live::Refusal::OwnerUnreachable),
         ] {
             assert!(codes.contains(&serde_json::json!(e.code().1)), "{e:?}");
         }
@@ -474,6 +482,53 @@ mod tests {
                 ("callgate_ref".into(), "v-1".into()),
                 ("callgate_stage".into(), "awaiting_app".into()),
             ]
+        );
+    }
+
+    /// What an instance that does not run a verification answers, from its replicated view, is what
+    /// the instance running it answers.
+    #[test]
+    fn a_replicated_view_renders_the_same_variables_as_the_running_verification() {
+        use crate::calls::live::{CheckMethod, StartedBy, VerificationView};
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mut view = VerificationView {
+            id: "v-1".into(),
+            call_id: "c-1".into(),
+            queue: "support".into(),
+            idp: "bankid".into(),
+            method: CheckMethod::Ivr,
+            started_by: StartedBy::Switchboard("tvx".into()),
+            started_at: at,
+            ended_at: None,
+            stages: vec![(Stage::OrderCreated, at), (Stage::AwaitingApp, at)],
+            outcome: None,
+            fields: Vec::new(),
+            limit: None,
+            word_pair: None,
+        };
+        assert_eq!(Answer::of_view(&view), pending());
+        assert_eq!(Answer::of_view(&view).variables(), pending().variables());
+        view.stages.push((Stage::Done, at));
+        view.outcome = Some(Outcome::Verified);
+        view.ended_at = Some(at);
+        view.fields = verified().state.fields;
+        assert_eq!(Answer::of_view(&view).variables(), verified().variables());
+        // Before the first stage: pending at `starting`, as a claimed start answers.
+        let fresh = VerificationView {
+            stages: Vec::new(),
+            outcome: None,
+            fields: Vec::new(),
+            ..view
+        };
+        let vars = Answer::of_view(&fresh).variables();
+        assert!(vars.contains(&("callgate_stage".into(), "starting".into())));
+        assert_eq!(
+            vars,
+            Answer {
+                id: "v-1".into(),
+                state: VState::default()
+            }
+            .variables()
         );
     }
 

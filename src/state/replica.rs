@@ -11,7 +11,7 @@
 //! - `inbound`: one subscription to `events`, `cmd:<me>` and `reply:<me>`; every (re)subscription
 //!   first reloads all snapshots (what was missed while apart), then applies the others' events to
 //!   `calls::Live`, runs the commands forwarded to us through `calls::Registry` (exactly as the API
-//!   would locally) and hands replies to the waiting requests. Our own beats are published on
+//!   would locally; a hosted switchboard's cancel through `Switchboards::cancel`) and hands replies to the waiting requests. Our own beats are published on
 //!   `beat:<me>`, so a subscription silent for three beats is taken for dead and renewed. Reconnects
 //!   back off with jitter.
 
@@ -29,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{wire, Shared, StateError};
 use crate::calls::live::CallState;
-use crate::calls::live::{CallView, CancelRequest, CheckRequest, LiveKind, Refusal, TypedNumber};
+use crate::calls::live::{CallView, CancelRequest, CheckRequest, LiveKind, Refusal};
 use crate::calls::{CallEvent, Live, Registry};
+use crate::switchboard::Switchboards;
 
 /// How long the owner waits for its own call task to answer a forwarded command (below
 /// `command_timeout`'s lower bound, so the asker hears the real answer).
@@ -38,11 +39,13 @@ const TASK_ANSWER: Duration = Duration::from_millis(2500);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Starts the three tasks; they end when `stop` fires.
+/// Starts the three tasks; they end when `stop` fires. `switchboards` runs the hosted switchboards'
+/// cancels forwarded to this instance (none: they are refused as unknown).
 pub fn spawn(
     shared: Arc<Shared>,
     live: Arc<Live>,
     registry: Registry,
+    switchboards: Option<Arc<Switchboards>>,
     stop: CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let dirty = Arc::new(AtomicBool::new(true));
@@ -64,7 +67,7 @@ pub fn spawn(
             writing,
             stop.clone(),
         )),
-        tokio::spawn(inbound(shared, live, registry, stop)),
+        tokio::spawn(inbound(shared, live, registry, switchboards, stop)),
     ]
 }
 
@@ -423,6 +426,7 @@ async fn inbound(
     shared: Arc<Shared>,
     live: Arc<Live>,
     registry: Registry,
+    switchboards: Option<Arc<Switchboards>>,
     stop: CancellationToken,
 ) {
     let mut backoff = BACKOFF_MIN;
@@ -438,7 +442,7 @@ async fn inbound(
                 }
                 tracing::info!("subscribed to the shared state");
                 shared.set_subscribed(true);
-                listen(&shared, &live, &registry, pubsub, &stop).await;
+                listen(&shared, &live, &registry, &switchboards, pubsub, &stop).await;
                 shared.set_subscribed(false);
                 if stop.is_cancelled() {
                     return;
@@ -538,6 +542,7 @@ async fn listen(
     shared: &Arc<Shared>,
     live: &Live,
     registry: &Registry,
+    switchboards: &Option<Arc<Switchboards>>,
     pubsub: redis::aio::PubSub,
     stop: &CancellationToken,
 ) {
@@ -579,7 +584,10 @@ async fn listen(
             };
             let shared = Arc::clone(shared);
             let registry = registry.clone();
-            tokio::spawn(async move { run_command(&shared, &registry, command).await });
+            let switchboards = switchboards.clone();
+            tokio::spawn(async move {
+                run_command(&shared, &registry, switchboards.as_ref(), command).await
+            });
         } else if channel == replies {
             if let Some((id, answer)) =
                 opened(shared, "reply", payload).and_then(|v| wire::reply_from_json(&v))
@@ -591,9 +599,47 @@ async fn listen(
 }
 
 /// Runs a command forwarded to us on our call, exactly as our own API would, and replies.
-async fn run_command(shared: &Shared, registry: &Registry, command: wire::Command) {
+async fn run_command(
+    shared: &Shared,
+    registry: &Registry,
+    switchboards: Option<&Arc<Switchboards>>,
+    command: wire::Command,
+) {
     let call_id = command.call_id.clone();
     let answer = match command.op {
+        wire::Op::SwitchboardStart {
+            board,
+            queue,
+            number,
+            caller,
+            language,
+            attempt,
+        } => match switchboards {
+            // Draining: the asker starts it itself.
+            Some(sb) if sb.draining() => Err(Refusal::Unavailable),
+            Some(sb) => {
+                let request = crate::switchboard::StartRequest {
+                    call_id: call_id.clone(),
+                    queue,
+                    number,
+                    caller,
+                    language,
+                    attempt,
+                };
+                match sb.start_forwarded(&board, request).await {
+                    Ok(answer) if !answer.id.is_empty() => Ok(answer.id),
+                    _ => Err(Refusal::InvalidNumber),
+                }
+            }
+            None => Err(Refusal::Unavailable),
+        },
+        wire::Op::SwitchboardCancel {
+            board,
+            verification,
+        } => match switchboards {
+            Some(sb) if sb.cancel(&board, &verification) => Ok(verification),
+            _ => Err(Refusal::Ended),
+        },
         wire::Op::Superseded => {
             registry.send(&call_id, CallEvent::Superseded).await;
             return;
@@ -602,7 +648,7 @@ async fn run_command(shared: &Shared, registry: &Registry, command: wire::Comman
             let (tx, rx) = oneshot::channel();
             let request = CheckRequest {
                 by: command.by,
-                number: number.map(TypedNumber),
+                number,
                 reply: tx,
             };
             ask(registry, &call_id, CallEvent::StartCheck(request), rx).await

@@ -357,12 +357,14 @@ async fn two_instances_share_one_view_and_forward_requests_to_the_owner() {
         Arc::clone(&a),
         Arc::clone(&live_a),
         reg_a.clone(),
+        None,
         stop_a.clone(),
     );
     let _tasks_b = replica::spawn(
         Arc::clone(&b),
         Arc::clone(&live_b),
         reg_b.clone(),
+        None,
         stop_b.clone(),
     );
 
@@ -396,7 +398,7 @@ async fn two_instances_share_one_view_and_forward_requests_to_the_owner() {
             "call-1",
             crate::calls::live::StartedBy::Api("crm".into()),
             Op::Start {
-                number: Some("199001011234".into()),
+                number: Some(TypedNumber("199001011234".into())),
             },
         )
         .await;
@@ -461,6 +463,7 @@ async fn two_instances_share_one_view_and_forward_requests_to_the_owner() {
         instance(&s, "site-c"),
         Arc::clone(&live_c),
         Registry::new(),
+        None,
         stop_c.clone(),
     );
     until(&live_c, "call-2 on a late instance", |l| {

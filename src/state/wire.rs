@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::calls::live::{
-    CallState, CallView, CheckMethod, Limit, LiveKind, Owner, Refusal, StartedBy, VerificationView,
+    CallState, CallView, CheckMethod, Limit, LiveKind, Owner, Refusal, StartedBy, TypedNumber,
+    VerificationView,
 };
 use crate::outcome::{Outcome, Reason};
 use crate::verify::Stage;
@@ -220,13 +221,29 @@ pub fn event_from_json(v: &Value) -> Option<(LiveKind, CallView)> {
 /// What a forwarded request asks the owning instance to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Start a check; `number` as typed by the agent, `None` for the keypad.
+    /// Start a check; `number` as typed by the agent (redacted in `Debug`), `None` for the keypad.
     Start {
-        number: Option<String>,
+        number: Option<TypedNumber>,
     },
     Cancel,
     /// The person of this call's order started an order on another instance's call.
     Superseded,
+    /// A hosted switchboard's cancel node for a request-node verification this instance runs
+    /// (`call_id` is the switchboard's call id).
+    SwitchboardCancel {
+        board: String,
+        verification: String,
+    },
+    /// A hosted switchboard's start node, for the instance consuming the switchboard's feed (so the
+    /// verification runs beside the feed's call); `call_id` is the switchboard's call id.
+    SwitchboardStart {
+        board: String,
+        queue: String,
+        number: TypedNumber,
+        caller: String,
+        language: Option<String>,
+        attempt: u32,
+    },
 }
 
 /// A request for the instance owning a call.
@@ -243,27 +260,68 @@ pub struct Command {
 
 pub fn command_to_json(c: &Command) -> Value {
     let (op, number) = match &c.op {
-        Op::Start { number } => ("start", number.clone()),
+        Op::Start { number } => ("start", number.as_ref().map(|n| n.0.clone())),
         Op::Cancel => ("cancel", None),
         Op::Superseded => ("superseded", None),
+        Op::SwitchboardCancel { .. } => ("switchboard_cancel", None),
+        Op::SwitchboardStart { number, .. } => ("switchboard_start", Some(number.0.clone())),
     };
-    json!({
+    let mut v = json!({
         "id": c.id,
         "from": c.from,
         "call_id": c.call_id,
         "by": started_by_to_json(&c.by),
         "op": op,
         "number": number,
-    })
+    });
+    if let Some(map) = v.as_object_mut() {
+        match &c.op {
+            Op::SwitchboardCancel {
+                board,
+                verification,
+            } => {
+                map.insert("board".into(), json!(board));
+                map.insert("verification".into(), json!(verification));
+            }
+            Op::SwitchboardStart {
+                board,
+                queue,
+                caller,
+                language,
+                attempt,
+                ..
+            } => {
+                map.insert("board".into(), json!(board));
+                map.insert("queue".into(), json!(queue));
+                map.insert("caller".into(), json!(caller));
+                map.insert("language".into(), json!(language));
+                map.insert("attempt".into(), json!(attempt));
+            }
+            _ => {}
+        }
+    }
+    v
 }
 
 pub fn command_from_json(v: &Value) -> Option<Command> {
     let op = match v.get("op")?.as_str()? {
         "start" => Op::Start {
-            number: opt_text(v, "number")?,
+            number: opt_text(v, "number")?.map(TypedNumber),
         },
         "cancel" => Op::Cancel,
         "superseded" => Op::Superseded,
+        "switchboard_cancel" => Op::SwitchboardCancel {
+            board: text(v, "board")?,
+            verification: text(v, "verification")?,
+        },
+        "switchboard_start" => Op::SwitchboardStart {
+            board: text(v, "board")?,
+            queue: text(v, "queue")?,
+            number: TypedNumber(text(v, "number")?),
+            caller: text(v, "caller")?,
+            language: opt_text(v, "language")?,
+            attempt: u32::try_from(v.get("attempt")?.as_u64()?).ok()?,
+        },
         _ => return None,
     };
     Some(Command {
@@ -387,11 +445,31 @@ mod tests {
     fn commands_and_replies_survive_the_wire() {
         for op in [
             Op::Start {
-                number: Some("19900101-1234".into()),
+                number: Some(TypedNumber("19900101-1234".into())),
             },
             Op::Start { number: None },
             Op::Cancel,
             Op::Superseded,
+            Op::SwitchboardCancel {
+                board: "tvx".into(),
+                verification: "v-1".into(),
+            },
+            Op::SwitchboardStart {
+                board: "tvx".into(),
+                queue: "support".into(),
+                number: TypedNumber("198112189876#".into()),
+                caller: "+46701234567".into(),
+                language: Some("sv".into()),
+                attempt: 3,
+            },
+            Op::SwitchboardStart {
+                board: "tvx".into(),
+                queue: "support".into(),
+                number: TypedNumber("198112189876".into()),
+                caller: String::new(),
+                language: None,
+                attempt: 0,
+            },
         ] {
             let c = Command {
                 id: "r1".into(),

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -26,6 +27,7 @@ use crate::calls::live::{
 };
 use crate::calls::registry::Handle;
 use crate::calls::{task, CallEvent, Snapshot};
+use crate::config::feed::Feed;
 use crate::outcome::Reason;
 use crate::pnr::{ParseOptions, PersonalNumber};
 use crate::policy::QueuePolicy;
@@ -72,23 +74,119 @@ impl Switchboards {
             let Some(feed) = sb.feed.clone() else {
                 continue;
             };
-            let (tx, rx) = mpsc::channel(256);
             let (up, up_rx) = watch::channel(false);
             self.feeds.insert(board.clone(), up_rx);
-            self.deps.metrics.set_feed_connected(board, false);
-            let max_age = feed.max_call_age;
-            self.tracker.spawn(super::feed::run(
-                board.clone(),
-                feed,
-                tx,
-                up,
-                Arc::clone(&self.deps.metrics),
-                self.stop.clone(),
-            ));
-            let me = Arc::clone(self);
-            let board = board.clone();
-            self.tracker
-                .spawn(async move { me.dispatch(board, rx, max_age).await });
+            match &self.shared {
+                None => {
+                    self.deps.metrics.set_feed_connected(board, false);
+                    self.consume(board, feed, up, self.stop.clone());
+                }
+                Some(shared) => {
+                    let (held, held_rx) = watch::channel(false);
+                    self.feed_leases.insert(board.clone(), held_rx);
+                    let me = Arc::clone(self);
+                    let shared = Arc::clone(shared);
+                    let board = board.clone();
+                    self.tracker.spawn(async move {
+                        me.hold_feed(shared, board, feed, up, held).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Connects to a switchboard's feed and turns its events into calls until `stop`; answers the
+    /// feed's task.
+    fn consume(
+        self: &Arc<Self>,
+        board: &str,
+        feed: Feed,
+        up: watch::Sender<bool>,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let (tx, rx) = mpsc::channel(256);
+        let max_age = feed.max_call_age;
+        let link = self.tracker.spawn(super::feed::run(
+            board.to_owned(),
+            feed,
+            tx,
+            up,
+            Arc::clone(&self.deps.metrics),
+            stop.clone(),
+        ));
+        let me = Arc::clone(self);
+        let board = board.to_owned();
+        self.tracker
+            .spawn(async move { me.dispatch(board, rx, max_age, stop).await });
+        link
+    }
+
+    /// With shared state: consumes the switchboard's feed while this instance holds its lease (see
+    /// `shared`), tries to take the lease every heartbeat while another instance holds it, and gives
+    /// it up at shutdown. `held` says whether we hold it now.
+    async fn hold_feed(
+        self: Arc<Self>,
+        shared: Arc<crate::state::Shared>,
+        board: String,
+        feed: Feed,
+        up: watch::Sender<bool>,
+        held: watch::Sender<bool>,
+    ) {
+        let every = shared.settings().heartbeat_interval;
+        let ttl = every * 3;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The feed's stop token and task, and until when the lease is surely ours, while we hold it.
+        let mut holding: Option<(CancellationToken, tokio::task::JoinHandle<()>, Instant)> = None;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let now = task::now();
+            let result = super::shared::lease(&shared, &board, ttl).await;
+            let keep = match (&result, &holding) {
+                (Ok(true), _) => true,
+                (Ok(false), _) => false,
+                // Unconfirmed: ours until one heartbeat before it could lapse.
+                (Err(_), Some((_, _, until))) => now < *until,
+                (Err(_), None) => false,
+            };
+            match (keep, holding.take()) {
+                (true, Some((stop, link, until))) => {
+                    let until = if result.is_ok() {
+                        now + ttl - every
+                    } else {
+                        until
+                    };
+                    holding = Some((stop, link, until));
+                }
+                (true, None) => {
+                    tracing::info!(switchboard = %board, "this instance consumes the switchboard's feed");
+                    self.deps.metrics.set_feed_connected(&board, false);
+                    let stop = self.stop.child_token();
+                    let link = self.consume(&board, feed.clone(), up.clone(), stop.clone());
+                    holding = Some((stop, link, now + ttl - every));
+                    held.send_replace(true);
+                }
+                (false, Some((stop, link, _))) => {
+                    tracing::warn!(switchboard = %board, "switchboard feed lease lost; another instance consumes the feed");
+                    stop.cancel();
+                    let _ = link.await;
+                    held.send_replace(false);
+                    // Only the holder exports the feed's link state (its alert is for the holder).
+                    self.deps.metrics.forget_feed_connected(&board);
+                }
+                (false, None) => {}
+            }
+        }
+        if let Some((stop, link, _)) = holding.take() {
+            stop.cancel();
+            let _ = link.await;
+            held.send_replace(false);
+            if let Err(e) = super::shared::release(&shared, &board).await {
+                tracing::debug!(switchboard = %board, error = %e, "switchboard feed lease not released; it lapses");
+            }
         }
     }
 
@@ -98,10 +196,11 @@ impl Switchboards {
         board: String,
         mut rx: mpsc::Receiver<Incoming>,
         max_age: Duration,
+        stop: CancellationToken,
     ) {
         loop {
             let incoming = tokio::select! {
-                _ = self.stop.cancelled() => break,
+                _ = stop.cancelled() => break,
                 i = rx.recv() => match i { Some(i) => i, None => break },
             };
             let event = match incoming {

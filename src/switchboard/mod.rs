@@ -10,6 +10,7 @@
 
 pub mod calls;
 pub mod feed;
+pub(crate) mod shared;
 pub mod sim;
 
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use tracing::Instrument;
 use crate::audit::{self, Event};
 use crate::calls::journal;
 use crate::calls::live::{
-    CallState, CallView, CheckMethod, LiveKind, StartedBy, TypedNumber, VerificationView,
+    CallState, CallView, CheckMethod, LiveKind, Refusal, StartedBy, TypedNumber, VerificationView,
 };
 use crate::calls::task::{self, Deps};
 use crate::calls::{limits, CallEvent};
@@ -36,6 +37,7 @@ use crate::config::Config;
 use crate::outcome::{self, Outcome, Reason, Record};
 use crate::pnr::{ParseOptions, PersonalNumber};
 use crate::policy::QueuePolicy;
+use crate::state::{self, Shared};
 use crate::verify::{self, Initiator, Order, ProviderError, Session, Stage};
 
 /// Longest `wait` a status request may ask for: below the shortest timeout of the switchboards'
@@ -95,6 +97,20 @@ impl State {
     pub fn is_final(&self) -> bool {
         self.outcome.is_some()
     }
+
+    /// The state a verification's published view shows (how an instance that does not run the
+    /// verification answers for it).
+    pub fn of_view(view: &VerificationView) -> State {
+        State {
+            stage: view.stage().filter(|s| *s != Stage::Done),
+            outcome: view.outcome,
+            fields: if view.outcome.is_some() {
+                view.fields.clone()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 /// The answer to a start or status request.
@@ -106,6 +122,14 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The answer for a verification's published view.
+    pub fn of_view(view: &VerificationView) -> Answer {
+        Answer {
+            id: view.id.clone(),
+            state: State::of_view(view),
+        }
+    }
+
     /// The flat variables a node stores: `callgate_status`, `callgate_reason`, `callgate_ref`,
     /// `callgate_stage`, then the disclosed fields (`callgate_name`, …).
     pub fn variables(&self) -> Vec<(String, String)> {
@@ -187,7 +211,23 @@ pub struct Switchboards {
     feed_calls: Arc<FeedCalls>,
     /// Whether each switchboard's feed is connected now.
     feeds: DashMap<String, watch::Receiver<bool>>,
+    /// With shared state: whether this instance holds each switchboard's feed lease now.
+    feed_leases: DashMap<String, watch::Receiver<bool>>,
+    /// With shared state: claims of starts, and the answers for verifications other instances run.
+    shared: Option<Arc<Shared>>,
 }
+
+/// Why a cancel did not reach its verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelError {
+    /// No such verification of this switchboard, here or on another instance.
+    Unknown,
+    /// Another instance runs it and did not answer the forwarded cancel.
+    OwnerUnreachable,
+}
+
+/// How long a start that lost its claim waits for the winner's verification to show in the view.
+const CLAIM_WAIT: Duration = Duration::from_secs(2);
 
 impl Switchboards {
     pub fn new(
@@ -195,6 +235,7 @@ impl Switchboards {
         config: watch::Receiver<Arc<Config>>,
         tracker: TaskTracker,
         stop: CancellationToken,
+        shared: Option<Arc<Shared>>,
     ) -> Arc<Switchboards> {
         let keep = config.borrow().api.keep_verifications;
         Arc::new(Switchboards {
@@ -207,12 +248,45 @@ impl Switchboards {
             runs: DashMap::new(),
             feed_calls: Arc::new(DashMap::new()),
             feeds: DashMap::new(),
+            feed_leases: DashMap::new(),
+            shared,
         })
     }
 
     /// Starts a verification, or answers the one this call and attempt already has. An invalid
     /// number is answered `failed`/`invalid_number` at once, with nothing started.
-    pub fn start(self: &Arc<Self>, board: &str, req: StartRequest) -> Result<Answer, BadStart> {
+    ///
+    /// With shared state the start is claimed in Redis first, so the same call and attempt started
+    /// on another instance gets that instance's verification; with Redis unreachable it starts here
+    /// (logged, counted in `callgate_state_errors_total`), and the order's limits then follow
+    /// `state.on_unavailable`.
+    pub async fn start(
+        self: &Arc<Self>,
+        board: &str,
+        req: StartRequest,
+    ) -> Result<Answer, BadStart> {
+        self.start_here_or_at_feed(board, req, true).await
+    }
+
+    /// A start another instance forwarded here because this one consumes the switchboard's feed:
+    /// run here (never forwarded again).
+    pub(crate) async fn start_forwarded(
+        self: &Arc<Self>,
+        board: &str,
+        req: StartRequest,
+    ) -> Result<Answer, BadStart> {
+        self.start_here_or_at_feed(board, req, false).await
+    }
+
+    /// With shared state and a feed another instance consumes, a start (`forward`) goes to that
+    /// instance, so the verification runs beside the feed's call (one publisher per call, hang-ups
+    /// from the feed reach it); if it does not answer, the start runs here.
+    async fn start_here_or_at_feed(
+        self: &Arc<Self>,
+        board: &str,
+        req: StartRequest,
+        forward: bool,
+    ) -> Result<Answer, BadStart> {
         if req.call_id.is_empty()
             || req.call_id.len() > MAX_FIELD
             || req.call_id.chars().any(char::is_control)
@@ -279,10 +353,48 @@ impl Switchboards {
                 },
             });
         };
+        // While Redis is known to be down, nothing waits on it (the heartbeat finds it back).
+        let reachable = self.shared.as_ref().filter(|sh| !sh.is_known_down());
+        if let (true, Some(shared), Some(false)) = (forward, reachable, self.feed_lease_held(board))
+        {
+            if let Some(answer) = self.forward_start(shared, board, &req).await {
+                return Ok(answer);
+            }
+        }
+        let mut fresh = uuid::Uuid::new_v4().to_string();
+        if let (Some(shared), None) = (&self.shared, reachable) {
+            shared.metrics().state_error("switchboard_claim");
+            tracing::warn!(
+                switchboard = board,
+                "shared state unreachable; switchboard start not claimed, starting here"
+            );
+        }
+        if let Some(shared) = reachable {
+            let ttl = self.keep + policy.verify_timeout + GRACE;
+            match shared::claim(shared, board, &req.call_id, req.attempt, &fresh, ttl).await {
+                Ok(shared::Claim::Won) => {}
+                Ok(shared::Claim::Taken {
+                    instance,
+                    verification,
+                }) if instance != shared.instance() || !self.runs.contains_key(&verification) => {
+                    drop(number);
+                    return Ok(self.claimed(board, &instance, &verification).await);
+                }
+                // Ours, already running here.
+                Ok(shared::Claim::Taken { verification, .. }) => fresh = verification,
+                Err(e) => {
+                    tracing::warn!(switchboard = board, error = %e, "switchboard start not claimed in the shared state; starting here");
+                }
+            }
+        }
         let id = match self.keys.entry(key) {
             MapEntry::Occupied(e) => e.get().clone(),
+            MapEntry::Vacant(v) if self.runs.contains_key(&fresh) => {
+                v.insert(fresh.clone());
+                fresh
+            }
             MapEntry::Vacant(v) => {
-                let id = uuid::Uuid::new_v4().to_string();
+                let id = fresh;
                 let (tx, rx) = watch::channel(State::default());
                 let (cancel, cancelled) = watch::channel(None);
                 self.runs.insert(
@@ -354,7 +466,8 @@ impl Switchboards {
     }
 
     /// Waits up to `wait` for the verification to change (or, with `until_final`, to be over); answers
-    /// its state then. `None` if there is no such verification of this switchboard.
+    /// its state then. `None` if there is no such verification of this switchboard. With shared
+    /// state, a verification another instance runs is answered from its replicated view.
     pub async fn wait(
         &self,
         board: &str,
@@ -362,7 +475,9 @@ impl Switchboards {
         wait: Duration,
         until_final: bool,
     ) -> Option<Answer> {
-        let mut run = self.run(board, id)?;
+        let Some(mut run) = self.run(board, id) else {
+            return self.remote_wait(board, id, wait, until_final).await;
+        };
         let seen = run.state.borrow_and_update().clone();
         if !seen.is_final() && !wait.is_zero() {
             let deadline = task::now() + wait.min(MAX_WAIT);
@@ -375,6 +490,240 @@ impl Switchboards {
             }
         }
         self.answer(board, id)
+    }
+
+    /// Forwards a start to the instance holding the switchboard's feed lease; `None` when there is
+    /// none or it did not take the start (the caller starts here instead).
+    async fn forward_start(
+        &self,
+        shared: &Arc<Shared>,
+        board: &str,
+        req: &StartRequest,
+    ) -> Option<Answer> {
+        let holder = match shared::lease_holder(shared, board).await {
+            Ok(Some(h)) if h != shared.instance() => h,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(switchboard = board, error = %e, "switchboard feed holder unknown; starting here");
+                return None;
+            }
+        };
+        let op = state::wire::Op::SwitchboardStart {
+            board: board.to_owned(),
+            queue: req.queue.clone(),
+            number: req.number.clone(),
+            caller: req.caller.clone(),
+            language: req.language.clone(),
+            attempt: req.attempt,
+        };
+        let by = StartedBy::Switchboard(board.to_owned());
+        match shared.forward(&holder, &req.call_id, by, op).await {
+            Ok(id) => Some(self.claimed(board, &holder, &id).await),
+            Err(refusal) => {
+                tracing::warn!(switchboard = board, instance = %holder, refusal = refusal.code(), "the instance consuming the switchboard's feed did not take the start; starting here");
+                None
+            }
+        }
+    }
+
+    /// The answer for a start that lost its claim to `instance`'s `verification`: its view once it
+    /// shows here (waiting at most [`CLAIM_WAIT`]), else `pending` at stage `starting`.
+    async fn claimed(&self, board: &str, instance: &str, verification: &str) -> Answer {
+        let mut rx = self.deps.live.subscribe();
+        let deadline = task::now() + CLAIM_WAIT;
+        let mut first = true;
+        loop {
+            if let Some(answer) = self.answer(board, verification) {
+                return answer;
+            }
+            let view = if first {
+                self.remote_view(board, verification).await
+            } else {
+                self.live_view(board, verification)
+            };
+            first = false;
+            if let Some(view) = view {
+                return Answer {
+                    id: view.id.clone(),
+                    state: self.remote_state(&view).await,
+                };
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break,
+            }
+        }
+        tracing::debug!(
+            switchboard = board,
+            instance,
+            "claimed start not yet in the view; answered pending"
+        );
+        Answer {
+            id: verification.to_owned(),
+            state: State::default(),
+        }
+    }
+
+    /// A verification of this switchboard that another instance runs: from the replicated view,
+    /// else (once) from its snapshot in Redis. `None` without shared state.
+    async fn remote_view(&self, board: &str, id: &str) -> Option<VerificationView> {
+        let shared = self.shared.as_ref()?;
+        if self.deps.live.verification(id).is_some() {
+            return self.live_view(board, id);
+        }
+        match state::replica::read_verification(shared, id).await {
+            Ok(Some((view, _))) => is_request_node(board, &view).then_some(view),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "verification snapshot unreadable");
+                None
+            }
+        }
+    }
+
+    /// A request node's verification of this switchboard in the live view (with shared state, also
+    /// those other instances run).
+    fn live_view(&self, board: &str, id: &str) -> Option<VerificationView> {
+        self.shared.as_ref()?;
+        self.deps
+            .live
+            .verification(id)
+            .filter(|v| is_request_node(board, v))
+    }
+
+    /// [`Switchboards::wait`] for a verification another instance runs: its replicated view, and
+    /// the view's changes as the live events bring them.
+    async fn remote_wait(
+        &self,
+        board: &str,
+        id: &str,
+        wait: Duration,
+        until_final: bool,
+    ) -> Option<Answer> {
+        use tokio::sync::broadcast::error::RecvError;
+        // Subscribed before reading, so no change falls between the two.
+        let mut rx = self.deps.live.subscribe();
+        let view = self.remote_view(board, id).await?;
+        let seen = self.remote_state(&view).await;
+        let mut now = seen.clone();
+        if !seen.is_final() && !wait.is_zero() {
+            let deadline = task::now() + wait.min(MAX_WAIT);
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Ok(event)) => match event.call.verification {
+                        Some(v) if v.id == id => now = self.remote_state(&v).await,
+                        _ => continue,
+                    },
+                    Ok(Err(RecvError::Lagged(_))) => {
+                        if let Some(v) = self.deps.live.verification(id) {
+                            now = self.remote_state(&v).await;
+                        }
+                    }
+                    Ok(Err(RecvError::Closed)) | Err(_) => break,
+                }
+                if now.is_final() || (!until_final && now != seen) {
+                    break;
+                }
+            }
+        }
+        Some(Answer {
+            id: id.to_owned(),
+            state: now,
+        })
+    }
+
+    /// What a verification another instance runs shows: its view, or, once that instance is lost
+    /// (its heartbeat stopped) with the verification still running, `interrupted`/`restart` (as its
+    /// own restart would answer), so a loop node routes on instead of waiting for a dead instance.
+    ///
+    /// A running verification whose call left the view (its instance was lost and then forgotten,
+    /// or its end was missed while this instance was not listening) answers its snapshot's end if
+    /// Redis has one, else the same `interrupted`/`restart`.
+    async fn remote_state(&self, view: &VerificationView) -> State {
+        let state = State::of_view(view);
+        if state.is_final() || self.deps.live.verification(&view.id).is_none() {
+            // Over, or read from its snapshot (its call's view may not have arrived yet).
+            return state;
+        }
+        let (lost, gone) = match self.deps.live.call(&view.call_id) {
+            Some(call) => (call.owner.is_some_and(|o| o.lost), false),
+            None => (false, true),
+        };
+        if !lost && !gone {
+            return state;
+        }
+        if let (true, Some(shared)) = (gone, &self.shared) {
+            if let Ok(Some((v, _))) = state::replica::read_verification(shared, &view.id).await {
+                if v.is_over() {
+                    return State::of_view(&v);
+                }
+            }
+            // Read while its first view was half published (the verification before the call).
+            if self.deps.live.call(&view.call_id).is_some() {
+                return state;
+            }
+        }
+        let Some(policy) = self.config.borrow().queues.get(&view.queue).cloned() else {
+            return state;
+        };
+        let outcome = Outcome::NotVerified(Reason::Restart);
+        let record = Record {
+            reference: view.id.clone(),
+            method: self
+                .deps
+                .providers
+                .get(&view.idp)
+                .map(|p| p.method().to_owned())
+                .unwrap_or_default(),
+            outcome,
+            // The last moment the instance was known to run it.
+            at: view.stages.last().map_or(view.started_at, |(_, at)| *at),
+            identity: None,
+        };
+        State {
+            stage: state.stage,
+            outcome: Some(outcome),
+            fields: task::live_fields(&outcome::render(&record, &policy.disclose, &self.deps.key)),
+        }
+    }
+
+    /// The caller hung up: the verification is cancelled where it runs, here or (with shared state)
+    /// on the instance that runs it, through a forwarded request. A verification already over is
+    /// left as it is.
+    pub async fn cancel_anywhere(&self, board: &str, id: &str) -> Result<(), CancelError> {
+        if self.cancel(board, id) {
+            return Ok(());
+        }
+        let (Some(shared), Some(view)) = (&self.shared, self.remote_view(board, id).await) else {
+            return Err(CancelError::Unknown);
+        };
+        if view.is_over() {
+            return Ok(());
+        }
+        let Some(call) = self.deps.live.call(&view.call_id) else {
+            // Its call left the view: nothing to reach; the state answers what is known.
+            return Ok(());
+        };
+        let owner = call.owner.ok_or(CancelError::OwnerUnreachable)?;
+        if owner.lost || owner.instance == shared.instance() {
+            // Lost: its verification answers `interrupted`/`restart`, and the instance's next start
+            // cancels the journalled order. Ours: it is no longer running here.
+            return Ok(());
+        }
+        let op = state::wire::Op::SwitchboardCancel {
+            board: board.to_owned(),
+            verification: id.to_owned(),
+        };
+        let by = StartedBy::Switchboard(board.to_owned());
+        match shared.forward(&owner.instance, &view.call_id, by, op).await {
+            Ok(_) => Ok(()),
+            Err(Refusal::OwnerUnreachable | Refusal::Unavailable) => {
+                tracing::warn!(switchboard = board, instance = %owner.instance, "switchboard cancel not answered by the instance running the verification");
+                Err(CancelError::OwnerUnreachable)
+            }
+            // The owner no longer runs it: its end is on its way to the view.
+            Err(_) => Ok(()),
+        }
     }
 
     /// The caller hung up: the order is cancelled and the verification ends `caller_hung_up`.
@@ -427,6 +776,25 @@ impl Switchboards {
             return;
         };
         let _ = rx.wait_for(|up| *up == connected).await;
+    }
+
+    /// Whether this instance is draining (it takes no forwarded starts then).
+    pub(crate) fn draining(&self) -> bool {
+        self.deps.drain.is_cancelled()
+    }
+
+    /// With shared state: whether this instance holds the switchboard's feed lease (consumes its
+    /// feed) now; `None` without shared state or without a feed.
+    pub fn feed_lease_held(&self, board: &str) -> Option<bool> {
+        self.feed_leases.get(board).map(|r| *r.borrow())
+    }
+
+    /// Waits until this instance holds the switchboard's feed lease (or not), as tests need.
+    pub async fn wait_for_feed_lease(&self, board: &str, held: bool) {
+        let Some(mut rx) = self.feed_leases.get(board).map(|r| r.clone()) else {
+            return;
+        };
+        let _ = rx.wait_for(|h| *h == held).await;
     }
 
     /// Whether the feed reported this call and it has not ended (or been forgotten).
@@ -932,6 +1300,13 @@ impl Switchboards {
             });
         }
     }
+}
+
+/// Whether a verification was started by this switchboard's request nodes (a switchboard sees only
+/// those).
+fn is_request_node(board: &str, view: &VerificationView) -> bool {
+    view.method == CheckMethod::Ivr
+        && matches!(&view.started_by, StartedBy::Switchboard(name) if name == board)
 }
 
 /// Seconds as a `Duration`, bounded by [`MAX_WAIT`].

@@ -230,7 +230,11 @@ async fn redis_stopped_and_started_mid_run_strands_nothing() {
         .call(Caller::new("46701234567").queue("desk"));
     talking(&site_a, &talking_call).await;
     until("the call on site B", || {
-        site_b.app.live.call(&talking_call).is_some()
+        site_b
+            .app
+            .live
+            .call(&talking_call)
+            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
     })
     .await;
 
@@ -287,11 +291,19 @@ async fn redis_stopped_and_started_mid_run_strands_nothing() {
         .call(Caller::new("46701234568").queue("desk"));
     talking(&site_a, &new_call).await;
     until("the new call on site B", || {
-        site_b.app.live.call(&new_call).is_some()
+        site_b
+            .app
+            .live
+            .call(&new_call)
+            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
     })
     .await;
     until("the old call on site B", || {
-        site_b.app.live.call(&talking_call).is_some()
+        site_b
+            .app
+            .live
+            .call(&talking_call)
+            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
     })
     .await;
     let (status, text) = api_request(
@@ -374,4 +386,406 @@ async fn a_site_that_dies_shows_its_calls_lost_on_the_other() {
     // Once its snapshot expired, the call is gone from B too.
     event_of(&mut stream, "call_ended", &id).await;
     site_b.shutdown().await.unwrap();
+}
+
+// ---- hosted switchboards behind several instances ----
+
+fn site_ivr(lab: &Lab) -> callgate::switchboard::sim::Ivr {
+    callgate::switchboard::sim::Ivr::new(
+        &format!("http://{}", lab.app.api_addr),
+        demo::LAB_SWITCHBOARD_TOKEN,
+    )
+    .unwrap()
+}
+
+fn node_typed<'a>(
+    call_id: &'a str,
+    number: &'a str,
+    attempt: u32,
+) -> callgate::switchboard::sim::Typed<'a> {
+    callgate::switchboard::sim::Typed {
+        call_id,
+        queue: "support",
+        number,
+        caller: "+46701234567",
+        attempt,
+    }
+}
+
+#[tokio::test]
+async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
+    let Some(redis) = redis().await else { return };
+    let prefix = prefix();
+    // Without a feed, the start's claim alone decides where a verification runs.
+    let options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
+    let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
+    let site_b = site(&redis, &prefix, "site-b", options).await;
+    let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
+    let number = Scenario::Approve.number();
+
+    // The start node reaches A; the loop node B.
+    let started = nodes_a
+        .start(&node_typed("sb-sites-1", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(started.status, 200, "{started:?}");
+    assert_eq!(started.var("callgate_status"), "pending", "{started:?}");
+    let id = started.var("callgate_ref").to_owned();
+    let mut answer = nodes_b.status(&id, 20, true).await.unwrap();
+    for _ in 0..10 {
+        if answer.var("callgate_status") != "pending" {
+            break;
+        }
+        answer = nodes_b.status(&id, 20, true).await.unwrap();
+    }
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.var("callgate_status"), "verified", "{answer:?}");
+    assert_eq!(answer.var("callgate_reason"), "");
+    assert_eq!(answer.var("callgate_stage"), "done");
+    assert_eq!(answer.var("verification_id"), id);
+    assert_eq!(answer.var("callgate_method"), "bankid_phone");
+    assert!(answer.var("callgate_at").ends_with('Z'), "{answer:?}");
+    assert!(!answer.var("callgate_name").is_empty(), "{answer:?}");
+    assert!(answer.var("callgate_number_masked").ends_with("-****"));
+    assert!(!answer.vars.contains_key("callgate_number"), "{answer:?}");
+    // B renders exactly what A, which ran it, answers.
+    let on_a = nodes_a.status(&id, 0, false).await.unwrap();
+    assert_eq!(on_a.vars, answer.vars);
+
+    // A retried start node reaching B gets A's verification, and no second order.
+    let retried = nodes_b
+        .start(&node_typed("sb-sites-1", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(retried.status, 200, "{retried:?}");
+    assert_eq!(retried.var("callgate_ref"), id);
+    assert_eq!(retried.vars, answer.vars);
+    assert_eq!(site_a.bankid.starts() + site_b.bankid.starts(), 1);
+
+    // Both starts of a new call at once, one on each site: one verification, one order.
+    let both = node_typed("sb-sites-2", &number, 0);
+    let (x, y) = tokio::join!(nodes_a.start(&both), nodes_b.start(&both));
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.status, 200, "{x:?}");
+    assert_eq!(y.status, 200, "{y:?}");
+    assert!(!x.var("callgate_ref").is_empty());
+    assert_eq!(x.var("callgate_ref"), y.var("callgate_ref"));
+    let second = x.var("callgate_ref").to_owned();
+    let done = nodes_b.status(&second, 20, true).await.unwrap();
+    let done = if done.var("callgate_status") == "pending" {
+        nodes_a.status(&second, 20, true).await.unwrap()
+    } else {
+        done
+    };
+    assert_eq!(done.var("callgate_status"), "verified", "{done:?}");
+    assert_eq!(site_a.bankid.starts() + site_b.bankid.starts(), 2);
+
+    // Unknown on every site: 404, as with one instance.
+    assert_eq!(
+        nodes_b.status("no-such-id", 0, false).await.unwrap().status,
+        404
+    );
+    assert_eq!(nodes_b.cancel("no-such-id").await.unwrap().status, 404);
+    assert!(!captured().contains(&number), "a number in the logs");
+    no_open_orders(&site_a).await;
+    no_open_orders(&site_b).await;
+    site_a.shutdown().await.unwrap();
+    site_b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
+    let Some(redis) = redis().await else { return };
+    let prefix = prefix();
+    let mut options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
+    // The order stays outstanding until the caller hangs up.
+    options.step = Duration::from_secs(30);
+    options.verify_timeout = Duration::from_secs(60);
+    options.gate_deadline = Duration::from_secs(90);
+    let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
+    let site_b = site(&redis, &prefix, "site-b", options).await;
+    let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
+    let number = Scenario::Approve.number();
+    let a = nodes_a
+        .start(&node_typed("sb-sites-hangup", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(a.var("callgate_status"), "pending", "{a:?}");
+    let id = a.var("callgate_ref").to_owned();
+    site_a.bankid.wait_for_open_orders(1).await;
+    until("the order's stage on site B", || {
+        site_b
+            .app
+            .live
+            .verification(&id)
+            .is_some_and(|v| v.stage().is_some())
+    })
+    .await;
+    // A loop node long-polling B; its wait ends with the hang-up.
+    let poll = {
+        let nodes = nodes_b.clone();
+        let id = id.clone();
+        tokio::spawn(async move { nodes.status(&id, 25, true).await.unwrap() })
+    };
+    let c = nodes_b.cancel(&id).await.unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    let polled = poll.await.unwrap();
+    for x in [&c, &polled] {
+        assert_eq!(x.var("callgate_status"), "failed", "{x:?}");
+        assert_eq!(x.var("callgate_reason"), "caller_hung_up", "{x:?}");
+        assert_eq!(x.var("callgate_ref"), id);
+    }
+    // A ran the order and cancelled it; B started nothing.
+    no_open_orders(&site_a).await;
+    assert!(site_a.bankid.cancels() >= 1);
+    assert_eq!(site_b.bankid.starts(), 0);
+    let on_a = nodes_a.status(&id, 0, false).await.unwrap();
+    assert_eq!(on_a.var("callgate_reason"), "caller_hung_up");
+    site_a.shutdown().await.unwrap();
+    site_b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_redis_unreachable_a_switchboard_start_runs_where_it_arrived() {
+    let Some(mut redis) = redis().await else {
+        return;
+    };
+    let prefix = prefix();
+    let site_a = site(&redis, &prefix, "site-a", LabOptions::fast()).await;
+    redis.stop();
+    let nodes = site_ivr(&site_a);
+    let number = Scenario::Approve.number();
+    let a = nodes
+        .verify(&node_typed("sb-no-redis", &number, 0), 20)
+        .await
+        .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.var("callgate_status"), "verified", "{a:?}");
+    // Counted, and a retried node on the same site still gets the same verification.
+    let metrics = site_a.app.metrics.render();
+    assert!(
+        metrics.contains("callgate_state_errors_total{op=\"switchboard_claim\"}"),
+        "{metrics}"
+    );
+    let again = nodes
+        .start(&node_typed("sb-no-redis", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(again.var("callgate_ref"), a.var("callgate_ref"));
+    assert_eq!(again.vars, a.vars);
+    assert_eq!(site_a.bankid.starts(), 1);
+    no_open_orders(&site_a).await;
+    site_a.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_switchboard_verification_of_an_instance_that_does_not_answer_is_a_503_to_cancel_then_interrupted_once_it_is_lost(
+) {
+    use callgate::calls::live::{CallView, Owner, VerificationView};
+    let Some(redis) = redis().await else { return };
+    let prefix = prefix();
+    let options = LabOptions {
+        without_feed: true,
+        ..LabOptions::fast()
+    };
+    let site_b = site(&redis, &prefix, "site-b", options).await;
+    // Another instance that beats but no longer listens ...
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("SET")
+        .arg(format!("{prefix}:instance:site-ghost"))
+        .arg("1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    // ... published a running verification.
+    let at = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let view = VerificationView {
+        id: "v-ghost".into(),
+        call_id: "sb-ghost".into(),
+        queue: "support".into(),
+        idp: "bankid".into(),
+        method: CheckMethod::Ivr,
+        started_by: StartedBy::Switchboard("lab".into()),
+        started_at: at,
+        ended_at: None,
+        stages: vec![(callgate::verify::Stage::AwaitingApp, at)],
+        outcome: None,
+        fields: Vec::new(),
+        limit: None,
+        word_pair: None,
+    };
+    site_b.app.live.publish(
+        LiveKind::CallStarted,
+        CallView {
+            call_id: "sb-ghost".into(),
+            queue: "support".into(),
+            state: CallState::Gate,
+            agent: None,
+            aliases: Vec::new(),
+            started_at: at,
+            can_verify: false,
+            verification: Some(view),
+            owner: Some(Owner {
+                instance: "site-ghost".into(),
+                lost: false,
+            }),
+        },
+    );
+    let nodes = site_ivr(&site_b);
+    let status = nodes.status("v-ghost", 0, false).await.unwrap();
+    assert_eq!(status.var("callgate_status"), "pending", "{status:?}");
+    assert_eq!(status.var("callgate_stage"), "awaiting_app", "{status:?}");
+    let c = nodes.cancel("v-ghost").await.unwrap();
+    assert_eq!(c.status, 503, "{c:?}");
+    assert_eq!(c.var("error"), "instance_unavailable", "{c:?}");
+    assert!(c.var("reason").contains("did not answer"), "{c:?}");
+
+    // Its heartbeat stops: the loop node hears `interrupted`/`restart` and routes on; a cancel
+    // answers the same.
+    redis::cmd("DEL")
+        .arg(format!("{prefix}:instance:site-ghost"))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let status = nodes.status("v-ghost", 20, true).await.unwrap();
+    assert_eq!(status.var("callgate_status"), "interrupted", "{status:?}");
+    assert_eq!(status.var("callgate_reason"), "restart", "{status:?}");
+    assert_eq!(status.var("callgate_ref"), "v-ghost", "{status:?}");
+    assert_eq!(status.var("callgate_stage"), "done", "{status:?}");
+    let c = nodes.cancel("v-ghost").await.unwrap();
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.vars, status.vars);
+    site_b.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_takes_over_when_it_stops(
+) {
+    let Some(redis) = redis().await else { return };
+    let prefix = prefix();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let feed = callgate::switchboard::sim::FeedSim::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        callgate::switchboard::sim::FEED_TOKEN,
+        stop.clone(),
+    )
+    .unwrap();
+    let mut options = LabOptions {
+        switchboard_feed: Some(feed.url()),
+        ..LabOptions::fast()
+    };
+    // An order stays outstanding until the caller hangs up.
+    options.step = Duration::from_secs(30);
+    options.verify_timeout = Duration::from_secs(60);
+    options.gate_deadline = Duration::from_secs(90);
+    let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
+    let site_b = site(&redis, &prefix, "site-b", options).await;
+    let held = |lab: &Lab| lab.app.switchboards.feed_lease_held("lab") == Some(true);
+    until("one site to hold the feed lease", || {
+        held(&site_a) || held(&site_b)
+    })
+    .await;
+    let (holder, other) = if held(&site_a) {
+        (site_a, site_b)
+    } else {
+        (site_b, site_a)
+    };
+    holder.app.switchboards.wait_for_feed("lab", true).await;
+    feed.wait_for_connections(1).await;
+    assert!(held(&holder) && !held(&other));
+    assert_eq!(other.app.switchboards.feed_connected("lab"), Some(false));
+    assert_eq!(feed.connections(), 1);
+    assert_eq!(feed.accepted(), 1);
+    // Only the holder exports the feed's link state.
+    assert!(holder
+        .app
+        .metrics
+        .render()
+        .contains("callgate_switchboard_feed_connected{switchboard=\"lab\"} 1"));
+    assert!(!other
+        .app
+        .metrics
+        .render()
+        .contains("callgate_switchboard_feed_connected{"));
+
+    // A start node reaching the other site runs beside the feed's call, on the holder: the feed's
+    // hang-up ends it, and a loop node on the other site hears it.
+    feed.push(&callgate::switchboard::sim::feed_event(
+        "CALL_RINGING",
+        "sb-lease-0",
+        None,
+    ));
+    until("the feed's call on the holder", || {
+        holder.app.switchboards.feed_knows("lab", "sb-lease-0")
+    })
+    .await;
+    let number = Scenario::Approve.number();
+    let started = site_ivr(&other)
+        .start(&node_typed("sb-lease-0", &number, 0))
+        .await
+        .unwrap();
+    assert_eq!(started.var("callgate_status"), "pending", "{started:?}");
+    let id = started.var("callgate_ref").to_owned();
+    holder.bankid.wait_for_open_orders(1).await;
+    assert_eq!(other.bankid.starts(), 0);
+    until("the verification in the feed call's view", || {
+        holder
+            .app
+            .live
+            .call("sb-lease-0")
+            .and_then(|c| c.verification)
+            .is_some_and(|v| v.id == id)
+    })
+    .await;
+    let poll = {
+        let nodes = site_ivr(&other);
+        let id = id.clone();
+        tokio::spawn(async move { nodes.status(&id, 25, true).await.unwrap() })
+    };
+    feed.push(&callgate::switchboard::sim::feed_event(
+        "CALL_HANGUP",
+        "sb-lease-0",
+        None,
+    ));
+    let polled = poll.await.unwrap();
+    assert_eq!(polled.var("callgate_status"), "failed", "{polled:?}");
+    assert_eq!(
+        polled.var("callgate_reason"),
+        "caller_hung_up",
+        "{polled:?}"
+    );
+    no_open_orders(&holder).await;
+
+    // The holder stops: the other takes the lease and connects; events reach its calls.
+    holder.shutdown().await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        other.app.switchboards.wait_for_feed_lease("lab", true),
+    )
+    .await
+    .expect("the other site takes the feed over");
+    other.app.switchboards.wait_for_feed("lab", true).await;
+    feed.wait_for_connections(1).await;
+    // Exactly one connection at a time: the first holder's, then the new holder's.
+    assert_eq!(feed.accepted(), 2);
+    feed.push(&callgate::switchboard::sim::feed_event(
+        "CALL_RINGING",
+        "sb-lease-1",
+        None,
+    ));
+    until("the call from the feed on the new holder", || {
+        other.app.switchboards.feed_knows("lab", "sb-lease-1")
+    })
+    .await;
+    other.shutdown().await.unwrap();
+    stop.cancel();
 }

@@ -378,7 +378,7 @@ async fn start_verification(
         Source::Typed(n) => Some(n),
     };
     let op = wire::Op::Start {
-        number: number.as_ref().map(|n| n.0.clone()),
+        number: number.clone(),
     };
     let id = match forward(&s, &call, who.started_by(), op).await {
         Some(answer) => answer?,

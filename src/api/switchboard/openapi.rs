@@ -54,7 +54,7 @@ pub fn document() -> Value {
             "/switchboard/v1/verifications": {
                 "post": {
                     "summary": "Start a verification (idempotent per call id and attempt)",
-                    "description": "Answers at once: `pending` with the verification id, or `failed`/`invalid_number` with nothing started. A retried node (same `call_id` and `attempt`) gets the same verification.",
+                    "description": "Answers at once: `pending` with the verification id, or `failed`/`invalid_number` with nothing started. A retried node (same `call_id` and `attempt`) gets the same verification, also on another instance sharing state.",
                     "parameters": [format_param()],
                     "requestBody": {
                         "required": true,
@@ -97,7 +97,8 @@ pub fn document() -> Value {
                     "parameters": [id_param(), format_param()],
                     "responses": {
                         "200": answer("The verification's variables."),
-                        "400": e400, "401": e401, "404": e404
+                        "400": e400, "401": e401, "404": e404,
+                        "503": error("Several instances: the instance running the verification did not answer the forwarded cancel (`instance_unavailable`).")
                     }
                 }
             },
@@ -145,7 +146,7 @@ pub fn document() -> Value {
                     "type": "object",
                     "required": ["error", "reason"],
                     "properties": {
-                        "error": {"type": "string", "enum": ["bad_request", "unauthorized", "not_found", "body_too_large", "unavailable", "internal"]},
+                        "error": {"type": "string", "enum": ["bad_request", "unauthorized", "not_found", "body_too_large", "unavailable", "instance_unavailable", "internal"]},
                         "reason": {"type": "string"}
                     }
                 }
