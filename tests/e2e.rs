@@ -1383,6 +1383,7 @@ async fn a_number_typed_through_the_agent_api_reaches_no_log_and_no_answer() {
             started_at: std::time::SystemTime::UNIX_EPOCH,
             can_verify: true,
             verification: None,
+            keypad: true,
             owner: None,
         },
     );
@@ -1866,6 +1867,7 @@ async fn an_agent_verifies_a_caller_through_the_api_and_watches_the_stream() {
     assert_eq!(call["call_id"], id.as_str());
     assert_eq!(call["agent"], demo::LAB_AGENT);
     assert_eq!(call["state"], "talking");
+    assert_eq!(call["keypad"], true);
 
     let path = format!("/v1/calls/{id}/verifications");
     let (status, text) = api_request(addr, "POST", &path, OTHER, r#"{"collect":"keypad"}"#).await;

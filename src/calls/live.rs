@@ -128,6 +128,9 @@ pub struct CallView {
     pub can_verify: bool,
     /// The current or last check of this call.
     pub verification: Option<VerificationView>,
+    /// Whether callgate can collect a number on the caller's keypad (it handles the call's audio:
+    /// an Asterisk call; not a hosted switchboard's).
+    pub keypad: bool,
     /// With shared state (`[state] kind = "redis"`): the instance whose task owns the call. `None`
     /// with state in memory.
     pub owner: Option<Owner>,
@@ -463,6 +466,7 @@ mod tests {
             started_at: SystemTime::UNIX_EPOCH,
             can_verify: true,
             verification: v,
+            keypad: true,
             owner: None,
         }
     }

@@ -508,6 +508,7 @@ impl Driver {
                 started_at: self.snapshot.borrow().started_at,
                 can_verify: self.can_verify,
                 verification: self.check.clone(),
+                keypad: true,
                 owner: None,
             },
         );
@@ -1377,6 +1378,7 @@ impl Driver {
             started_at: self.snapshot.borrow().started_at,
             can_verify: self.can_verify,
             verification: self.check.clone(),
+            keypad: true,
             owner: None,
         };
         webhooks.call_event(kind, &view, wall_clock());

@@ -325,6 +325,7 @@ fn talking(id: &str) -> CallView {
         started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         can_verify: true,
         verification: None,
+        keypad: true,
         owner: None,
     }
 }

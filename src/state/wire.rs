@@ -173,6 +173,7 @@ pub fn call_to_json(c: &CallView) -> Value {
         "started_at": millis(c.started_at),
         "can_verify": c.can_verify,
         "verification": c.verification.as_ref().map(verification_to_json),
+        "keypad": c.keypad,
         "owner": c.owner.as_ref().map(|o| json!({"instance": o.instance, "lost": o.lost})),
     })
 }
@@ -204,6 +205,7 @@ pub fn call_from_json(v: &Value) -> Option<CallView> {
         started_at: time(v.get("started_at")?)?,
         can_verify: v.get("can_verify")?.as_bool()?,
         verification,
+        keypad: v.get("keypad")?.as_bool()?,
         owner,
     })
 }
@@ -426,6 +428,7 @@ mod tests {
                     started_at: at(1_700_000_000_000),
                     can_verify,
                     verification,
+                    keypad: s % 2 == 0,
                     owner: owner.map(|(instance, lost)| Owner { instance, lost }),
                 }
             })

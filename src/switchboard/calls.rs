@@ -309,6 +309,7 @@ impl Call {
             started_at: self.started_at,
             can_verify: self.agent.is_some() && self.state != CallState::Ended,
             verification: self.verification.clone(),
+            keypad: false,
             owner: None,
         }
     }

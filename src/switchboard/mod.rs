@@ -1191,6 +1191,7 @@ impl Verification {
             started_at: self.view.started_at,
             can_verify: false,
             verification: Some(self.view.clone()),
+            keypad: false,
             owner: None,
         }
     }

@@ -229,6 +229,7 @@ fn call(v: Option<VerificationView>) -> CallView {
         started_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000),
         can_verify: false,
         verification: v,
+        keypad: true,
         owner: None,
     }
 }

@@ -634,6 +634,7 @@ async fn a_switchboard_verification_of_an_instance_that_does_not_answer_is_a_503
             started_at: at,
             can_verify: false,
             verification: Some(view),
+            keypad: false,
             owner: Some(Owner {
                 instance: "site-ghost".into(),
                 lost: false,

@@ -196,6 +196,10 @@ async fn an_agent_verifies_a_switchboard_caller_with_a_typed_number_and_the_keyp
     assert_eq!(call["agent"], "agent-204");
     assert_eq!(call["state"], "talking");
     assert_eq!(call["can_verify"], true);
+    assert_eq!(
+        call["keypad"], false,
+        "the switchboard has the call's audio"
+    );
 
     let path = "/v1/calls/fa-1/verifications";
     let (status, text) = api_request(addr, "POST", path, MINE, r#"{"collect":"keypad"}"#).await;

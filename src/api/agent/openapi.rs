@@ -195,7 +195,7 @@ pub fn document() -> Value {
                 },
                 "Call": {
                     "type": "object",
-                    "required": ["call_id", "queue", "state", "agent", "aliases", "started_at", "can_verify", "verification", "links"],
+                    "required": ["call_id", "queue", "state", "agent", "aliases", "started_at", "can_verify", "keypad", "verification", "links"],
                     "properties": {
                         "call_id": {"type": "string"},
                         "queue": {"type": "string"},
@@ -204,6 +204,7 @@ pub fn document() -> Value {
                         "aliases": {"type": "array", "items": {"type": "string"}},
                         "started_at": {"type": "string", "format": "date-time"},
                         "can_verify": {"type": "boolean"},
+                        "keypad": {"type": "boolean", "description": "Whether a check may collect the number on the caller's keypad (`{\"collect\": \"keypad\"}`): callgate handles the call's audio. False on a hosted switchboard's call: type the number instead."},
                         "verification": {"oneOf": [{"$ref": "#/components/schemas/Verification"}, {"type": "null"}]},
                         "links": {"type": "object", "additionalProperties": {"type": "string"}},
                         "instance": {"type": "string", "description": "Only with shared state ([state] kind = \"redis\"): the callgate instance that owns the call. Any instance answers for it."},

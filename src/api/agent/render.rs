@@ -18,6 +18,7 @@ pub fn call(c: &CallView) -> Value {
         "aliases": c.aliases,
         "started_at": rfc3339(c.started_at),
         "can_verify": c.can_verify,
+        "keypad": c.keypad,
         "verification": c.verification.as_ref().map(verification),
         "links": call_links(&c.call_id),
     });

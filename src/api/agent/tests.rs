@@ -251,6 +251,7 @@ fn view(id: &str, queue: &str, state: CallState, agent: Option<&str>) -> CallVie
         started_at: at(0),
         can_verify: state == CallState::Talking,
         verification: None,
+        keypad: true,
         owner: None,
     }
 }

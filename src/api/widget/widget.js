@@ -382,7 +382,10 @@
       choices.hidden = !open;
       form.hidden = true;
       verify.setAttribute("aria-expanded", String(open));
-      if (open) part(card, "verify-keypad").focus();
+      if (open) {
+        const keypad = part(card, "verify-keypad");
+        (keypad.hidden ? part(card, "verify-typed") : keypad).focus();
+      }
     });
     part(card, "verify-keypad").addEventListener("click", () => {
       closeChoices(card);
@@ -431,6 +434,8 @@
     part(card, "call-title").textContent = title.join(" · ");
     card.dataset.state = call.state;
     part(card, "verify").disabled = !call.can_verify;
+    // A hosted switchboard's call: callgate does not hear its keypad, the agent types the number.
+    part(card, "verify-keypad").hidden = call.keypad === false;
 
     const v = call.verification;
     const inProgress = !!v && v.status === "in_progress";
