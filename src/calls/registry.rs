@@ -106,4 +106,29 @@ impl Registry {
             }
         }
     }
+
+    /// Delivers a request (`StartCheck`, `CancelCheck`) to a call task and waits up to `wait` for its
+    /// answer: `Ended` when the call is gone (or ends meanwhile), `Unavailable` when it did not take
+    /// the request or answer in time.
+    pub async fn ask(
+        &self,
+        id: &str,
+        event: CallEvent,
+        reply: tokio::sync::oneshot::Receiver<Result<String, super::live::Refusal>>,
+        wait: Duration,
+    ) -> Result<String, super::live::Refusal> {
+        use super::live::Refusal;
+        if !self.contains(id) {
+            return Err(Refusal::Ended);
+        }
+        if !self.send(id, event).await {
+            return Err(Refusal::Unavailable);
+        }
+        match tokio::time::timeout(wait, reply).await {
+            Ok(Ok(answer)) => answer,
+            // The task dropped the request: it ended meanwhile.
+            Ok(Err(_)) => Err(Refusal::Ended),
+            Err(_) => Err(Refusal::Unavailable),
+        }
+    }
 }

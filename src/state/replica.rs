@@ -651,7 +651,9 @@ async fn run_command(
                 number,
                 reply: tx,
             };
-            ask(registry, &call_id, CallEvent::StartCheck(request), rx).await
+            registry
+                .ask(&call_id, CallEvent::StartCheck(request), rx, TASK_ANSWER)
+                .await
         }
         wire::Op::Cancel => {
             let (tx, rx) = oneshot::channel();
@@ -659,7 +661,9 @@ async fn run_command(
                 by: command.by,
                 reply: tx,
             };
-            ask(registry, &call_id, CallEvent::CancelCheck(request), rx).await
+            registry
+                .ask(&call_id, CallEvent::CancelCheck(request), rx, TASK_ANSWER)
+                .await
         }
     };
     tracing::info!(call.id = %call_id, from = %command.from, ok = answer.is_ok(), "ran a request forwarded by another instance");
@@ -676,25 +680,6 @@ async fn run_command(
                 .await
         })
         .await;
-}
-
-async fn ask(
-    registry: &Registry,
-    call_id: &str,
-    event: CallEvent,
-    reply: oneshot::Receiver<Result<String, Refusal>>,
-) -> Result<String, Refusal> {
-    if !registry.contains(call_id) {
-        return Err(Refusal::Ended);
-    }
-    if !registry.send(call_id, event).await {
-        return Err(Refusal::Unavailable);
-    }
-    match tokio::time::timeout(TASK_ANSWER, reply).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err(Refusal::Ended),
-        Err(_) => Err(Refusal::Unavailable),
-    }
 }
 
 /// Reads a verification's snapshot (for an id this instance's view no longer or never held).

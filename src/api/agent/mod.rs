@@ -303,18 +303,10 @@ async fn ask(
     event: CallEvent,
     reply: oneshot::Receiver<Result<String, Refusal>>,
 ) -> Result<String, ApiError> {
-    if !s.registry.contains(call_id) {
-        return Err(ApiError::Refused(Refusal::Ended));
-    }
-    if !s.registry.send(call_id, event).await {
-        return Err(ApiError::Refused(Refusal::Unavailable));
-    }
-    match tokio::time::timeout(s.limits.answer_timeout, reply).await {
-        Ok(Ok(answer)) => answer.map_err(ApiError::Refused),
-        // The task dropped the request: it ended meanwhile.
-        Ok(Err(_)) => Err(ApiError::Refused(Refusal::Ended)),
-        Err(_) => Err(ApiError::Refused(Refusal::Unavailable)),
-    }
+    s.registry
+        .ask(call_id, event, reply, s.limits.answer_timeout)
+        .await
+        .map_err(ApiError::Refused)
 }
 
 fn accepted(verification_id: &str, call_id: &str, status: &str) -> Response {
