@@ -81,6 +81,17 @@ async fn lab(options: LabOptions) -> Lab {
     Lab::start(options).await.unwrap()
 }
 
+/// Options under which an order stays outstanding (a 30 s simulator step) until the caller hangs up
+/// or the test cancels it.
+fn orders_held(options: LabOptions) -> LabOptions {
+    LabOptions {
+        step: Duration::from_secs(30),
+        verify_timeout: Duration::from_secs(60),
+        gate_deadline: Duration::from_secs(90),
+        ..options
+    }
+}
+
 fn person(serial: u16) -> String {
     number_with_serial(TABLE_DATE, serial)
 }
@@ -2716,10 +2727,7 @@ async fn switchboard_retried_nodes_get_the_same_verification_and_bad_input_start
 #[tokio::test]
 async fn switchboard_caller_hangs_up_mid_check_cancels_the_order_and_wakes_the_long_poll() {
     let mut options = LabOptions::fast();
-    // The order stays outstanding until the caller hangs up.
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let lab = lab(options).await;
     let nodes = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN);
     let number = Scenario::Approve.number();

@@ -504,10 +504,7 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
         without_feed: true,
         ..LabOptions::fast()
     };
-    // The order stays outstanding until the caller hangs up.
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
     let site_b = site(&redis, &prefix, "site-b", options).await;
     let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
@@ -684,10 +681,7 @@ async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_take
         switchboard_feed: Some(feed.url()),
         ..LabOptions::fast()
     };
-    // An order stays outstanding until the caller hangs up.
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
     let site_b = site(&redis, &prefix, "site-b", options).await;
     let held = |lab: &Lab| lab.app.switchboards.feed_lease_held("lab") == Some(true);

@@ -9,7 +9,10 @@ use callgate::idp::sim::Scenario;
 use callgate::outcome::{Outcome, Reason};
 use callgate::switchboard::sim::{feed_event, FEED_TOKEN};
 
-use super::{api_request, audit_text, captured, ivr, lab, no_open_orders, typed, until, RawStream};
+use super::{
+    api_request, audit_text, captured, ivr, lab, no_open_orders, orders_held, typed, until,
+    RawStream,
+};
 
 /// Waits (bounded) until the lab switchboard's feed is connected or not.
 async fn feed_up(lab: &Lab, up: bool) {
@@ -109,10 +112,7 @@ async fn the_feed_drops_and_reconnects_and_a_bad_token_is_retried_while_not_conn
 #[tokio::test]
 async fn a_hang_up_on_the_feed_cancels_the_pending_ivr_order_and_the_status_node_sees_it() {
     let mut options = LabOptions::fast();
-    // The order stays outstanding until the caller hangs up.
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let lab = lab(options).await;
     feed_up(&lab, true).await;
     lab.feed.push(&feed_event("CALL_RINGING", "fh-1", None));
@@ -274,9 +274,7 @@ async fn hanging_up_during_an_agents_check_ends_it_caller_hung_up() {
         }],
         ..LabOptions::fast()
     };
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let lab = lab(options).await;
     let addr = lab.app.api_addr;
     feed_up(&lab, true).await;
@@ -326,9 +324,7 @@ async fn demo_switchboard_calls_through_the_feed_end_as_expected() {
 #[tokio::test]
 async fn a_pending_switchboard_order_is_cancelled_after_a_restart_and_its_status_says_so() {
     let mut options = LabOptions::fast();
-    options.step = Duration::from_secs(30);
-    options.verify_timeout = Duration::from_secs(60);
-    options.gate_deadline = Duration::from_secs(90);
+    options = orders_held(options);
     let mut lab = lab(options).await;
     let number = Scenario::Approve.number();
     let a = ivr(&lab, demo::LAB_SWITCHBOARD_TOKEN)
