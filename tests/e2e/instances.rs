@@ -64,6 +64,17 @@ async fn site_on(url: &str, prefix: &str, name: &str, options: LabOptions) -> La
     lab
 }
 
+/// Waits until `site`'s view has `call` with the lab's agent (so the agent's token may act on it).
+async fn seen_with_agent(site: &Lab, call: &str, what: &str) {
+    until(what, || {
+        site.app
+            .live
+            .call(call)
+            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
+    })
+    .await;
+}
+
 fn prefix() -> String {
     format!("e2e{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
@@ -229,14 +240,7 @@ async fn redis_stopped_and_started_mid_run_strands_nothing() {
         .asterisk
         .call(Caller::new("46701234567").queue("desk"));
     talking(&site_a, &talking_call).await;
-    until("the call on site B", || {
-        site_b
-            .app
-            .live
-            .call(&talking_call)
-            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
-    })
-    .await;
+    seen_with_agent(&site_b, &talking_call, "the call on site B").await;
 
     redis.stop();
     // Calls go on: a gated call verifies with this site's own limits (counted, logged) ...
@@ -290,22 +294,8 @@ async fn redis_stopped_and_started_mid_run_strands_nothing() {
         .asterisk
         .call(Caller::new("46701234568").queue("desk"));
     talking(&site_a, &new_call).await;
-    until("the new call on site B", || {
-        site_b
-            .app
-            .live
-            .call(&new_call)
-            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
-    })
-    .await;
-    until("the old call on site B", || {
-        site_b
-            .app
-            .live
-            .call(&talking_call)
-            .is_some_and(|c| c.agent.as_deref() == Some(demo::LAB_AGENT))
-    })
-    .await;
+    seen_with_agent(&site_b, &new_call, "the new call on site B").await;
+    seen_with_agent(&site_b, &talking_call, "the old call on site B").await;
     let (status, text) = api_request(
         b,
         "POST",
