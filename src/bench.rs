@@ -20,9 +20,7 @@ use crate::verify::{self, Initiator, OrderRef, Poll, Stage, Started};
 
 /// Runs both measurements and prints the figures.
 pub async fn run(calls: usize, hold: &[usize]) -> anyhow::Result<()> {
-    println!(
-        "callgate bench (debug builds are several times slower; use --release for real figures)\n"
-    );
+    println!("callgate bench{}\n", build_note());
     let (flows, took) = core_flows(Duration::from_secs(1))?;
     println!(
         "core: {flows} complete verified dialogues in {:.2} s = {:.0} per second on one core",
@@ -32,6 +30,15 @@ pub async fn run(calls: usize, hold: &[usize]) -> anyhow::Result<()> {
     let figures = whole_calls(calls, hold).await?;
     print!("{figures}");
     Ok(())
+}
+
+/// What the figures of this build are worth.
+pub fn build_note() -> &'static str {
+    if cfg!(debug_assertions) {
+        " (a debug build: several times slower; use --release for real figures)"
+    } else {
+        " (release build)"
+    }
 }
 
 /// Drives scripted verified dialogues (answer, prompt, 13 keys, start, 4 polls, outcome) for `budget`.

@@ -206,7 +206,10 @@ fn main() -> ExitCode {
             telemetry::init_logging_with(cli.log_format, "warn");
             if instances == 2 {
                 runtime(|| async move {
-                    println!("callgate bench, two instances sharing Redis (debug builds are several times slower; use --release for real figures)\n");
+                    println!(
+                        "callgate bench, two instances sharing Redis{}\n",
+                        callgate::bench::build_note()
+                    );
                     print!("{}", callgate::bench::instances(calls, samples).await?);
                     Ok(())
                 })
