@@ -780,6 +780,33 @@ struct Lab {
     _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
+/// A failed test prints the end of each callgate log it started (and the simulator's), so that a
+/// failure in CI, where the working directory is removed, can still be read.
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|x| x == "log"));
+        logs.sort();
+        for log in logs {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains(" DEBUG ")).collect();
+            let tail = &lines[lines.len().saturating_sub(60)..];
+            let _ = writeln!(
+                std::io::stderr(),
+                "---- last {} lines (DEBUG left out) of {} ----\n{}",
+                tail.len(),
+                log.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 impl Lab {
     /// Takes Asterisk for this test (or `None`: skipped), clears what an earlier test left, starts a
     /// simulator and the observer.
