@@ -380,28 +380,6 @@ async fn a_site_that_dies_shows_its_calls_lost_on_the_other() {
 
 // ---- hosted switchboards behind several instances ----
 
-fn site_ivr(lab: &Lab) -> callgate::switchboard::sim::Ivr {
-    callgate::switchboard::sim::Ivr::new(
-        &format!("http://{}", lab.app.api_addr),
-        demo::LAB_SWITCHBOARD_TOKEN,
-    )
-    .unwrap()
-}
-
-fn node_typed<'a>(
-    call_id: &'a str,
-    number: &'a str,
-    attempt: u32,
-) -> callgate::switchboard::sim::Typed<'a> {
-    callgate::switchboard::sim::Typed {
-        call_id,
-        queue: "support",
-        number,
-        caller: "+46701234567",
-        attempt,
-    }
-}
-
 #[tokio::test]
 async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
     let Some(redis) = redis().await else { return };
@@ -413,12 +391,15 @@ async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
     };
     let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
     let site_b = site(&redis, &prefix, "site-b", options).await;
-    let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
+    let (nodes_a, nodes_b) = (
+        super::ivr(&site_a, demo::LAB_SWITCHBOARD_TOKEN),
+        super::ivr(&site_b, demo::LAB_SWITCHBOARD_TOKEN),
+    );
     let number = Scenario::Approve.number();
 
     // The start node reaches A; the loop node B.
     let started = nodes_a
-        .start(&node_typed("sb-sites-1", &number, 0))
+        .start(&super::typed("sb-sites-1", &number, 0))
         .await
         .unwrap();
     assert_eq!(started.status, 200, "{started:?}");
@@ -447,7 +428,7 @@ async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
 
     // A retried start node reaching B gets A's verification, and no second order.
     let retried = nodes_b
-        .start(&node_typed("sb-sites-1", &number, 0))
+        .start(&super::typed("sb-sites-1", &number, 0))
         .await
         .unwrap();
     assert_eq!(retried.status, 200, "{retried:?}");
@@ -456,7 +437,7 @@ async fn switchboard_nodes_started_on_one_site_answer_and_retry_on_the_other() {
     assert_eq!(site_a.bankid.starts() + site_b.bankid.starts(), 1);
 
     // Both starts of a new call at once, one on each site: one verification, one order.
-    let both = node_typed("sb-sites-2", &number, 0);
+    let both = super::typed("sb-sites-2", &number, 0);
     let (x, y) = tokio::join!(nodes_a.start(&both), nodes_b.start(&both));
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.status, 200, "{x:?}");
@@ -497,10 +478,13 @@ async fn a_switchboard_cancel_on_one_site_ends_the_order_the_other_runs() {
     options = orders_held(options);
     let site_a = site(&redis, &prefix, "site-a", options.clone()).await;
     let site_b = site(&redis, &prefix, "site-b", options).await;
-    let (nodes_a, nodes_b) = (site_ivr(&site_a), site_ivr(&site_b));
+    let (nodes_a, nodes_b) = (
+        super::ivr(&site_a, demo::LAB_SWITCHBOARD_TOKEN),
+        super::ivr(&site_b, demo::LAB_SWITCHBOARD_TOKEN),
+    );
     let number = Scenario::Approve.number();
     let a = nodes_a
-        .start(&node_typed("sb-sites-hangup", &number, 0))
+        .start(&super::typed("sb-sites-hangup", &number, 0))
         .await
         .unwrap();
     assert_eq!(a.var("callgate_status"), "pending", "{a:?}");
@@ -546,10 +530,10 @@ async fn with_redis_unreachable_a_switchboard_start_runs_where_it_arrived() {
     let prefix = prefix();
     let site_a = site(&redis, &prefix, "site-a", LabOptions::fast()).await;
     redis.stop();
-    let nodes = site_ivr(&site_a);
+    let nodes = super::ivr(&site_a, demo::LAB_SWITCHBOARD_TOKEN);
     let number = Scenario::Approve.number();
     let a = nodes
-        .verify(&node_typed("sb-no-redis", &number, 0), 20)
+        .verify(&super::typed("sb-no-redis", &number, 0), 20)
         .await
         .unwrap();
     assert_eq!(a.status, 200, "{a:?}");
@@ -561,7 +545,7 @@ async fn with_redis_unreachable_a_switchboard_start_runs_where_it_arrived() {
         "{metrics}"
     );
     let again = nodes
-        .start(&node_typed("sb-no-redis", &number, 0))
+        .start(&super::typed("sb-no-redis", &number, 0))
         .await
         .unwrap();
     assert_eq!(again.var("callgate_ref"), a.var("callgate_ref"));
@@ -628,7 +612,7 @@ async fn a_switchboard_verification_of_an_instance_that_does_not_answer_is_a_503
             }),
         },
     );
-    let nodes = site_ivr(&site_b);
+    let nodes = super::ivr(&site_b, demo::LAB_SWITCHBOARD_TOKEN);
     let status = nodes.status("v-ghost", 0, false).await.unwrap();
     assert_eq!(status.var("callgate_status"), "pending", "{status:?}");
     assert_eq!(status.var("callgate_stage"), "awaiting_app", "{status:?}");
@@ -714,8 +698,8 @@ async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_take
     })
     .await;
     let number = Scenario::Approve.number();
-    let started = site_ivr(&other)
-        .start(&node_typed("sb-lease-0", &number, 0))
+    let started = super::ivr(&other, demo::LAB_SWITCHBOARD_TOKEN)
+        .start(&super::typed("sb-lease-0", &number, 0))
         .await
         .unwrap();
     assert_eq!(started.var("callgate_status"), "pending", "{started:?}");
@@ -732,7 +716,7 @@ async fn one_site_consumes_a_switchboard_feed_runs_its_starts_and_the_other_take
     })
     .await;
     let poll = {
-        let nodes = site_ivr(&other);
+        let nodes = super::ivr(&other, demo::LAB_SWITCHBOARD_TOKEN);
         let id = id.clone();
         tokio::spawn(async move { nodes.status(&id, 25, true).await.unwrap() })
     };
